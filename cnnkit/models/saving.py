@@ -1,0 +1,140 @@
+"""Model files that carry their own metadata: class names, image size, colour and resize mode.
+
+A ``model.keras`` written here is an ordinary Keras archive (``keras.saving.load_model`` opens it)
+with one extra member, ``cnnkit.json``, so a model file moved alone to another folder still knows
+its class names and how its images must be decoded. Files are written to a temporary name and
+renamed, so a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from cnnkit._rundir import make_public
+from cnnkit._version import __version__
+from cnnkit.errors import ModelError, RunNotFoundError
+
+META_MEMBER = "cnnkit.json"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a model needs besides its weights to be used correctly.
+
+    Attributes:
+        class_names: output index -> class name.
+        image_size: (height, width) the model takes.
+        color_mode: "rgb" or "grayscale".
+        resize_mode: how images are fitted to ``image_size`` ("stretch", "pad", "crop").
+        architecture: the zoo name it was built from.
+        input_scale: the pixel range the model takes: "0-255" (raw; cnnkit models always).
+        max_pixels: the decompression-bomb limit used when decoding for it.
+        extra: anything else (calibration, ...), for later stages.
+    """
+
+    class_names: list[str]
+    image_size: tuple[int, int]
+    color_mode: str = "rgb"
+    resize_mode: str = "stretch"
+    architecture: str = "unknown"
+    input_scale: str = "0-255"
+    max_pixels: int = 80_000_000
+    cnnkit_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelMeta:
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        known["image_size"] = tuple(known["image_size"])
+        return cls(**known)
+
+
+def save_model(model: keras.Model, path: str | Path, meta: ModelMeta) -> Path:
+    """Save ``model`` with ``meta`` inside the archive, atomically (temp file + rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
+    os.close(fd)
+    make_public(tmp)
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(META_MEMBER, json.dumps(asdict(meta), indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_meta(path: str | Path) -> ModelMeta | None:
+    """The cnnkit metadata inside a ``.keras`` file, or None for a plain Keras model."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if META_MEMBER not in archive.namelist():
+                return None
+            return ModelMeta.from_dict(json.loads(archive.read(META_MEMBER)))
+    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        raise ModelError(f"'{path}' is not a valid .keras model file ({exc}). Train one with 'cnnkit train'.") from exc
+
+
+def resolve_model_path(source: str | Path) -> Path:
+    """A run directory or a ``.keras`` file -> the ``.keras`` file."""
+    source = Path(source)
+    if source.is_dir():
+        candidate = source / "model.keras"
+        if not candidate.exists():
+            raise RunNotFoundError(
+                f"No model.keras in '{source}'. Pass a run directory written by 'cnnkit train' or a .keras file."
+            )
+        return candidate
+    if not source.exists():
+        raise RunNotFoundError(f"No run directory or model file at '{source}'.")
+    if source.suffix != ".keras":
+        raise ModelError(f"'{source}' is not a .keras model file. Pass a run directory or a .keras file.")
+    return source
+
+
+def load_model(source: str | Path) -> tuple[keras.Model, ModelMeta]:
+    """Load a model and its metadata from a run directory or a ``.keras`` file.
+
+    A plain Keras model (no cnnkit metadata) is accepted when its input shape is known; its class
+    names default to "0", "1", ... and a warning-worthy ``input_scale="unknown"`` is recorded.
+
+    Raises:
+        RunNotFoundError: nothing at that path.
+        ModelError: the file is not a loadable Keras model.
+    """
+    path = resolve_model_path(source)
+    meta = read_meta(path)
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for unloadable files
+        raise ModelError(f"Cannot load model '{path}': {exc}") from exc
+    if meta is None:
+        meta = _meta_from_plain_model(model, path)
+    return model, meta
+
+
+def _meta_from_plain_model(model: keras.Model, path: Path) -> ModelMeta:
+    shape = model.inputs[0].shape if model.inputs else None
+    if shape is None or len(shape) != 4 or shape[1] is None or shape[2] is None or shape[3] not in (1, 3):
+        raise ModelError(
+            f"'{path}' has no cnnkit metadata and its input shape {shape} is not (None, height, width, 1|3). "
+            "cnnkit can only use image classifiers."
+        )
+    outputs = int(model.outputs[0].shape[-1])
+    return ModelMeta(
+        class_names=[str(i) for i in range(outputs)],
+        image_size=(int(shape[1]), int(shape[2])),
+        color_mode="rgb" if shape[3] == 3 else "grayscale",
+        architecture=model.name,
+        input_scale="unknown",
+    )

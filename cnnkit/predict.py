@@ -1,0 +1,155 @@
+"""Prediction stage: a run directory or ``.keras`` file -> class names, confidences and top-k.
+
+``Predictor`` opens images only through ``cnnkit.data.load_image`` (the training code path, with
+the model's own image size, colour mode and resize mode), predicts in batches, and decodes the
+next batch on worker threads while the model runs on the current one. Unreadable inputs come back
+as per-file errors; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras  # noqa: F401  (the model's backend)
+import numpy as np
+
+from cnnkit._progress import progress_task
+from cnnkit.data.decode import DecodeError, load_image
+from cnnkit.data.scan import expand_inputs
+from cnnkit.errors import DataError
+from cnnkit.models.saving import ModelMeta, load_model
+
+
+@dataclass
+class Prediction:
+    """One image's prediction (or why it could not be made).
+
+    Attributes:
+        path: the image (or a name for bytes).
+        label: the most likely class name ("" when ``error``).
+        confidence: its probability.
+        top_k: the k most likely (class name, probability), best first.
+        error: why the image could not be predicted, else None.
+    """
+
+    path: str
+    label: str = ""
+    confidence: float = 0.0
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "label": self.label, "confidence": self.confidence,
+                "top_k": [{"label": n, "probability": p} for n, p in self.top_k], "error": self.error}
+
+
+class Predictor:
+    """Loads a model once and predicts images with exactly the training decode path.
+
+    Args:
+        source: a run directory (``model.keras`` inside) or a ``.keras`` file.
+        batch_size: images per model call.
+        workers: decode threads (default: every core).
+
+    Example:
+        >>> predictor = cnnkit.Predictor("runs/first")
+        >>> [p.label for p in predictor.predict(["cat.jpg", "more_images/"])]
+    """
+
+    def __init__(self, source: str | Path, batch_size: int = 64, workers: int | None = None) -> None:
+        self.model, self.meta = load_model(source)
+        self.batch_size = batch_size
+        self.workers = workers or os.cpu_count() or 1
+
+    @classmethod
+    def from_model(cls, model: keras.Model, meta: ModelMeta, batch_size: int = 64) -> Predictor:
+        self = cls.__new__(cls)
+        self.model, self.meta, self.batch_size, self.workers = model, meta, batch_size, os.cpu_count() or 1
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta.class_names
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (*self.meta.image_size, 3 if self.meta.color_mode == "rgb" else 1)
+
+    def load(self, source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+        """Decode one image exactly as this model was trained on (uint8, ``input_shape``)."""
+        return load_image(source, self.meta.image_size, self.meta.color_mode, self.meta.resize_mode,
+                          self.meta.max_pixels, name=name)
+
+    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, num_classes) for raw 0-255 pixels (N, height, width, channels).
+
+        Raises:
+            DataError: wrong shape, or float pixels already scaled to [0, 1] (the model scales
+                raw 0-255 pixels itself; pre-scaled input would be scaled twice).
+        """
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        if images.shape[1:] != self.input_shape:
+            raise DataError(f"Expected images of shape (N, {', '.join(map(str, self.input_shape))}). "
+                            f"Received: shape={images.shape}")
+        if images.dtype != np.uint8 and images.size and float(np.max(images)) <= 1.0:
+            raise DataError("Pixels look pre-scaled to [0, 1], but this model takes raw 0-255 pixels and scales "
+                            "them itself. Pass the uint8 image (or multiply by 255).")
+        probs = [self._call(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)), np.float32)
+
+    def _call(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict_on_batch(batch.astype(np.float32)), dtype=np.float32)
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        k = max(1, min(k, len(self.class_names)))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.class_names[j], float(p[j])) for j in row] for p, row in zip(probs, order)]
+
+    def predict(self, inputs: list[str | Path] | str | Path, top_k: int = 3) -> list[Prediction]:
+        """Predict images named by files, folders (recursive) and glob patterns.
+
+        Returns one Prediction per image found (in input order), plus one with ``error`` for each
+        input that could not be read or decoded.
+        """
+        if isinstance(inputs, (str, Path)):
+            inputs = [inputs]
+        paths, missing = expand_inputs(list(inputs))
+        results = [Prediction(str(s.path), error=s.reason) for s in missing]
+        if not paths and not missing:
+            raise DataError(f"No images found in {', '.join(map(str, inputs))}.")
+        with progress_task("Predicting", len(paths)) as advance:
+            for batch_paths, images, errors in self._decoded_batches(paths):
+                good = [i for i, e in enumerate(errors) if e is None]
+                probs = self.predict_arrays(np.stack([images[i] for i in good])) if good else np.zeros((0, 0))
+                ranked = iter(self.top_k(probs, top_k)) if good else iter(())
+                for path, err in zip(batch_paths, errors):
+                    if err is not None:
+                        results.append(Prediction(str(path), error=err))
+                    else:
+                        best = next(ranked)
+                        results.append(Prediction(str(path), best[0][0], best[0][1], best))
+                advance(len(batch_paths))
+        return results
+
+    def _decode(self, path: Path) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return self.load(path), None
+        except DecodeError as exc:
+            return None, exc.reason
+
+    def _decoded_batches(self, paths: list[Path]) -> Iterator[tuple[list[Path], list, list]]:
+        """Batches of decoded images; the next batches decode on threads while this one predicts."""
+        chunks = [paths[i : i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            pending = [pool.map(self._decode, chunk) for chunk in chunks[:2]]
+            for i, chunk in enumerate(chunks):
+                decoded = list(pending[i])
+                if i + 2 < len(chunks):
+                    pending.append(pool.map(self._decode, chunks[i + 2]))
+                yield chunk, [d[0] for d in decoded], [d[1] for d in decoded]
