@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from cnnkit._version import __version__
 from cnnkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
-from cnnkit.errors import ConfigError, CnnkitError, DataError, ModelError, RunExistsError, RunNotFoundError
+from cnnkit.errors import CnnkitError, ConfigError, DataError, ModelError, RunExistsError, RunNotFoundError
 
 _LAZY = {
     "train": "cnnkit.train",

@@ -95,6 +95,13 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _stdout_console():
+    """Rich console for results on stdout; wide when piped, so rows are not folded for grep."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"cnnkit {__version__}")
@@ -195,9 +202,7 @@ def evaluate(
     for cls, row in report.per_class.items():
         table.add_row(cls, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1-score']:.3f}",
                       str(int(row["support"])))
-    from rich.console import Console
-
-    Console().print(table)
+    _stdout_console().print(table)
     typer.echo(f"report: {report.out_dir}")
 
 
@@ -225,18 +230,18 @@ def predict(
                              ";".join(f"{n}:{p:.6f}" for n, p in r.top_k), r.error or ""])
         typer.echo(buffer.getvalue(), nl=False)
     else:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table()
-        for column in ("image", "label", "confidence", f"top {top_k}"):
+        table.add_column("image", overflow="fold")
+        for column in ("label", "confidence", f"top {top_k}"):
             table.add_column(column)
         for r in results:
             if r.error:
                 table.add_row(r.path, "[red]error[/]", "", f"[red]{r.error}[/]")
             else:
                 table.add_row(r.path, r.label, f"{r.confidence:.1%}", ", ".join(f"{n} {p:.1%}" for n, p in r.top_k))
-        Console().print(table)
+        _stdout_console().print(table)
     failed = sum(1 for r in results if r.error)
     if failed:
         _error(f"{failed} of {len(results)} inputs could not be predicted (see the error column).")
@@ -252,7 +257,8 @@ def doctor(
     workers: Annotated[Optional[int], typer.Option(help="Processes reading images (default: every core).")] = None,
 ) -> None:
     """Report what is in DATA_DIR and what is wrong with it; never modifies a file."""
-    from cnnkit.data.doctor import doctor as run_doctor, print_report
+    from cnnkit.data.doctor import doctor as run_doctor
+    from cnnkit.data.doctor import print_report
 
     report = run_doctor(data_dir, workers=workers)
     if output is OutputFormat.json:

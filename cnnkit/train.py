@@ -103,6 +103,7 @@ def train(
     *,
     overwrite: bool = False,
     cache_root: Path | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
     **options: Any,
 ) -> TrainResult:
     """Train a classifier on a folder of images and write a run directory.
@@ -114,6 +115,7 @@ def train(
         config: a RunConfig (or nested dict); ``options`` override it.
         overwrite: replace an existing run directory.
         cache_root: where decoded images are cached (default ``$CNNKIT_HOME/cache``).
+        callbacks: extra Keras callbacks for ``fit`` (after cnnkit's own).
         **options: any config field by its flat name: ``model``, ``epochs``, ``batch_size``,
             ``learning_rate``, ``augment``, ``patience``, ``image_size``, ``color_mode``,
             ``resize_mode``, ``val_split``, ``test_split``, ``seed``, ``workers``, ...
@@ -137,13 +139,14 @@ def train(
     out = Path(out) if out is not None else Path("runs") / f"{cfg.model.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     run = RunDirectory(out, overwrite=overwrite)
     try:
-        return _train_into(run, Path(data_dir), cfg, cache_root)
+        return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []))
     except BaseException:
         run.discard()
         raise
 
 
-def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None) -> TrainResult:
+def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None,
+                extra_callbacks: list[keras.callbacks.Callback]) -> TrainResult:
     started = time.time()
     data = load_image_folder(data_dir, cfg.data, cache_root=cache_root)
     write_skipped_csv(data.skipped, run.path / "skipped.csv")
@@ -172,6 +175,7 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=max(1, cfg.train.patience // 2),
                                           min_lr=1e-6),
         _RichEpochs(cfg.train.epochs, len(train_ds)),
+        *extra_callbacks,
     ]
     status = "completed"
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 
 from cnnkit._progress import progress_task
 from cnnkit._rundir import make_public
+from cnnkit.data._pool import process_pool
 from cnnkit.data.decode import DECODER_VERSION, DecodeError, load_image
 
 _CHUNK = 256  # images per worker task: big enough to amortise IPC, small enough for a smooth bar
@@ -199,10 +199,7 @@ def _decode_all(
                 failures += _decode_rows(images_file, rows, [paths[r] for r in rows], *args)
                 advance(len(rows))
             return failures
-        # spawn, not fork: the caller may already run TensorFlow/JAX/PyTorch threads, and forking
-        # a process with live thread pools can deadlock the child.
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with process_pool(workers) as pool:
             futures = {
                 pool.submit(_decode_rows, images_file, rows, [paths[r] for r in rows], *args): len(rows)
                 for rows in chunks

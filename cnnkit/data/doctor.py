@@ -9,9 +9,7 @@ same image under two classes is a label conflict. It never modifies, moves or re
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
-import multiprocessing
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cnnkit._progress import console, progress_task
+from cnnkit.data._pool import process_pool
 from cnnkit.data.decode import DecodeError, describe_image, load_image
 from cnnkit.data.scan import ImageFolder, scan_folder
 
@@ -132,8 +131,7 @@ def _inspect_all(paths: list[str], workers: int | None) -> list[dict[str, Any]]:
                 out += _inspect_chunk(chunk)
                 advance(len(chunk))
             return out
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with process_pool(workers) as pool:
             for chunk, result in zip(chunks, pool.map(_inspect_chunk, chunks)):
                 out += result
                 advance(len(chunk))

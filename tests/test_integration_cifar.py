@@ -1,0 +1,31 @@
+"""End to end on the real CIFAR-10 JPEG folders (skipped where ../shared is absent)."""
+
+import json
+import tarfile
+
+import pytest
+
+import cnnkit
+from tests.conftest import SHARED_CIFAR
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
+              pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"{SHARED_CIFAR} not present (CI-only data)")]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    with tarfile.open(SHARED_CIFAR) as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
+def test_simple_two_epochs_on_full_cifar10_beats_50_percent(cifar, tmp_path):
+    result = cnnkit.train(cifar, tmp_path / "run", model="simple", epochs=2, cache_root=tmp_path / "cache")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["split_sizes"] == {"train": 40000, "validation": 10000, "test": 10000}
+    assert result.metrics["test_accuracy"] > 0.5, result.metrics
+    report = cnnkit.evaluate(tmp_path / "run", cifar / "test", cache_root=tmp_path / "cache")
+    assert report.accuracy == pytest.approx(result.metrics["test_accuracy"], abs=1e-3)
+    print(f"\nCIFAR-10 simple 2 epochs: test accuracy {report.accuracy:.4f}, "
+          f"train seconds {record['train_seconds']}")

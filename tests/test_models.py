@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from cnnkit.errors import ModelError
+from cnnkit.models import available_models, build_model
+from cnnkit.models.saving import ModelMeta, load_model, save_model
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_model_takes_raw_pixels_and_outputs_probabilities(name, tmp_path):
+    model = build_model(name, num_classes=3, image_size=(16, 16))
+    assert model.layers[1].name == "rescale_0_255"
+    assert model.layers[-1].get_config()["activation"] == "softmax"
+    x = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype("float32")
+    probs = np.asarray(model.predict(x, verbose=0))
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    save_model(model, tmp_path / "m.keras", ModelMeta(["a", "b", "c"], (16, 16), architecture=name))
+    loaded, meta = load_model(tmp_path / "m.keras")
+    assert meta.class_names == ["a", "b", "c"] and meta.architecture == name
+    np.testing.assert_allclose(np.asarray(loaded.predict(x, verbose=0)), probs, rtol=1e-5, atol=1e-6)
+
+
+def test_two_classes_use_a_two_unit_softmax():
+    model = build_model("simple", num_classes=2, image_size=(16, 16))
+    assert model.outputs[0].shape[-1] == 2
+
+
+def test_grayscale_input():
+    model = build_model("vgg", num_classes=4, image_size=(32, 32), channels=1)
+    assert model.inputs[0].shape == (None, 32, 32, 1)
+
+
+def test_unknown_model_lists_names_and_suggests():
+    with pytest.raises(ModelError) as info:
+        build_model("vgg16", num_classes=3)
+    message = str(info.value)
+    assert "simple" in message and "vgg" in message and "Did you mean 'vgg'" in message
+
+
+def test_augmentation_layers_act_only_in_training():
+    model = build_model("simple", num_classes=3, image_size=(16, 16), augment="standard", seed=1)
+    x = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype("float32")
+    a = np.asarray(model(x, training=False))
+    b = np.asarray(model(x, training=False))
+    np.testing.assert_allclose(a, b)

@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cnnkit
+from cnnkit.data import load_image_folder
+from cnnkit.errors import DataError
+from cnnkit.predict import Predictor
+from tests.conftest import write_class_folder
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pe")
+    write_class_folder(base / "data" / "train", per_class=30, seed=3)
+    write_class_folder(base / "data" / "test", per_class=10, seed=4)
+    result = cnnkit.train(base / "data", base / "run", epochs=6, image_size=16, batch_size=16, learning_rate=3e-3,
+                          cache_root=base / "cache")
+    return base, result
+
+
+def test_predict_raw_uint8_equals_evaluate_path(run):
+    base, result = run
+    report = cnnkit.evaluate(result.run_dir, base / "data" / "test", cache_root=base / "cache")
+    rows = {}
+    import csv
+
+    with open(report.out_dir / "predictions.csv") as fh:
+        for r in csv.DictReader(fh):
+            rows[r["path"]] = r
+    predictor = Predictor(result.run_dir)
+    for path in sorted((base / "data" / "test" / "red").glob("*.png"))[:5]:
+        pixels = np.asarray(Image.open(path).convert("RGB"))  # raw uint8, already 16x16
+        probs = predictor.predict_arrays(pixels)[0]
+        assert predictor.class_names[int(probs.argmax())] == rows[str(path)]["predicted"]
+        assert float(rows[str(path)]["confidence"]) == pytest.approx(float(probs.max()), abs=1e-5)
+        by_file = predictor.predict([path])[0]
+        assert by_file.confidence == pytest.approx(float(probs.max()), abs=1e-6)
+
+
+def test_evaluate_writes_metrics_plots_and_matches_accuracy(run):
+    base, result = run
+    report = cnnkit.evaluate(result.run_dir, base / "data", top_k=2, cache_root=base / "cache")  # uses test/
+    assert report.out_dir == result.run_dir / "eval" / "data"
+    metrics = json.loads((report.out_dir / "metrics.json").read_text())
+    assert metrics["num_images"] == 30
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == 30
+    assert metrics["accuracy"] == pytest.approx(np.trace(cm) / 30)
+    assert set(metrics["per_class"]) == {"blue", "green", "red"}
+    assert metrics["top_2_accuracy"] >= metrics["accuracy"]
+    for name in ("confusion_matrix.png", "mistakes.png"):
+        with Image.open(report.out_dir / name) as img:
+            assert img.size[0] > 200 and img.size[1] > 100
+    assert report.accuracy > 0.8
+
+
+def test_evaluate_without_folder_uses_the_runs_test_split(image_folder, tmp_path):
+    result = cnnkit.train(image_folder, tmp_path / "run", epochs=1, image_size=16, test_split=0.2)
+    report = cnnkit.evaluate(result.run_dir)
+    assert report.num_images == 12 and report.out_dir.name == "test"
+
+
+def test_evaluate_refuses_classes_the_model_does_not_know(run, tmp_path):
+    _, result = run
+    write_class_folder(tmp_path / "other", per_class=2, classes={"red": (200, 0, 0), "purple": (100, 0, 100)})
+    with pytest.raises(DataError, match="not trained on: purple"):
+        cnnkit.evaluate(result.run_dir, tmp_path / "other")
+
+
+def test_evaluate_subset_of_classes(run, tmp_path):
+    _, result = run
+    write_class_folder(tmp_path / "reds", per_class=4, classes={"red": (200, 30, 30), "blue": (30, 30, 200)})
+    report = cnnkit.evaluate(result.run_dir, tmp_path / "reds")
+    assert report.num_images == 8 and report.per_class["green"]["support"] == 0
+
+
+def test_predict_reports_unreadable_files_and_predicts_the_rest(run, tmp_path):
+    base, result = run
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (50, 30), (30, 30, 200)).save(folder / "blue.jpg")
+    Image.new("RGBA", (20, 20), (200, 30, 30, 255)).save(folder / "red.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    results = Predictor(result.run_dir).predict([folder, tmp_path / "missing.jpg"], top_k=2)
+    by_name = {r.path.split("/")[-1]: r for r in results}
+    assert by_name["missing.jpg"].error == "no such file or folder"
+    assert "not an image" in by_name["broken.jpg"].error
+    assert by_name["blue.jpg"].label == "blue" and by_name["red.png"].label == "red"
+    assert len(by_name["blue.jpg"].top_k) == 2 and by_name["blue.jpg"].top_k[0][0] == "blue"
+
+
+def test_prescaled_pixels_are_refused(run):
+    _, result = run
+    predictor = Predictor(result.run_dir)
+    with pytest.raises(DataError, match="raw 0-255"):
+        predictor.predict_arrays(np.random.rand(1, 16, 16, 3).astype("float32"))
+    with pytest.raises(DataError, match=r"shape \(N, 16, 16, 3\)"):
+        predictor.predict_arrays(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_grayscale_run_end_to_end(image_folder, tmp_path):
+    result = cnnkit.train(image_folder, tmp_path / "g", epochs=1, image_size=16, color_mode="grayscale")
+    predictor = Predictor(result.run_dir)
+    assert predictor.input_shape == (16, 16, 1)
+    assert predictor.predict([image_folder / "red" / "red_000.png"])[0].error is None
+    data = load_image_folder(image_folder, cnnkit.DataConfig(image_size=(16, 16), color_mode="grayscale"))
+    assert data.cache.images.shape[-1] == 1

@@ -1,0 +1,159 @@
+import csv
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+
+import cnnkit
+from cnnkit.errors import DataError, ModelError, RunExistsError
+from cnnkit.predict import Predictor
+from cnnkit.train import diagnose_history
+from tests.conftest import add_bad_files, write_class_folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One small run shared by the tests below: 3 colour classes, 16x16, 8 epochs."""
+    base = tmp_path_factory.mktemp("trained")
+    data = write_class_folder(base / "data", per_class=30)
+    add_bad_files(data / "red")
+    result = cnnkit.train(data, base / "runs" / "first", model="simple", epochs=8, image_size=16, batch_size=16,
+                          learning_rate=3e-3, max_pixels=20_000_000, cache_root=base / "cache")
+    return data, result
+
+
+def test_tiny_dataset_trains_well_above_chance(trained):
+    _, result = trained
+    assert result.status == "completed"
+    assert result.metrics["val_accuracy"] > 0.8  # chance is 1/3
+
+
+def test_run_directory_contents(trained):
+    data, result = trained
+    run = result.run_dir
+    for name in ("model.keras", "run.json", "history.csv", "curves.png", "skipped.csv", "split.csv", "checkpoint.keras"):
+        assert (run / name).is_file(), name
+    assert not list(run.parent.glob(".first.partial-*"))
+    record = json.loads((run / "run.json").read_text())
+    assert record["class_names"] == ["blue", "green", "red"]
+    assert record["image_size"] == [16, 16] and record["color_mode"] == "rgb"
+    assert record["data_hash"] == result.data_hash and len(record["data_hash"]) == 64
+    assert record["split_sizes"] == {"train": 72, "validation": 18, "test": 0}
+    assert record["versions"]["keras"] == keras.__version__ and record["versions"]["backend"] == keras.backend.backend()
+    assert record["config"]["train"]["epochs"] == 8
+    assert record["metrics"]["val_accuracy"] == pytest.approx(result.metrics["val_accuracy"])
+    with open(run / "history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == record["epochs_run"] and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(rows[0])
+
+
+def test_skipped_csv_names_every_bad_file_with_its_reason(trained):
+    data, result = trained
+    with open(result.run_dir / "skipped.csv") as fh:
+        rows = {row["path"].split("/")[-1]: row["reason"] for row in csv.DictReader(fh)}
+    for name, fragment in {"empty.jpg": "empty", "truncated.jpg": "truncated", "text.png": "not an image",
+                           "bomb.png": "decompression bomb", ".DS_Store": "hidden", "notes.txt": "extension"}.items():
+        assert fragment in rows[name], (name, rows.get(name))
+
+
+def test_split_csv_is_the_split_used(trained):
+    _, result = trained
+    with open(result.run_dir / "split.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 90
+    assert {r["split"] for r in rows} == {"train", "validation"}
+    assert all(len(r["sha256"]) == 64 for r in rows)
+    val_classes = [r["class"] for r in rows if r["split"] == "validation"]
+    assert sorted(val_classes) == ["blue"] * 6 + ["green"] * 6 + ["red"] * 6
+
+
+def test_model_moved_alone_predicts_identically_with_class_names(trained, tmp_path):
+    data, result = trained
+    moved = tmp_path / "elsewhere" / "renamed.keras"
+    moved.parent.mkdir()
+    shutil.copy(result.run_dir / "model.keras", moved)
+    images = sorted((data / "green").glob("green_0*.png"))[:5]
+    original = Predictor(result.run_dir).predict(images)
+    again = Predictor(moved).predict(images)
+    assert [p.label for p in again] == [p.label for p in original]
+    np.testing.assert_allclose([p.confidence for p in again], [p.confidence for p in original], rtol=1e-6)
+    assert Predictor(moved).class_names == ["blue", "green", "red"]
+
+
+def test_existing_run_is_not_overwritten(trained):
+    data, result = trained
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        cnnkit.train(data, result.run_dir, epochs=1, image_size=16)
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(image_folder, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("do not delete")
+    with pytest.raises(RunExistsError, match="not a cnnkit run"):
+        cnnkit.train(image_folder, precious, epochs=1, image_size=16, overwrite=True)
+    assert (precious / "thesis.txt").read_text() == "do not delete"
+
+
+def test_unknown_model_fails_before_decoding(image_folder, tmp_path):
+    with pytest.raises(ModelError, match="Available: .*simple"):
+        cnnkit.train(image_folder, tmp_path / "run", model="resnet")
+    assert not (tmp_path / "run").exists()
+
+
+def test_interrupted_run_keeps_best_checkpoint_and_says_so(image_folder, tmp_path):
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    result = cnnkit.train(image_folder, tmp_path / "run", epochs=10, image_size=16, callbacks=[Interrupt()])
+    assert result.status == "interrupted"
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["epochs_run"] == 2
+    assert (tmp_path / "run" / "model.keras").exists()
+
+
+def test_failed_run_leaves_nothing_half_written(tmp_path):
+    write_class_folder(tmp_path / "data", classes={"a": (1, 1, 1)}, per_class=3)
+    with pytest.raises(DataError):
+        cnnkit.train(tmp_path / "data", tmp_path / "runs" / "x", epochs=1)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_train_with_test_split_reports_test_accuracy(image_folder, tmp_path):
+    result = cnnkit.train(image_folder, tmp_path / "run", epochs=2, image_size=16, val_split=0.2, test_split=0.2)
+    assert "test_accuracy" in result.metrics
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["split_sizes"]["test"] == 12
+
+
+def test_overfitting_warning_fires_on_memorised_noise(tmp_path):
+    # Random pixels with random labels: the model can only memorise, so validation stays at chance.
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "noise" / c).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "noise" / c / f"{i}.png")
+    result = cnnkit.train(tmp_path / "noise", tmp_path / "run", model="simple", epochs=30, image_size=16,
+                          batch_size=8, learning_rate=3e-3, patience=30, val_split=0.3)
+    assert any(w.startswith("Overfitting") for w in result.warnings), result.warnings
+    assert any("Overfitting" in w for w in json.loads((tmp_path / "run" / "run.json").read_text())["warnings"])
+
+
+def test_diagnostics_silent_on_a_healthy_history():
+    healthy = {"loss": [1.0, 0.6, 0.4, 0.3], "accuracy": [0.5, 0.7, 0.8, 0.85],
+               "val_loss": [0.9, 0.6, 0.5, 0.45], "val_accuracy": [0.55, 0.7, 0.78, 0.8]}
+    assert diagnose_history(healthy, num_classes=3) == []
+
+
+def test_diagnostics_fire_on_broken_histories():
+    overfit = {"loss": [1.0, 0.5, 0.1], "accuracy": [0.5, 0.8, 0.99], "val_loss": [1, 1.2, 1.5],
+               "val_accuracy": [0.5, 0.6, 0.62]}
+    assert "since epoch 2" in diagnose_history(overfit, 3)[0]
+    stuck = {"loss": [2.3, 2.3, 2.3], "accuracy": [0.1, 0.1, 0.1], "val_loss": [2.3] * 3, "val_accuracy": [0.1] * 3}
+    messages = " ".join(diagnose_history(stuck, 10))
+    assert "chance" in messages and "did not fall" in messages
