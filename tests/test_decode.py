@@ -109,3 +109,32 @@ def test_folder_named_like_an_image(tmp_path):
     (tmp_path / "dir.jpg").mkdir()
     with pytest.raises(DecodeError, match="folder"):
         load_image(tmp_path / "dir.jpg")
+
+
+@pytest.mark.parametrize("image_size, color_mode", [((16, 16), "rgb"), ((12, 20), "grayscale"), (None, "rgb")])
+def test_fast_jpeg_path_gives_exactly_the_pillow_pixels(monkeypatch, image_size, color_mode):
+    import cnnkit.data.decode as decode
+
+    rng = np.random.default_rng(1)
+    samples = [_png_bytes(Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)), "JPEG", quality=q)
+               for q in (50, 75, 95)]
+    samples.append(_png_bytes(Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8)), "JPEG"))  # grayscale
+    samples.append(_png_bytes(Image.new("CMYK", (20, 20), (10, 200, 30, 5)), "JPEG"))  # CMYK: Pillow path
+    assert decode._simplejpeg is not None
+    fast = [load_image(s, image_size, color_mode) for s in samples]
+    monkeypatch.setattr(decode, "_simplejpeg", None)
+    slow = [load_image(s, image_size, color_mode) for s in samples]
+    for a, b in zip(fast, slow):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_fast_jpeg_path_leaves_exif_and_bad_files_to_pillow(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert load_image(_png_bytes(img, "JPEG", exif=exif), None).shape == (40, 20, 3)  # rotated by EXIF
+    raw = _png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    with pytest.raises(DecodeError, match="truncated"):
+        load_image(raw[: len(raw) // 2], (8, 8))
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        load_image(raw, (8, 8), max_pixels=1000)
