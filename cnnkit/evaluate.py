@@ -19,7 +19,7 @@ import numpy as np
 
 from cnnkit._progress import progress_task, say
 from cnnkit._rundir import make_public, replace_directory, write_json
-from cnnkit.data.cache import build_cache, hash_files
+from cnnkit.data.cache import build_cache
 from cnnkit.data.dataset import atomic_write_rows
 from cnnkit.data.scan import ImageFile, SkippedFile, scan_folder
 from cnnkit.errors import DataError
@@ -128,9 +128,8 @@ def evaluate(
     meta = predictor.meta
     files, skipped = _labelled_files(run, Path(data_dir) if data_dir else None, meta.class_names)
     paths = [f.path for f in files]
-    cache, rows = build_cache(paths, [meta.class_names[f.label] for f in files], meta.image_size, meta.color_mode,
-                              meta.resize_mode, meta.max_pixels, cache_root=cache_root,
-                              digests=hash_files(paths, "Hashing files"))
+    cache, rows, _ = build_cache(paths, [meta.class_names[f.label] for f in files], meta.image_size,
+                                 meta.color_mode, meta.resize_mode, meta.max_pixels, cache_root=cache_root)
     skipped += [SkippedFile(p, cache.reasons.get(int(r), "could not be decoded"))
                 for p, r in zip(paths, rows) if not cache.ok[r]]
     keep = [i for i, r in enumerate(rows) if cache.ok[r]]

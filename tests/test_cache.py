@@ -49,7 +49,8 @@ def test_worker_processes_decode_the_same_pixels(tmp_path):
     root = write_class_folder(tmp_path / "many", per_class=600, size=8, classes={"a": (10, 10, 10), "b": (200, 0, 0)})
     paths = sorted(root.rglob("*.png"))
     keys = [p.parent.name for p in paths]
-    cache, rows = build_cache(paths, keys, (8, 8), workers=2, cache_root=tmp_path / "c1")
-    serial, serial_rows = build_cache(paths, keys, (8, 8), workers=1, cache_root=tmp_path / "c2")
+    cache, rows, digests = build_cache(paths, keys, (8, 8), workers=2, cache_root=tmp_path / "c1")
+    serial, serial_rows, serial_digests = build_cache(paths, keys, (8, 8), workers=1, cache_root=tmp_path / "c2")
+    assert digests == serial_digests
     assert cache.decoded == 1200 and cache.ok.all()
     assert np.array_equal(cache.images[rows], serial.images[serial_rows])

@@ -3,12 +3,18 @@
 The cache is a memory-mapped ``(N, height, width, channels)`` uint8 ``.npy`` file, so a dataset
 larger than RAM still trains (the OS pages it in). Its key, the **data hash**, is a SHA-256 over the
 decoder version, the image size, colour mode, resize mode and pixel limit, and every image's class
-name and content hash (SHA-256 of its bytes), sorted; it does not depend on paths or on the split,
+name and content hash (SHA-256 of its bytes), sorted: it does not depend on paths or on the split,
 so a moved folder or a new validation seed reuses it, while an edited, added, removed or
-relabelled image makes a new one. A second run on the same data skips decoding entirely.
+relabelled image makes a new one.
 
-Layout: ``<cache_root>/<data_hash>/{images.npy, ok.npy, meta.json}``; written in a temporary
-folder and renamed, so a crash never leaves a half-written cache that a later run would trust.
+Each file is read once: a worker reads the bytes, hashes them and decodes them in the same pass.
+The content hashes are remembered in ``<cache_root>/hashes.sqlite`` by (path, size, mtime), so a
+second run on the same data only stats the files, finds the cache by its data hash and skips
+decoding entirely.
+
+Layout: ``<cache_root>/<data_hash>/{images.npy, ok.npy, meta.json}`` (``meta.json`` lists each
+row's class and file hash); written in a temporary folder and renamed, so a crash never leaves a
+half-written cache that a later run would trust.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +46,7 @@ class ImageCache:
 
     Attributes:
         path: the cache folder.
-        images: read-only memmap, (N, height, width, channels) uint8, rows in cache order.
+        images: read-only memmap, (N, height, width, channels) uint8.
         ok: (N,) bool; False where the file could not be decoded (its row is zeros).
         reasons: row -> why it could not be decoded.
         data_hash: the cache key (see the module docstring).
@@ -60,65 +67,112 @@ def default_cache_root() -> Path:
     return Path(home) / "cache"
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes; an unreadable file hashes its path, so it still gets a stable key."""
+def _read(path: str | Path) -> bytes | None:
     try:
         with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
+            return fh.read()
     except OSError:
-        return hashlib.sha256(b"unreadable:" + str(path).encode()).hexdigest()
+        return None
 
 
-def hash_files(paths: list[Path], description: str = "Hashing") -> list[str]:
-    """SHA-256 of many files, read on a few threads (hashlib and file reads release the GIL)."""
-    out: list[str] = [""] * len(paths)
-    with progress_task(description, len(paths)) as advance, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for i, digest in enumerate(pool.map(file_sha256, paths, chunksize=64)):
-            out[i] = digest
-            if i % 256 == 255 or i == len(paths) - 1:
-                advance(256 if i % 256 == 255 else (i % 256) + 1)
-    return out
+def _digest(data: bytes | None, path: str | Path) -> str:
+    """SHA-256 of a file's bytes; an unreadable file hashes its path, so it still gets a stable key."""
+    return hashlib.sha256(data if data is not None else b"unreadable:" + str(path).encode()).hexdigest()
+
+
+class _HashMemo:
+    """Content hashes remembered by (path, size, mtime_ns): a warm run stats files instead of reading them.
+
+    The same test ``make`` and ``rsync`` rely on; a file rewritten in place with the same size
+    within one mtime tick would be missed, which no image workflow does.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.file = root / "hashes.sqlite"
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.file, timeout=30)
+        db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT)")
+        return db
+
+    @staticmethod
+    def _stat(paths: list[str]) -> list[tuple[int, int] | None]:
+        out: list[tuple[int, int] | None] = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+                out.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append(None)
+        return out
+
+    def lookup(self, paths: list[str]) -> list[str | None]:
+        if not self.file.exists():
+            return [None] * len(paths)
+        paths = [os.path.abspath(p) for p in paths]
+        stats = self._stat(paths)
+        with self._connect() as db:
+            known = {row[0]: row[1:] for row in db.execute("SELECT path, size, mtime_ns, sha256 FROM hashes")}
+        found: list[str | None] = []
+        for p, st in zip(paths, stats):
+            entry = known.get(p)
+            found.append(entry[2] if st is not None and entry is not None and tuple(entry[:2]) == st else None)
+        return found
+
+    def store(self, paths: list[str], digests: list[str]) -> None:
+        paths = [os.path.abspath(p) for p in paths]
+        stats = self._stat(paths)
+        rows = [(p, st[0], st[1], d) for p, st, d in zip(paths, stats, digests) if st is not None]
+        try:
+            with self._connect() as db:
+                db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", rows)
+        except sqlite3.Error:  # a memo is an optimisation: never fail a run for it
+            pass
 
 
 def compute_data_hash(
     class_keys: list[str], digests: list[str], image_size: tuple[int, int], color_mode: str,
     resize_mode: str, max_pixels: int,
-) -> tuple[str, np.ndarray]:
-    """The data hash, and the cache order (a permutation of the inputs)."""
-    order = np.array(sorted(range(len(digests)), key=lambda i: (class_keys[i], digests[i])), dtype=np.int64)
+) -> str:
+    """The data hash (see the module docstring); independent of the order of the files."""
     h = hashlib.sha256()
-    h.update(f"cnnkit-cache v{DECODER_VERSION} {image_size} {color_mode} {resize_mode} {max_pixels}\n".encode())
-    for i in order:
-        h.update(f"{class_keys[i]}\t{digests[i]}\n".encode())
-    return h.hexdigest(), order
+    h.update(f"cnnkit-cache v{DECODER_VERSION} {tuple(image_size)} {color_mode} {resize_mode} {max_pixels}\n".encode())
+    for key, digest in sorted(zip(class_keys, digests)):
+        h.update(f"{key}\t{digest}\n".encode())
+    return h.hexdigest()
 
 
 def _decode_rows(
     images_file: str, rows: list[int], paths: list[str], image_size: tuple[int, int], color_mode: str,
     resize_mode: str, max_pixels: int,
-) -> list[tuple[int, str]]:
-    """Worker: decode ``paths`` into ``rows`` of the memmap; returns (row, reason) for failures."""
+) -> list[tuple[int, str, str | None]]:
+    """Worker: read, hash and decode ``paths`` into ``rows`` of the memmap -> (row, sha256, failure reason)."""
     images = np.load(images_file, mmap_mode="r+")
-    failures = []
+    out = []
     for row, path in zip(rows, paths):
+        data = _read(path)
+        reason = None
         try:
-            images[row] = load_image(path, image_size, color_mode, resize_mode, max_pixels)
+            images[row] = load_image(data if data is not None else Path(path), image_size, color_mode,
+                                     resize_mode, max_pixels, name=path)
         except DecodeError as exc:
-            failures.append((row, exc.reason))
+            reason = exc.reason
+        out.append((row, _digest(data, path), reason))
     images.flush()
-    return failures
+    return out
 
 
-def _open_cache(folder: Path, data_hash: str, decoded: int) -> ImageCache:
+def _open_cache(folder: Path, decoded: int) -> tuple[ImageCache, dict[str, int]]:
     meta = json.loads((folder / "meta.json").read_text())
-    return ImageCache(
+    cache = ImageCache(
         path=folder,
         images=np.load(folder / "images.npy", mmap_mode="r"),
         ok=np.load(folder / "ok.npy"),
         reasons={int(k): v for k, v in meta["reasons"].items()},
-        data_hash=data_hash,
+        data_hash=meta["data_hash"],
         decoded=decoded,
     )
+    return cache, {key: row for row, key in enumerate(meta["row_keys"])}
 
 
 def build_cache(
@@ -130,9 +184,8 @@ def build_cache(
     max_pixels: int = 80_000_000,
     cache_root: Path | None = None,
     workers: int | None = None,
-    digests: list[str] | None = None,
-) -> tuple[ImageCache, np.ndarray]:
-    """Decode ``paths`` into a cache (or reuse the one with the same data hash).
+) -> tuple[ImageCache, np.ndarray, list[str]]:
+    """Decode ``paths`` into a cache, or reuse the one with the same data hash.
 
     Args:
         paths: image files.
@@ -140,71 +193,77 @@ def build_cache(
         image_size, color_mode, resize_mode, max_pixels: as ``load_image`` takes them.
         cache_root: where caches live (default ``$CNNKIT_HOME/cache``).
         workers: decode processes (default: every core).
-        digests: the files' SHA-256, if already computed.
 
     Returns:
-        The cache, and ``rows``: ``rows[i]`` is the cache row of ``paths[i]``.
+        The cache; ``rows`` (``rows[i]`` is the cache row of ``paths[i]``); and each file's SHA-256.
     """
-    digests = digests if digests is not None else hash_files(paths)
-    data_hash, order = compute_data_hash(class_keys, digests, image_size, color_mode, resize_mode, max_pixels)
-    rows = np.empty(len(paths), dtype=np.int64)
-    rows[order] = np.arange(len(paths))
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    folder = root / data_hash
-    if (folder / "meta.json").exists():
-        return _open_cache(folder, data_hash, decoded=0), rows
-
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{data_hash[:12]}-", dir=root))
+    names = [str(p) for p in paths]
+    memo = _HashMemo(root)
+    digests = memo.lookup(names)
+    settings = (tuple(image_size), color_mode, resize_mode, max_pixels)
+    if all(d is not None for d in digests):
+        found = _reuse(root, names, class_keys, digests, settings)  # type: ignore[arg-type]
+        if found is not None:
+            return found
+
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
     make_public(tmp, directory=True)
     try:
         channels = 3 if color_mode == "rgb" else 1
         shape = (len(paths), image_size[0], image_size[1], channels)
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
-        del images  # workers open it themselves
-        ordered_paths = [str(paths[i]) for i in order]
-        failures = _decode_all(str(tmp / "images.npy"), ordered_paths, image_size, color_mode, resize_mode,
-                               max_pixels, workers)
-        ok = np.ones(len(paths), dtype=bool)
-        for row, _ in failures:
-            ok[row] = False
-        np.save(tmp / "ok.npy", ok)
-        meta = {
-            "data_hash": data_hash, "shape": shape, "decoder_version": DECODER_VERSION,
-            "image_size": image_size, "color_mode": color_mode, "resize_mode": resize_mode,
-            "reasons": {str(row): reason for row, reason in failures},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same cache first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+        np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
+        results = _decode_all(str(tmp / "images.npy"), names, settings, workers)
+        digests = [sha for _, sha, _ in results]
+        memo.store(names, digests)
+        data_hash = compute_data_hash(class_keys, digests, *settings)
+        folder = root / data_hash
+        if not (folder / "meta.json").exists():
+            ok = np.array([reason is None for _, _, reason in results], dtype=bool)
+            np.save(tmp / "ok.npy", ok)
+            meta = {"data_hash": data_hash, "shape": shape, "decoder_version": DECODER_VERSION,
+                    "image_size": image_size, "color_mode": color_mode, "resize_mode": resize_mode,
+                    "max_pixels": max_pixels, "row_keys": [f"{k}\t{d}" for k, d in zip(class_keys, digests)],
+                    "reasons": {str(row): reason for row, _, reason in results if reason is not None}}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process finished the same cache first: use theirs
+                pass
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _open_cache(folder, data_hash, decoded=len(paths)), rows
+    cache, row_of = _open_cache(folder, decoded=len(paths))
+    rows = np.array([row_of[f"{k}\t{d}"] for k, d in zip(class_keys, digests)], dtype=np.int64)
+    return cache, rows, digests
+
+
+def _reuse(root: Path, names: list[str], class_keys: list[str], digests: list[str],
+           settings: tuple) -> tuple[ImageCache, np.ndarray, list[str]] | None:
+    folder = root / compute_data_hash(class_keys, digests, *settings)
+    if not (folder / "meta.json").exists():
+        return None
+    cache, row_of = _open_cache(folder, decoded=0)
+    rows = np.array([row_of[f"{k}\t{d}"] for k, d in zip(class_keys, digests)], dtype=np.int64)
+    return cache, rows, digests
 
 
 def _decode_all(
-    images_file: str, paths: list[str], image_size: tuple[int, int], color_mode: str, resize_mode: str,
-    max_pixels: int, workers: int | None,
-) -> list[tuple[int, str]]:
+    images_file: str, paths: list[str], settings: tuple, workers: int | None,
+) -> list[tuple[int, str, str | None]]:
     workers = workers or os.cpu_count() or 1
     chunks = [list(range(s, min(s + _CHUNK, len(paths)))) for s in range(0, len(paths), _CHUNK)]
-    failures: list[tuple[int, str]] = []
-    args = (image_size, color_mode, resize_mode, max_pixels)
+    results: list[tuple[int, str, str | None]] = []
     with progress_task("Decoding images", len(paths)) as advance:
         if workers == 1 or len(paths) < _MIN_FOR_PROCESSES:
             for rows in chunks:
-                failures += _decode_rows(images_file, rows, [paths[r] for r in rows], *args)
+                results += _decode_rows(images_file, rows, [paths[r] for r in rows], *settings)
                 advance(len(rows))
-            return failures
-        with process_pool(workers) as pool:
-            futures = {
-                pool.submit(_decode_rows, images_file, rows, [paths[r] for r in rows], *args): len(rows)
-                for rows in chunks
-            }
-            for future in concurrent.futures.as_completed(futures):
-                failures += future.result()
-                advance(futures[future])
-    return sorted(failures)
+        else:
+            with process_pool(workers) as pool:
+                futures = {pool.submit(_decode_rows, images_file, rows, [paths[r] for r in rows], *settings): len(rows)
+                           for rows in chunks}
+                for future in concurrent.futures.as_completed(futures):
+                    results += future.result()
+                    advance(futures[future])
+    return sorted(results)

@@ -12,7 +12,7 @@ import numpy as np
 
 from cnnkit._rundir import make_public
 from cnnkit.config import DataConfig
-from cnnkit.data.cache import ImageCache, build_cache, hash_files
+from cnnkit.data.cache import ImageCache, build_cache
 from cnnkit.data.scan import ImageFile, ImageFolder, SkippedFile, scan_folder
 from cnnkit.errors import DataError
 
@@ -79,11 +79,10 @@ def load_image_folder(
         raise DataError("load_image_folder needs an image_size (height, width). Received: image_size=None")
     folder = scan_folder(root, val_split=config.val_split, test_split=config.test_split, seed=config.seed)
     paths = [f.path for f in folder.files]
-    digests = hash_files(paths, "Hashing files")
     keys = [folder.class_names[f.label] for f in folder.files]
-    cache, rows = build_cache(
+    cache, rows, digests = build_cache(
         paths, keys, tuple(size), config.color_mode, config.resize_mode, config.max_pixels,
-        cache_root=cache_root, workers=config.workers, digests=digests,
+        cache_root=cache_root, workers=config.workers,
     )
     keep = [i for i in range(len(paths)) if cache.ok[rows[i]]]
     skipped = list(folder.skipped) + [
