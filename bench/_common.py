@@ -1,0 +1,64 @@
+"""Helpers shared by the benchmarks: data location, timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+DATA = ROOT / "bench" / ".data"
+RESULTS = ROOT / "bench" / "results"
+
+
+def cifar_folder() -> Path:
+    """The CIFAR-10 JPEG folders (train/, test/), extracted once from ../shared."""
+    target = DATA / "cifar10-jpg"
+    if not (target / "train").is_dir():
+        if not SHARED_CIFAR.exists():
+            raise SystemExit(f"need {SHARED_CIFAR} (the CIFAR-10 JPEG archive) to run this benchmark")
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(SHARED_CIFAR) as tar:
+            tar.extractall(target, filter="data")
+    return target
+
+
+def machine() -> dict[str, Any]:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (StopIteration, OSError):
+        model = platform.processor()
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def timed(fn, repeat: int = 1) -> tuple[float, list[float]]:
+    """Median seconds of ``repeat`` calls of ``fn`` and every measurement."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(rows: list[tuple], header: tuple) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
