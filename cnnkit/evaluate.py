@@ -59,7 +59,7 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "num_images": self.num_images, "accuracy": self.accuracy, "loss": self.loss,
-            f"top_{self.k}_accuracy": self.top_k_accuracy, "top_k": self.k,
+            f"top_{self.k}_accuracy": self.top_k_accuracy, "top_k_accuracy": self.top_k_accuracy, "top_k": self.k,
             "balanced_accuracy": self.balanced_accuracy, "macro_avg": self.macro_avg,
             "weighted_avg": self.weighted_avg, "per_class": self.per_class, "class_names": self.class_names,
             "confusion_matrix": self.confusion_matrix.tolist(), "skipped": len(self.skipped),

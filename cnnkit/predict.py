@@ -111,6 +111,17 @@ class Predictor:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[(self.class_names[j], float(p[j])) for j in row] for p, row in zip(probs, order)]
 
+    def predict_image(self, source: str | Path | bytes | np.ndarray, top_k: int = 3) -> Prediction:
+        """One image (a path, encoded bytes, or raw uint8 pixels of ``input_shape``) -> Prediction.
+
+        Raises:
+            DecodeError: the file or bytes cannot be decoded (``.reason`` says why).
+        """
+        name = str(source) if isinstance(source, (str, Path)) else "<image>"
+        pixels = source if isinstance(source, np.ndarray) else self.load(source, name=name)
+        ranked = self.top_k(self.predict_arrays(pixels), top_k)[0]
+        return Prediction(name, ranked[0][0], ranked[0][1], ranked)
+
     def predict(self, inputs: list[str | Path] | str | Path, top_k: int = 3) -> list[Prediction]:
         """Predict images named by files, folders (recursive) and glob patterns.
 

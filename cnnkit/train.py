@@ -375,6 +375,7 @@ def _run_record(cfg: RunConfig, data: LoadedData, data_dir: Path, metrics: dict[
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "data_dir": str(data_dir.resolve()),
         "config": cfg.to_dict(),
+        "model": cfg.model.name,
         "class_names": data.class_names,
         "num_classes": len(data.class_names),
         "image_size": list(cfg.data.image_size),

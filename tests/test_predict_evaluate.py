@@ -108,3 +108,18 @@ def test_grayscale_run_end_to_end(image_folder, tmp_path):
     assert predictor.predict([image_folder / "red" / "red_000.png"])[0].error is None
     data = load_image_folder(image_folder, cnnkit.DataConfig(image_size=(16, 16), color_mode="grayscale"))
     assert data.cache.images.shape[-1] == 1
+
+
+def test_predict_image_accepts_path_bytes_and_pixels(run):
+    base, result = run
+    predictor = Predictor(result.run_dir)
+    path = base / "data" / "test" / "blue" / "blue_001.png"
+    by_path = predictor.predict_image(path)
+    by_bytes = predictor.predict_image(path.read_bytes())
+    by_pixels = predictor.predict_image(predictor.load(path))
+    assert by_path.label == by_bytes.label == by_pixels.label
+    assert by_path.confidence == pytest.approx(by_bytes.confidence) == pytest.approx(by_pixels.confidence)
+    from cnnkit.data import DecodeError
+
+    with pytest.raises(DecodeError, match="not an image"):
+        predictor.predict_image(b"not an image at all")
