@@ -246,10 +246,15 @@ class _HistoryRecorder(keras.callbacks.Callback):
     def __init__(self) -> None:
         super().__init__()
         self.history: dict[str, list[float]] = {}
+        self._started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = dict(logs or {})
         logs.setdefault("learning_rate", float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+        logs["seconds"] = round(time.perf_counter() - self._started, 3)
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
 
