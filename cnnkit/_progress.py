@@ -65,6 +65,13 @@ def progress_task(description: str, total: int | None) -> Iterator[Callable[[int
         yield advance
 
 
+def esc(text: object) -> str:
+    """User text (paths, class names) made safe to embed in Rich markup: '[old]' stays '[old]'."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def say(message: str) -> None:
     """Print a status line (Rich markup allowed) when progress output is on."""
     if _enabled:
@@ -74,4 +81,4 @@ def say(message: str) -> None:
 def warn(message: str) -> None:
     """Print a warning line; warnings are also returned in results and stored in run.json."""
     if _enabled:
-        console().print(f"[bold yellow]warning:[/] {message}", highlight=False)
+        console().print(f"[bold yellow]warning:[/] {esc(message)}", highlight=False)

@@ -41,10 +41,16 @@ class OutputFormat(str, Enum):
     csv = "csv"
 
 
+class ReportFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
 def _error(message: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 _BACKEND_NOISE = ("absl::InitializeLog", "port.cc", "cpu_feature_guard", "To enable the following instructions",
@@ -171,7 +177,8 @@ def train(
         "data.test_split": test_split, "data.seed": seed, "data.workers": workers,
     })
     result = run_training(data_dir, out, cfg, overwrite=overwrite)
-    _progress.say(f"run {'interrupted' if result.status != 'completed' else 'written'}: [bold]{result.run_dir}[/]")
+    _progress.say(f"run {'interrupted' if result.status != 'completed' else 'written'}: "
+                  f"[bold]{_progress.esc(result.run_dir)}[/]")
     if result.status != "completed":
         raise typer.Exit(130)
 
@@ -181,16 +188,16 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory or .keras file.")],
     data_dir: Annotated[Optional[Path], typer.Argument(help="Labelled folder (default: the run's test split).")] = None,
-    top_k: Annotated[int, typer.Option(help="k of the top-k accuracy.")] = 5,
+    top_k: Annotated[int, typer.Option(min=1, help="k of the top-k accuracy.")] = 5,
     name: Annotated[Optional[str], typer.Option(help="Report folder name under RUN/eval/.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 256,
-    output: Annotated[OutputFormat, typer.Option("--format", help="table or json on stdout.")] = OutputFormat.table,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 256,
+    output: Annotated[ReportFormat, typer.Option("--format", help="table or json on stdout.")] = ReportFormat.table,
 ) -> None:
     """Evaluate a trained model on a labelled folder; write RUN/eval/<name>/."""
     from cnnkit.evaluate import evaluate as run_evaluation
 
     report = run_evaluation(run, data_dir, top_k=top_k, name=name, batch_size=batch_size)
-    if output is OutputFormat.json:
+    if output is ReportFormat.json:
         typer.echo(json.dumps({**report.to_dict(), "out_dir": str(report.out_dir)}, indent=2))
         return
     from rich.table import Table
@@ -200,7 +207,7 @@ def evaluate(
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="right" if column != "class" else "left")
     for cls, row in report.per_class.items():
-        table.add_row(cls, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1-score']:.3f}",
+        table.add_row(_progress.esc(cls), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1-score']:.3f}",
                       str(int(row["support"])))
     _stdout_console().print(table)
     typer.echo(f"report: {report.out_dir}")
@@ -211,9 +218,9 @@ def evaluate(
 def predict(
     run: Annotated[Path, typer.Argument(help="Run directory or .keras file.")],
     paths: Annotated[list[str], typer.Argument(help="Images, folders (recursive) or glob patterns.")],
-    top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 3,
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
     output: Annotated[OutputFormat, typer.Option("--format", help="table, json or csv on stdout.")] = OutputFormat.table,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
 ) -> None:
     """Predict the class of images; exit 1 if any input could not be read."""
     from cnnkit.predict import Predictor
@@ -238,9 +245,10 @@ def predict(
             table.add_column(column)
         for r in results:
             if r.error:
-                table.add_row(r.path, "[red]error[/]", "", f"[red]{r.error}[/]")
+                table.add_row(_progress.esc(r.path), "[red]error[/]", "", f"[red]{_progress.esc(r.error)}[/]")
             else:
-                table.add_row(r.path, r.label, f"{r.confidence:.1%}", ", ".join(f"{n} {p:.1%}" for n, p in r.top_k))
+                table.add_row(_progress.esc(r.path), _progress.esc(r.label), f"{r.confidence:.1%}",
+                              _progress.esc(", ".join(f"{n} {p:.1%}" for n, p in r.top_k)))
         _stdout_console().print(table)
     failed = sum(1 for r in results if r.error)
     if failed:
@@ -253,7 +261,7 @@ def predict(
 def doctor(
     data_dir: Annotated[Path, typer.Argument(help="The image folder to check.")],
     strict: Annotated[bool, typer.Option(help="Exit 1 when any problem is found.")] = False,
-    output: Annotated[OutputFormat, typer.Option("--format", help="table or json on stdout.")] = OutputFormat.table,
+    output: Annotated[ReportFormat, typer.Option("--format", help="table or json on stdout.")] = ReportFormat.table,
     workers: Annotated[Optional[int], typer.Option(help="Processes reading images (default: every core).")] = None,
 ) -> None:
     """Report what is in DATA_DIR and what is wrong with it; never modifies a file."""
@@ -261,7 +269,7 @@ def doctor(
     from cnnkit.data.doctor import print_report
 
     report = run_doctor(data_dir, workers=workers)
-    if output is OutputFormat.json:
+    if output is ReportFormat.json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         print_report(report)

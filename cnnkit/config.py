@@ -33,6 +33,16 @@ AugmentName = Literal["none", "standard"]
 DEFAULT_MAX_PIXELS = 80_000_000
 
 
+def cnnkit_home() -> Path:
+    """cnnkit's own folder (decode caches, registry): ``$CNNKIT_HOME``, default ``~/.cnnkit``.
+
+    The one place outside the server that reads the environment, so every stage agrees on it.
+    """
+    import os
+
+    return Path(os.environ.get("CNNKIT_HOME") or Path.home() / ".cnnkit")
+
+
 def _check_choice(section: str, name: str, value: Any, literal: Any) -> None:
     choices = get_args(literal)
     if value not in choices:

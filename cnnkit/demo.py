@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cnnkit._progress import say
+from cnnkit._progress import esc, say
 
 
 def extract_demo_data(out: str | Path) -> Path:
@@ -39,13 +39,13 @@ def run_demo(out: str | Path = "cnnkit-demo", epochs: int = 15, model: str = "si
 
     out = Path(out)
     data = extract_demo_data(out / "data")
-    say(f"[bold]cnnkit demo[/]: handwritten digits in {data}")
+    say(f"[bold]cnnkit demo[/]: handwritten digits in {esc(data)}")
     result = train(data, out / "runs" / "demo", model=model, epochs=epochs, overwrite=True)
     report = evaluate(result.run_dir, data / "test")
     samples = [sorted((data / "test" / name).iterdir())[0] for name in result.class_names]
     predictions = Predictor(result.run_dir).predict(samples, top_k=3)
     for p in predictions:
-        say(f"  {p.path}: [bold]{p.label}[/] ({p.confidence:.1%})")
+        say(f"  {esc(p.path)}: [bold]{esc(p.label)}[/] ({p.confidence:.1%})")
     return {
         "run_dir": str(result.run_dir),
         "data_dir": str(data),

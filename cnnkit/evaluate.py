@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit._progress import progress_task, say
+from cnnkit._progress import esc, progress_task, say, warn
 from cnnkit._rundir import make_public, replace_directory, write_json
 from cnnkit.data.cache import build_cache
-from cnnkit.data.dataset import atomic_write_rows
+from cnnkit.data.dataset import atomic_write_rows, describe_skipped
 from cnnkit.data.scan import ImageFile, SkippedFile, scan_folder
-from cnnkit.errors import DataError
+from cnnkit.errors import ConfigError, DataError
 from cnnkit.models.saving import resolve_model_path
 from cnnkit.predict import Predictor
 
@@ -54,6 +54,7 @@ class EvalReport:
     macro_avg: dict[str, float] = field(default_factory=dict)
     weighted_avg: dict[str, float] = field(default_factory=dict)
     skipped: list[SkippedFile] = field(default_factory=list)
+    leaked: list[str] = field(default_factory=list)
     out_dir: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,6 +64,7 @@ class EvalReport:
             "balanced_accuracy": self.balanced_accuracy, "macro_avg": self.macro_avg,
             "weighted_avg": self.weighted_avg, "per_class": self.per_class, "class_names": self.class_names,
             "confusion_matrix": self.confusion_matrix.tolist(), "skipped": len(self.skipped),
+            "in_training_data": len(self.leaked), "in_training_data_examples": self.leaked[:20],
         }
 
 
@@ -91,6 +93,21 @@ def _labelled_files(run: Path, data_dir: Path | None, class_names: list[str]) ->
                         f"The model knows: {', '.join(class_names)}.")
     index = {n: i for i, n in enumerate(class_names)}
     return [ImageFile(f.path, index[folder.class_names[f.label]], f.split) for f in files], list(folder.skipped)
+
+
+def _seen_in_training(run: Path, paths: list[Path], digests: list[str]) -> list[str]:
+    """Evaluated files whose bytes the model was trained or validated on (from the run's split.csv)."""
+    split_csv = run / "split.csv" if run.is_dir() else None
+    if split_csv is None or not split_csv.exists():
+        return []
+    with open(split_csv, newline="", encoding="utf-8") as fh:
+        seen = {r["sha256"] for r in csv.DictReader(fh) if r["split"] in ("train", "validation")}
+    leaked = [str(p) for p, d in zip(paths, digests) if d in seen]
+    if leaked:
+        warn(f"{len(leaked)} of the {len(paths)} evaluated images are byte-identical to images this model was "
+             f"trained or validated on (e.g. '{leaked[0]}'): the accuracy below is inflated. Evaluate on images "
+             "the run never saw, e.g. the dataset's test/ folder.")
+    return leaked
 
 
 def evaluate(
@@ -124,27 +141,31 @@ def evaluate(
         >>> report.accuracy
     """
     run = Path(run)
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k must be a whole number >= 1. Received: top_k={top_k!r}")
     predictor = Predictor(run, batch_size=batch_size)
     meta = predictor.meta
     files, skipped = _labelled_files(run, Path(data_dir) if data_dir else None, meta.class_names)
     paths = [f.path for f in files]
-    cache, rows, _ = build_cache(paths, [meta.class_names[f.label] for f in files], meta.image_size,
-                                 meta.color_mode, meta.resize_mode, meta.max_pixels, cache_root=cache_root)
+    cache, rows, digests = build_cache(paths, [meta.class_names[f.label] for f in files], meta.image_size,
+                                       meta.color_mode, meta.resize_mode, meta.max_pixels, cache_root=cache_root)
+    leaked = _seen_in_training(run, paths, digests)
     skipped += [SkippedFile(p, cache.reasons.get(int(r), "could not be decoded"))
                 for p, r in zip(paths, rows) if not cache.ok[r]]
     keep = [i for i, r in enumerate(rows) if cache.ok[r]]
     if not keep:
-        raise DataError(f"No decodable image to evaluate in '{data_dir or run}'.")
+        raise DataError(f"No decodable image to evaluate in '{data_dir or run}': {describe_skipped(skipped)}.")
     rows, labels = rows[keep], np.array([files[i].label for i in keep])
     probs = _predict_rows(predictor, cache.images, rows)
     report = _metrics(labels, probs, meta.class_names, top_k)
     report.skipped = skipped
+    report.leaked = leaked
     default_name = name or (Path(data_dir).name if data_dir else "test")
     out_dir = Path(out) if out else (run if run.is_dir() else resolve_model_path(run).parent) / "eval" / default_name
     report.out_dir = _write_report(report, out_dir, [paths[i] for i in keep], labels, probs, cache.images, rows,
                                    max_mistakes)
     say(f"[bold green]accuracy {report.accuracy:.2%}[/], top-{report.k} {report.top_k_accuracy:.2%}, "
-        f"loss {report.loss:.4f} on {report.num_images} images -> {report.out_dir}")
+        f"loss {report.loss:.4f} on {report.num_images} images -> {esc(report.out_dir)}")
     return report
 
 

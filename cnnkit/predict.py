@@ -19,8 +19,8 @@ import numpy as np
 
 from cnnkit._progress import progress_task
 from cnnkit.data.decode import DecodeError, load_image
-from cnnkit.data.scan import expand_inputs
-from cnnkit.errors import DataError
+from cnnkit.data.scan import IMAGE_EXTENSIONS, expand_inputs
+from cnnkit.errors import ConfigError, DataError
 from cnnkit.models.saving import ModelMeta, load_model
 
 
@@ -61,6 +61,7 @@ class Predictor:
     """
 
     def __init__(self, source: str | Path, batch_size: int = 64, workers: int | None = None) -> None:
+        _check_positive("batch_size", batch_size)
         self.model, self.meta = load_model(source)
         self.batch_size = batch_size
         self.workers = workers or os.cpu_count() or 1
@@ -107,7 +108,8 @@ class Predictor:
         return np.asarray(self.model.predict_on_batch(batch.astype(np.float32)), dtype=np.float32)
 
     def top_k(self, probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        k = max(1, min(k, len(self.class_names)))
+        _check_positive("top_k", k)
+        k = min(k, len(self.class_names))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[(self.class_names[j], float(p[j])) for j in row] for p, row in zip(probs, order)]
 
@@ -125,17 +127,29 @@ class Predictor:
     def predict(self, inputs: list[str | Path] | str | Path, top_k: int = 3) -> list[Prediction]:
         """Predict images named by files, folders (recursive) and glob patterns.
 
-        Returns one Prediction per image found (in input order), plus one with ``error`` for each
-        input that could not be read or decoded.
+        Returns one Prediction per image, in input order: images found in folders (hidden and
+        non-image files there are ignored), named files, glob matches; a Prediction with ``error``
+        for each named input that is missing or cannot be decoded.
         """
+        _check_positive("top_k", top_k)
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
-        paths, missing = expand_inputs(list(inputs))
-        results = [Prediction(str(s.path), error=s.reason) for s in missing]
-        if not paths and not missing:
-            raise DataError(f"No images found in {', '.join(map(str, inputs))}.")
+        paths: list[Path] = []
+        missing: dict[int, str] = {}
+        for item in inputs:
+            found, skipped = expand_inputs([item])
+            if Path(item).is_dir():
+                skipped = []  # .DS_Store, notes.txt... inside a folder are not the user's inputs
+            for s in skipped:
+                missing[len(paths)] = s.reason
+                paths.append(s.path)
+            paths.extend(found)
+        if not paths:
+            raise DataError(f"No images found in {', '.join(map(str, inputs))}. "
+                            f"Supported: {', '.join(IMAGE_EXTENSIONS)}.")
+        results: list[Prediction] = []
         with progress_task("Predicting", len(paths)) as advance:
-            for batch_paths, images, errors in self._decoded_batches(paths):
+            for batch_paths, images, errors in self._decoded_batches(paths, missing):
                 good = [i for i, e in enumerate(errors) if e is None]
                 probs = self.predict_arrays(np.stack([images[i] for i in good])) if good else np.zeros((0, 0))
                 ranked = iter(self.top_k(probs, top_k)) if good else iter(())
@@ -148,19 +162,28 @@ class Predictor:
                 advance(len(batch_paths))
         return results
 
-    def _decode(self, path: Path) -> tuple[np.ndarray | None, str | None]:
+    def _decode(self, item: tuple[Path, str | None]) -> tuple[np.ndarray | None, str | None]:
+        path, known_error = item
+        if known_error is not None:
+            return None, known_error
         try:
             return self.load(path), None
         except DecodeError as exc:
             return None, exc.reason
 
-    def _decoded_batches(self, paths: list[Path]) -> Iterator[tuple[list[Path], list, list]]:
+    def _decoded_batches(self, paths: list[Path], errors: dict[int, str]) -> Iterator[tuple[list[Path], list, list]]:
         """Batches of decoded images; the next batches decode on threads while this one predicts."""
-        chunks = [paths[i : i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
+        items = [(p, errors.get(i)) for i, p in enumerate(paths)]
+        chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             pending = [pool.map(self._decode, chunk) for chunk in chunks[:2]]
             for i, chunk in enumerate(chunks):
                 decoded = list(pending[i])
                 if i + 2 < len(chunks):
                     pending.append(pool.map(self._decode, chunks[i + 2]))
-                yield chunk, [d[0] for d in decoded], [d[1] for d in decoded]
+                yield [p for p, _ in chunk], [d[0] for d in decoded], [d[1] for d in decoded]
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1. Received: {name}={value!r}")

@@ -29,7 +29,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from cnnkit._progress import progress_task, say, warn
+from cnnkit._progress import esc, progress_task, say, warn
 from cnnkit._rundir import RunDirectory, write_json
 from cnnkit._version import __version__
 from cnnkit.config import RunConfig, config_from_dict
@@ -214,14 +214,14 @@ def _report_data(data: LoadedData, run_dir: Path) -> list[str]:
     sources = data.folder.split_source
     parts = [f"{split} {n}" + (" (split here, stratified)" if sources.get(split) == "split" else "")
              for split, n in sizes.items() if n]
-    say(f"[bold]{len(data.class_names)} classes[/]: {', '.join(data.class_names[:20])}"
+    say(f"[bold]{len(data.class_names)} classes[/]: {esc(', '.join(data.class_names[:20]))}"
         + (" ..." if len(data.class_names) > 20 else ""))
     say(f"images: {', '.join(parts)}; data hash {data.data_hash[:12]}"
         + (" (decoded now)" if data.cache.decoded else " (cache reused)"))
     if data.skipped:
         reasons = Counter(s.reason.split(" (")[0] for s in data.skipped)
         summary = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common())
-        say(f"[yellow]skipped {len(data.skipped)} files[/]: {summary}. Listed in {run_dir / 'skipped.csv'}")
+        say(f"[yellow]skipped {len(data.skipped)} files[/]: {esc(summary)}. Listed in {esc(run_dir / 'skipped.csv')}")
     warnings = []
     counts = data.class_counts("train")
     tiny = [f"{name} ({n})" for name, n in counts.items() if n < MIN_IMAGES_PER_CLASS]
@@ -233,11 +233,24 @@ def _report_data(data: LoadedData, run_dir: Path) -> list[str]:
         warnings.append(_warn(
             f"Classes are imbalanced ({max(counts.values())} vs {min(counts.values())} training images): "
             "accuracy will favour the large classes; check per-class recall with 'cnnkit evaluate'."))
+    leak = _cross_split_copies(data)
+    if leak:
+        example = leak[0]
+        warnings.append(_warn(
+            f"{len(leak)} validation/test images are byte-identical copies of training images (e.g. '{example[0]}' = "
+            f"'{example[1]}'): their accuracy is inflated. Remove the copies from one split; "
+            f"'cnnkit doctor {data.folder.root}' also finds near-duplicates."))
     if sources.get("validation") == "folder":
         missing = [n for n, c in data.class_counts("validation").items() if c == 0]
         if missing:
             warnings.append(_warn(f"The validation folder has no images of: {', '.join(missing)}."))
     return warnings
+
+
+def _cross_split_copies(data: LoadedData) -> list[tuple[Path, Path]]:
+    """(held-out file, training file) pairs with the same bytes."""
+    training = {d: f.path for f, d in zip(data.files, data.digests) if f.split == "train"}
+    return [(f.path, training[d]) for f, d in zip(data.files, data.digests) if f.split != "train" and d in training]
 
 
 class _HistoryRecorder(keras.callbacks.Callback):
@@ -293,6 +306,17 @@ class _RichEpochs(keras.callbacks.Callback):
         self._stack, self._advance = None, None
 
 
+class _BatchProgress(keras.callbacks.Callback):
+    """Advances a progress bar per evaluation batch."""
+
+    def __init__(self, advance) -> None:
+        super().__init__()
+        self._advance = advance
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._advance(1)
+
+
 def diagnose_history(history: dict[str, list[float]], num_classes: int, overfit_gap: float = 0.15) -> list[str]:
     """The classic training mistakes, in words, from per-epoch metrics.
 
@@ -313,10 +337,10 @@ def diagnose_history(history: dict[str, list[float]], num_classes: int, overfit_
                 "to generalise better try --augment standard, more images per class, a smaller model, or fewer epochs."
             )
     chance = 1.0 / max(num_classes, 1)
-    last_acc = val_acc[-1] if val_acc else (acc[-1] if acc else None)
-    if last_acc is not None and len(loss) >= 3 and last_acc < chance + 0.05:
+    best_acc = max(val_acc) if val_acc else (max(acc) if acc else None)  # the epoch EarlyStopping keeps
+    if best_acc is not None and len(loss) >= 3 and best_acc < chance + 0.05:
         found.append(
-            f"Accuracy is stuck near chance ({last_acc:.1%} with {num_classes} classes = {chance:.1%}): check that the "
+            f"Accuracy is stuck near chance (best {best_acc:.1%} with {num_classes} classes = {chance:.1%}): check that the "
             "class folders hold the right images, that images are not blank, and try a lower --learning-rate."
         )
     if len(loss) >= 3 and not min(loss[1:]) < loss[0] * 0.98:
@@ -340,7 +364,8 @@ def _final_metrics(model: keras.Model, data: LoadedData, cfg: RunConfig, history
         rows, labels = data.split_rows(split)
         if len(rows):
             ds = ArrayBatches(data.cache.images, rows, labels, max(cfg.train.batch_size, 256))
-            values = model.evaluate(ds, verbose=0, return_dict=True)
+            with progress_task(f"Evaluating {split}", len(ds)) as advance:
+                values = model.evaluate(ds, verbose=0, return_dict=True, callbacks=[_BatchProgress(advance)])
             metrics[f"{prefix}loss"] = float(values["loss"])
             metrics[f"{prefix}accuracy"] = float(values["accuracy"])
     if "val_accuracy" in metrics:

@@ -15,6 +15,18 @@ SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_home(tmp_path_factory):
+    """Module- and session-scoped fixtures get a private CNNKIT_HOME too (never the user's ~/.cnnkit)."""
+    saved = os.environ.get("CNNKIT_HOME")
+    os.environ["CNNKIT_HOME"] = str(tmp_path_factory.mktemp("session-home"))
+    yield
+    if saved is None:
+        os.environ.pop("CNNKIT_HOME", None)
+    else:
+        os.environ["CNNKIT_HOME"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Each test gets its own CNNKIT_HOME (decode cache), and no progress bars in the output."""
@@ -74,7 +86,7 @@ def add_bad_files(folder: Path) -> dict[str, str]:
         "empty.jpg": "empty file",
         "truncated.jpg": "truncated",
         "text.png": "not an image",
-        "corrupt.png": "not an image",
+        "corrupt.png": "corrupt or truncated PNG",
         "bomb.png": "decompression bomb",
         ".DS_Store": "hidden file",
         "._red_000.png": "hidden file",

@@ -54,3 +54,19 @@ def test_worker_processes_decode_the_same_pixels(tmp_path):
     assert digests == serial_digests
     assert cache.decoded == 1200 and cache.ok.all()
     assert np.array_equal(cache.images[rows], serial.images[serial_rows])
+
+
+def test_a_damaged_or_old_format_cache_is_rebuilt_not_trusted(image_folder, tmp_path):
+    import json
+
+    cfg = DataConfig(image_size=(12, 12))
+    first = load_image_folder(image_folder, cfg, cache_root=tmp_path / "c")
+    meta_file = first.cache.path / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["row_keys"]  # what an older cnnkit wrote
+    meta_file.write_text(json.dumps(meta))
+    again = load_image_folder(image_folder, cfg, cache_root=tmp_path / "c")
+    assert again.cache.decoded == 60 and again.data_hash == first.data_hash
+    np.save(again.cache.path / "ok.npy", np.ones(3, dtype=bool))  # truncated
+    third = load_image_folder(image_folder, cfg, cache_root=tmp_path / "c")
+    assert third.cache.decoded == 60 and len(third.cache.ok) == 60

@@ -84,10 +84,13 @@ def test_predict_reports_unreadable_files_and_predicts_the_rest(run, tmp_path):
     Image.new("RGB", (50, 30), (30, 30, 200)).save(folder / "blue.jpg")
     Image.new("RGBA", (20, 20), (200, 30, 30, 255)).save(folder / "red.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / ".DS_Store").write_bytes(b"\x00")
+    (folder / "notes.txt").write_text("not an input")
     results = Predictor(result.run_dir).predict([folder, tmp_path / "missing.jpg"], top_k=2)
+    assert [r.path.split("/")[-1] for r in results] == ["blue.jpg", "broken.jpg", "red.png", "missing.jpg"]
     by_name = {r.path.split("/")[-1]: r for r in results}
     assert by_name["missing.jpg"].error == "no such file or folder"
-    assert "not an image" in by_name["broken.jpg"].error
+    assert "corrupt or truncated JPEG" in by_name["broken.jpg"].error
     assert by_name["blue.jpg"].label == "blue" and by_name["red.png"].label == "red"
     assert len(by_name["blue.jpg"].top_k) == 2 and by_name["blue.jpg"].top_k[0][0] == "blue"
 

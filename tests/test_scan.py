@@ -114,3 +114,16 @@ def test_expand_inputs_files_folders_globs(image_folder):
     assert sum(p.parent.name == "green" for p in paths) == 20
     assert sum(p.parent.name == "blue" for p in paths) == 10
     assert [s.reason for s in skipped] == ["no such file or folder"]
+
+
+def test_a_class_named_train_or_test_is_a_class(tmp_path):
+    write_class_folder(tmp_path, per_class=3, classes={"bus": (1, 1, 1), "train": (2, 2, 2), "test": (3, 3, 3)})
+    folder = scan_folder(tmp_path, val_split=0)
+    assert folder.layout == "classes" and folder.class_names == ["bus", "test", "train"]
+
+
+def test_val_and_test_without_train_is_an_error(tmp_path):
+    write_class_folder(tmp_path / "val", per_class=2)
+    write_class_folder(tmp_path / "test", per_class=2)
+    with pytest.raises(DataError, match="no train/ folder"):
+        scan_folder(tmp_path)

@@ -157,3 +157,16 @@ def test_diagnostics_fire_on_broken_histories():
     stuck = {"loss": [2.3, 2.3, 2.3], "accuracy": [0.1, 0.1, 0.1], "val_loss": [2.3] * 3, "val_accuracy": [0.1] * 3}
     messages = " ".join(diagnose_history(stuck, 10))
     assert "chance" in messages and "did not fall" in messages
+
+
+def test_test_images_copied_into_train_are_flagged(split_folder, tmp_path):
+    for i in range(3):
+        src = split_folder / "test" / "red" / f"red_00{i}.png"
+        (split_folder / "train" / "red" / f"copy_{i}.png").write_bytes(src.read_bytes())
+    result = cnnkit.train(split_folder, tmp_path / "run", epochs=1, image_size=16, val_split=0)
+    assert any("3 validation/test images are byte-identical" in w for w in result.warnings), result.warnings
+    report = cnnkit.evaluate(tmp_path / "run", split_folder / "test")
+    assert len(report.leaked) == 3
+    assert json.loads((report.out_dir / "metrics.json").read_text())["in_training_data"] == 3
+    clean = cnnkit.evaluate(tmp_path / "run", split_folder / "test" , name="again")
+    assert clean.leaked == report.leaked  # deterministic

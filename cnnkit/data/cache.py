@@ -33,9 +33,14 @@ import numpy as np
 
 from cnnkit._progress import progress_task
 from cnnkit._rundir import make_public
+from cnnkit.config import cnnkit_home
 from cnnkit.data._pool import process_pool
 from cnnkit.data.decode import DECODER_VERSION, DecodeError, load_image
+from cnnkit.errors import CnnkitError
 
+# Bumped when the cache's files or meta.json change shape; part of the data hash, so an older
+# cache is never opened by a newer cnnkit (it is rebuilt instead).
+CACHE_FORMAT = 2
 _CHUNK = 256  # images per worker task: big enough to amortise IPC, small enough for a smooth bar
 _MIN_FOR_PROCESSES = 1000  # below this, starting worker processes costs more than it saves
 
@@ -63,8 +68,7 @@ class ImageCache:
 
 def default_cache_root() -> Path:
     """``$CNNKIT_HOME/cache`` (``CNNKIT_HOME`` defaults to ``~/.cnnkit``)."""
-    home = os.environ.get("CNNKIT_HOME") or os.path.join(os.path.expanduser("~"), ".cnnkit")
-    return Path(home) / "cache"
+    return cnnkit_home() / "cache"
 
 
 def _read(path: str | Path) -> bytes | None:
@@ -136,7 +140,8 @@ def compute_data_hash(
 ) -> str:
     """The data hash (see the module docstring); independent of the order of the files."""
     h = hashlib.sha256()
-    h.update(f"cnnkit-cache v{DECODER_VERSION} {tuple(image_size)} {color_mode} {resize_mode} {max_pixels}\n".encode())
+    h.update(f"cnnkit-cache f{CACHE_FORMAT} d{DECODER_VERSION} {tuple(image_size)} {color_mode} {resize_mode} "
+             f"{max_pixels}\n".encode())
     for key, digest in sorted(zip(class_keys, digests)):
         h.update(f"{key}\t{digest}\n".encode())
     return h.hexdigest()
@@ -162,17 +167,20 @@ def _decode_rows(
     return out
 
 
-def _open_cache(folder: Path, decoded: int) -> tuple[ImageCache, dict[str, int]]:
-    meta = json.loads((folder / "meta.json").read_text())
-    cache = ImageCache(
-        path=folder,
-        images=np.load(folder / "images.npy", mmap_mode="r"),
-        ok=np.load(folder / "ok.npy"),
-        reasons={int(k): v for k, v in meta["reasons"].items()},
-        data_hash=meta["data_hash"],
-        decoded=decoded,
-    )
-    return cache, {key: row for row, key in enumerate(meta["row_keys"])}
+def _open_cache(folder: Path, decoded: int) -> tuple[ImageCache, dict[str, int]] | None:
+    """Open a finished cache; None when it is damaged or not of this format (then it is rebuilt)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        images = np.load(folder / "images.npy", mmap_mode="r")
+        ok = np.load(folder / "ok.npy")
+        row_of = {key: row for row, key in enumerate(meta["row_keys"])}
+        if tuple(images.shape) != tuple(meta["shape"]) or len(ok) != images.shape[0] or len(meta["row_keys"]) != len(ok):
+            return None
+        cache = ImageCache(folder, images, ok, {int(k): v for k, v in meta["reasons"].items()}, meta["data_hash"],
+                           decoded)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return cache, row_of
 
 
 def build_cache(
@@ -219,6 +227,8 @@ def build_cache(
         memo.store(names, digests)
         data_hash = compute_data_hash(class_keys, digests, *settings)
         folder = root / data_hash
+        if (folder / "meta.json").exists() and _open_cache(folder, 0) is None:
+            shutil.rmtree(folder, ignore_errors=True)  # damaged: replace it with the one just decoded
         if not (folder / "meta.json").exists():
             ok = np.array([reason is None for _, _, reason in results], dtype=bool)
             np.save(tmp / "ok.npy", ok)
@@ -233,7 +243,11 @@ def build_cache(
                 pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    cache, row_of = _open_cache(folder, decoded=len(paths))
+    opened = _open_cache(folder, decoded=len(paths))
+    if opened is None:
+        raise CnnkitError(f"The decode cache '{folder}' could not be written or read back. Check free disk space "
+                      f"and permissions under '{root}', or set CNNKIT_HOME to another folder.")
+    cache, row_of = opened
     rows = np.array([row_of[f"{k}\t{d}"] for k, d in zip(class_keys, digests)], dtype=np.int64)
     return cache, rows, digests
 
@@ -241,9 +255,10 @@ def build_cache(
 def _reuse(root: Path, names: list[str], class_keys: list[str], digests: list[str],
            settings: tuple) -> tuple[ImageCache, np.ndarray, list[str]] | None:
     folder = root / compute_data_hash(class_keys, digests, *settings)
-    if not (folder / "meta.json").exists():
+    opened = _open_cache(folder, decoded=0) if (folder / "meta.json").exists() else None
+    if opened is None:
         return None
-    cache, row_of = _open_cache(folder, decoded=0)
+    cache, row_of = opened
     rows = np.array([row_of[f"{k}\t{d}"] for k, d in zip(class_keys, digests)], dtype=np.int64)
     return cache, rows, digests
 

@@ -95,25 +95,32 @@ def load_image_folder(
     return data
 
 
+def describe_skipped(skipped: list[SkippedFile], limit: int = 3) -> str:
+    """'a.jpg: truncated file; b.png: empty file (0 bytes); ... and 7 more' for error messages."""
+    listed = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:limit])
+    return listed + (f"; ... and {len(skipped) - limit} more" if len(skipped) > limit else "")
+
+
 def _check_usable(data: LoadedData) -> None:
     train_counts = data.class_counts("train")
     empty = [name for name, n in train_counts.items() if n == 0]
     if empty:
+        broken = [s for s in data.skipped if s.path.parent.name in empty or any(n in s.path.parts for n in empty)]
         raise DataError(
             f"No usable training image left in class {', '.join(repr(n) for n in empty)} of "
-            f"'{data.folder.root}' after skipping unreadable files (see skipped.csv). "
-            "Replace the broken files or remove the class."
+            f"'{data.folder.root}': every file there was skipped ({describe_skipped(broken)}). "
+            f"Replace the broken files or remove the class; 'cnnkit doctor {data.folder.root}' lists every problem."
         )
 
 
 def write_skipped_csv(skipped: list[SkippedFile], path: Path) -> None:
     """``path,reason`` per skipped file (header always written, so an empty file means none)."""
-    atomic_write_rows(path, ["path", "reason"], [[str(s.path), s.reason] for s in skipped])
+    atomic_write_rows(path, ["path", "reason"], [[str(s.path.absolute()), s.reason] for s in skipped])
 
 
 def write_split_csv(data: LoadedData, path: Path) -> None:
     """The split actually used: ``path,class,split,sha256`` per usable image."""
-    rows = [[str(f.path), data.class_names[f.label], f.split, d] for f, d in zip(data.files, data.digests)]
+    rows = [[str(f.path.absolute()), data.class_names[f.label], f.split, d] for f, d in zip(data.files, data.digests)]
     atomic_write_rows(path, ["path", "class", "split", "sha256"], rows)
 
 

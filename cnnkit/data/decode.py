@@ -73,7 +73,10 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
         except Image.DecompressionBombError as exc:
             raise DecodeError(source, f"too many pixels, possible decompression bomb ({exc})") from exc
         except Exception as exc:  # Pillow raises many types for non-images
-            raise DecodeError(source, "not an image, or a format Pillow cannot read") from exc
+            kind = _sniff_format(data)
+            reason = (f"corrupt or truncated {kind} file (its header cannot be read)" if kind
+                      else "not an image, or a format Pillow cannot read")
+            raise DecodeError(source, reason) from exc
     width, height = img.size
     if width * height > max_pixels:
         raise DecodeError(
@@ -84,6 +87,17 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1:
         raise DecodeError(source, f"image has no pixels ({width}x{height})")
     return img
+
+
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The image format a file's first bytes announce, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

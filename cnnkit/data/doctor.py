@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit._progress import console, progress_task
+from cnnkit._progress import console, esc, progress_task
 from cnnkit.data._pool import process_pool
 from cnnkit.data.decode import DecodeError, describe_image, load_image
 from cnnkit.data.scan import ImageFolder, scan_folder
@@ -259,32 +259,33 @@ def print_report(report: DoctorReport, limit: int = 10) -> None:
 
     out = console()
     splits = list(report.counts)
-    table = Table(title=f"{report.root} ({report.layout} layout, {len(report.class_names)} classes)")
+    table = Table(title=f"{esc(report.root)} ({report.layout} layout, {len(report.class_names)} classes)")
     table.add_column("class")
     for split in splits:
         table.add_column(split, justify="right")
     for name in report.class_names:
-        table.add_row(name, *[str(report.counts[s].get(name, 0)) for s in splits])
+        table.add_row(esc(name), *[str(report.counts[s].get(name, 0)) for s in splits])
     table.add_row("[bold]total", *[f"[bold]{sum(report.counts[s].values())}" for s in splits])
     out.print(table)
     if report.sizes:
         w, h = report.sizes["width"], report.sizes["height"]
         out.print(f"sizes: width {w['min']}-{w['max']} (median {w['median']:g}), height {h['min']}-{h['max']} "
                   f"(median {h['median']:g}); most common {report.sizes['most_common']}")
-    out.print(f"modes: {report.modes}; formats: {report.formats}; imbalance ratio: {report.imbalance_ratio}")
+    out.print(f"modes: {report.modes}; formats: {report.formats}; imbalance ratio: {report.imbalance_ratio}",
+              markup=False)
     for title, rows in (("unreadable", report.unreadable), ("skipped", report.skipped)):
         for row in rows[:limit]:
-            out.print(f"  {title}: {row['path']}: {row['reason']}", highlight=False)
+            out.print(f"  {title}: {esc(row['path'])}: {esc(row['reason'])}", highlight=False)
         if len(rows) > limit:
             out.print(f"  ... and {len(rows) - limit} more {title} (use --format json for all)")
     for title, groups in (("exact duplicates", report.exact_duplicates), ("near-duplicates", report.near_duplicates)):
         for group in groups[:limit]:
-            out.print(f"  {title} {group['kind']}: {', '.join(group['paths'])}", highlight=False)
+            out.print(f"  {title} {group['kind']}: {esc(', '.join(group['paths']))}", highlight=False)
         if len(groups) > limit:
             out.print(f"  ... and {len(groups) - limit} more groups of {title} (use --format json for all)")
     for note in report.notes:
-        out.print(f"[cyan]note:[/] {note}", highlight=False)
+        out.print(f"[cyan]note:[/] {esc(note)}", highlight=False)
     for problem in report.problems:
-        out.print(f"[bold yellow]problem:[/] {problem}", highlight=False)
+        out.print(f"[bold yellow]problem:[/] {esc(problem)}", highlight=False)
     if not report.problems:
         out.print("[bold green]no problems found[/]")

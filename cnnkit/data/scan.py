@@ -148,11 +148,12 @@ def _scan_classes(folder: Path, skipped: list[SkippedFile]) -> dict[str, list[Pa
 
 
 def _find_split_folders(root: Path) -> dict[str, Path]:
+    """train/validation/test folders that hold class folders (a class named 'train' holding images is a class)."""
     found: dict[str, Path] = {}
     children = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
     for split, names in _SPLIT_FOLDERS.items():
         for name in names:
-            if name in children:
+            if name in children and _looks_like_split(children[name]):
                 found[split] = children[name]
                 break
     return found
@@ -239,9 +240,7 @@ def scan_folder(
                     f"'{split_folders[split]}' has class folders that '{split_folders['train']}' lacks: "
                     f"{', '.join(extra)}. Every class needs training images; rename or remove them."
                 )
-    elif split_folders and "train" not in split_folders and set(split_folders) <= {"validation", "test"} and all(
-        _looks_like_split(p) for p in split_folders.values()
-    ):
+    elif split_folders and len(split_folders) == sum(1 for p in root.iterdir() if not _is_hidden(p.name)):
         raise DataError(
             f"'{root}' has {' and '.join(p.name + '/' for p in split_folders.values())} but no train/ folder. "
             f"Add '{root}/train/<class>/' or pass a folder of class folders."
@@ -283,8 +282,10 @@ def scan_folder(
 
 
 def _looks_like_split(path: Path) -> bool:
-    """A val/ or test/ folder that itself holds class folders (not a class named 'test')."""
-    return any(child.is_dir() for child in path.iterdir())
+    """A train/, val/ or test/ folder holding class folders and no images of its own (not a class named 'test')."""
+    children = list(path.iterdir())
+    return any(c.is_dir() and not _is_hidden(c.name) for c in children) and not any(
+        c.is_file() and is_image_name(c.name) and not _is_hidden(c.name) for c in children)
 
 
 def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[SkippedFile]]:
@@ -306,7 +307,7 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[SkippedFil
         elif glob.has_magic(str(item)):
             matches = sorted(glob.glob(str(item), recursive=True), key=natural_key)
             if not matches:
-                skipped.append(SkippedFile(p, "the pattern matched no file"))
+                skipped.append(SkippedFile(p, "no such file or folder (as a glob pattern it matched nothing)"))
             for m in matches:
                 sub, sub_skipped = expand_inputs([m])
                 paths.extend(sub)
