@@ -57,3 +57,13 @@ def test_empty_class_is_reported_not_raised(image_folder):
     (image_folder / "purple").mkdir()
     report = cnnkit.doctor(image_folder)
     assert any("'purple' has no readable" in p for p in report.problems)
+
+
+def test_near_duplicates_are_grouped_not_listed_pair_by_pair(image_folder):
+    photo = Image.open(image_folder / "red" / "red_004.png").resize((64, 64))
+    for i, fmt in enumerate(("jpg", "webp", "bmp", "tif")):
+        photo.save(image_folder / "blue" / f"same_{i}.{fmt}")
+    report = cnnkit.doctor(image_folder)
+    groups = [g for g in report.near_duplicates if any("same_" in p for p in g["paths"])]
+    assert len(groups) == 1 and len(groups[0]["paths"]) >= 4
+    assert "label conflict" in groups[0]["kind"]  # red_004 is in red, the copies in blue

@@ -198,12 +198,26 @@ def _near_duplicates(records, split_of, class_of, max_bits: int) -> list[dict[st
                 i, j = int(idx[a]), int(idx[b])
                 if sha[i] != sha[j] and _thumbs_agree(records[i]["thumb"], records[j]["thumb"]):
                     pairs.add((min(i, j), max(i, j)))
+    parent = list(range(len(records)))  # union-find: a photo saved in 9 formats is one group, not 36 pairs
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in sorted({k for pair in pairs for k in pair}):
+        groups[find(i)].append(i)
     out = []
-    for i, j in sorted(pairs):
-        group = _describe_group([records[i]["path"], records[j]["path"]], split_of, class_of)
-        group["distance_bits"] = int(bin(int(hashes[i] ^ hashes[j])).count("1"))
+    for members in groups.values():
+        group = _describe_group([records[i]["path"] for i in members], split_of, class_of)
+        group["max_distance_bits"] = max(int(bin(int(hashes[i] ^ hashes[j])).count("1"))
+                                         for i in members for j in members)
         out.append(group)
-    return out
+    return sorted(out, key=lambda g: g["paths"])
 
 
 def _thumbs_agree(a: np.ndarray, b: np.ndarray) -> bool:
@@ -238,7 +252,7 @@ def _judge(report: DoctorReport) -> None:
         p.append(f"{len(leaks)} images appear byte-for-byte in more than one split (train/test leakage inflates "
                  "test accuracy): remove them from one split.")
     if near_leaks:
-        p.append(f"{len(near_leaks)} near-duplicate pairs span splits (likely the same photo re-encoded or resized: "
+        p.append(f"{len(near_leaks)} groups of near-duplicates span splits (likely the same photo re-encoded or resized: "
                  "leakage): review them and keep each in one split only.")
     if conflicts:
         p.append(f"{len(conflicts)} duplicate groups carry different class labels (label conflict): fix the labels.")
