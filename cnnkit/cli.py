@@ -431,6 +431,37 @@ def registry_verify(
     typer.echo(f"all {len(results)} artifacts match their registered sha256")
 
 
+# -- serving ----------------------------------------------------------------------------------------
+
+
+@app.command()
+@_handle_errors
+def serve(
+    source: Annotated[str, typer.Argument(help="Run directory, .keras file, or NAME@production / NAME@VERSION.")],
+    name: Annotated[Optional[str], typer.Option(help="Model name in the URLs (default: registry or run name).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (TF Serving's REST port is 8501).")] = 8501,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Most images per model call (default 32).")] = None,
+    max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a request waits to share a batch (default 5).")] = None,
+    batching: Annotated[Optional[bool], typer.Option("--batching/--no-batching", help="Micro-batch concurrent requests.")] = None,
+    max_body_bytes: Annotated[Optional[int], typer.Option(help="Larger request bodies get 413 (default 20 MiB).")] = None,
+    registry_url: _RegistryUrl = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve a model over TensorFlow Serving's REST API (plus /predict, /healthz, /readyz, /metrics, /docs)."""
+    _import_keras_quietly()
+    import uvicorn
+
+    from cnnkit.serve import create_app
+
+    api = create_app(source, name=name, registry_url=registry_url, max_batch_size=max_batch_size,
+                     max_wait_ms=max_wait_ms, batching=batching, max_body_bytes=max_body_bytes)
+    served = api.state.source
+    _progress.say(f"serving [bold]{served.path}[/] as http://{host}:{port}/v1/models/{served.name} "
+                  f"(version {served.version})")
+    uvicorn.run(api, host=host, port=port, log_level=log_level)
+
+
 def main() -> None:
     """Entry point of the ``cnnkit`` script."""
     app(prog_name="cnnkit")
