@@ -462,6 +462,25 @@ def serve(
     uvicorn.run(api, host=host, port=port, log_level=log_level)
 
 
+# -- export -----------------------------------------------------------------------------------------
+
+
+@app.command("export")
+@_handle_errors
+def export_model(
+    run: Annotated[Path, typer.Argument(help="Run directory or .keras file.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="savedmodel (TF Serving), onnx or tflite (float + int8).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write (default RUN/export/<format>).")] = None,
+) -> None:
+    """Export a model as a SavedModel, ONNX or TFLite (raw 0-255 pixels in, probabilities out)."""
+    _import_keras_quietly()
+    from cnnkit.export import export
+
+    result = export(run, format, out)
+    for path in result.files:
+        typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point of the ``cnnkit`` script."""
     app(prog_name="cnnkit")
