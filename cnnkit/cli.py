@@ -481,6 +481,26 @@ def export_model(
         typer.echo(f"wrote {path}")
 
 
+@app.command()
+@_handle_errors
+def docker(
+    source: Annotated[str, typer.Argument(help="Run directory, .keras file, or NAME@production / NAME@VERSION.")],
+    tag: Annotated[Optional[str], typer.Option(help="Image tag (default cnnkit-<name>:<version>).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Build context folder to write.")] = Path("docker-context"),
+    build: Annotated[bool, typer.Option("--build/--no-build", help="Run docker build when a daemon is available.")] = True,
+    registry_url: _RegistryUrl = None,
+) -> None:
+    """Write a Docker build context serving a model (and build it when Docker is available)."""
+    from cnnkit.docker import build_image, write_build_context
+
+    context = write_build_context(source, out, tag=tag, registry_url=registry_url)
+    typer.echo(f"build context: {context.path} (model '{context.name}', tag {context.tag})")
+    if build and build_image(context):
+        typer.echo(f"built {context.tag}; run: docker run -p 127.0.0.1:8501:8501 {context.tag}")
+    else:
+        typer.echo("build it with: " + " ".join(context.build_command))
+
+
 def main() -> None:
     """Entry point of the ``cnnkit`` script."""
     app(prog_name="cnnkit")
