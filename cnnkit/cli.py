@@ -139,6 +139,9 @@ def _parse_image_size(text: str | None) -> tuple[int, int] | None:
     return size  # type: ignore[return-value]
 
 
+_REGISTRY_URL_HELP = "SQLAlchemy URL of the model registry (default: SQLite at $CNNKIT_HOME/registry.db)."
+
+
 def _model_help() -> str:
     # Listing names needs the registry (and so Keras); keep --help fast with a static list.
     return "Architecture: simple (the tutorials' small CNN, default) or vgg (the BatchNorm CNN)."
@@ -164,6 +167,8 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<model>-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     config: Annotated[Optional[Path], typer.Option(help="TOML/JSON config (or a run's run.json); options override it.")] = None,
+    register: Annotated[Optional[str], typer.Option(help="Register the run in the model registry under this name.")] = None,
+    registry_url: Annotated[Optional[str], typer.Option(envvar="CNNKIT_REGISTRY_URL", help=_REGISTRY_URL_HELP)] = None,
 ) -> None:
     """Train a classifier on DATA_DIR and write a run directory."""
     from cnnkit.config import load_config
@@ -181,6 +186,12 @@ def train(
                   f"[bold]{_progress.esc(result.run_dir)}[/]")
     if result.status != "completed":
         raise typer.Exit(130)
+    if register:
+        from cnnkit.registry import Registry
+
+        with Registry(registry_url) as registry:
+            version = registry.add(result.run_dir, register)
+        _progress.say(f"registered [bold]{version.ref}[/] in {registry._where()}")
 
 
 @app.command()
@@ -289,6 +300,213 @@ def demo(
 
     summary = run_demo(out, epochs=epochs, model=model)
     typer.echo(json.dumps(summary, indent=2))
+
+
+# -- model registry ---------------------------------------------------------------------------------
+
+registry_app = typer.Typer(help="The model registry: numbered, staged versions of trained runs (SQL).",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+_RegistryUrl = Annotated[Optional[str], typer.Option("--registry-url", envvar="CNNKIT_REGISTRY_URL",
+                                                     help=_REGISTRY_URL_HELP)]
+
+
+def _open_registry(url: str | None):
+    from cnnkit.registry import Registry
+
+    return Registry(url)
+
+
+def _name_at_version(ref: str) -> tuple[str, int]:
+    from cnnkit.registry import parse_ref
+
+    name, selector = parse_ref(ref)
+    if selector is None or not selector.isdigit():
+        raise ConfigError(f"Give the version as NAME@VERSION, e.g. '{name}@3' (see 'cnnkit registry list {name}'). "
+                          f"Received: {ref!r}")
+    return name, int(selector)
+
+
+def _print_versions(versions: list) -> None:
+    from rich.table import Table
+
+    table = Table()
+    for column in ("model", "stage", "created", "architecture", "image size", "classes", "val acc", "test acc", "sha256"):
+        table.add_column(column)
+    for v in versions:
+        acc = v.metrics.get("val_accuracy")
+        test = v.metrics.get("test_accuracy")
+        table.add_row(v.ref, v.stage, v.created.strftime("%Y-%m-%d %H:%M"), v.architecture,
+                      "x".join(map(str, v.image_size)), str(len(v.class_names)),
+                      f"{acc:.1%}" if acc is not None else "", f"{test:.1%}" if test is not None else "", v.sha256[:12])
+    _stdout_console().print(table)
+
+
+@registry_app.command("add")
+@_handle_errors
+def registry_add(
+    run: Annotated[Path, typer.Argument(help="Run directory (or .keras file) to register.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Model name; each add makes its next version.")],
+    notes: Annotated[str, typer.Option(help="Free text stored with the version.")] = "",
+    stage: Annotated[str, typer.Option(help="none, staging, production or archived.")] = "none",
+    registry_url: _RegistryUrl = None,
+) -> None:
+    """Register RUN as a new version of NAME."""
+    with _open_registry(registry_url) as registry:
+        version = registry.add(run, name, notes=notes, stage=stage)
+    typer.echo(f"registered {version.ref} (stage {version.stage}, sha256 {version.sha256[:12]})")
+
+
+@registry_app.command("list")
+@_handle_errors
+def registry_list(
+    name: Annotated[Optional[str], typer.Argument(help="Only this model's versions.")] = None,
+    output: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = OutputFormat.table,
+    registry_url: _RegistryUrl = None,
+) -> None:
+    """List registered versions."""
+    with _open_registry(registry_url) as registry:
+        versions = registry.list(name)
+    if output is OutputFormat.json:
+        typer.echo(json.dumps([v.to_dict() for v in versions], indent=2))
+    elif not versions:
+        typer.echo("The registry is empty: register a run with 'cnnkit registry add RUN --name NAME'.")
+    else:
+        _print_versions(versions)
+
+
+@registry_app.command("show")
+@_handle_errors
+def registry_show(
+    ref: Annotated[str, typer.Argument(help="NAME (latest), NAME@VERSION or NAME@STAGE, e.g. flowers@production.")],
+    output: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = OutputFormat.table,
+    registry_url: _RegistryUrl = None,
+) -> None:
+    """Show everything recorded about one version."""
+    with _open_registry(registry_url) as registry:
+        version = registry.get(ref)
+    data = version.to_dict()
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        typer.echo(f"{key:>16}: {text}")
+
+
+@registry_app.command("promote")
+@_handle_errors
+def registry_promote(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION.")],
+    stage: Annotated[str, typer.Option(help="none, staging, production (archives the previous one) or archived.")] = "production",
+    registry_url: _RegistryUrl = None,
+) -> None:
+    """Move a version to a stage; one production version per name, switched atomically."""
+    name, number = _name_at_version(ref)
+    with _open_registry(registry_url) as registry:
+        version = registry.promote(name, number, stage)
+    typer.echo(f"{version.ref} is now {version.stage}")
+
+
+@registry_app.command("delete")
+@_handle_errors
+def registry_delete(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION.")],
+    registry_url: _RegistryUrl = None,
+) -> None:
+    """Remove a version from the registry (never the production one; files are kept)."""
+    name, number = _name_at_version(ref)
+    with _open_registry(registry_url) as registry:
+        version = registry.delete(name, number)
+    typer.echo(f"deleted {version.ref} from the registry (its files were left in place: {version.artifact_path})")
+
+
+@registry_app.command("verify")
+@_handle_errors
+def registry_verify(
+    name: Annotated[Optional[str], typer.Argument(help="Only this model's versions.")] = None,
+    registry_url: _RegistryUrl = None,
+) -> None:
+    """Re-hash every registered artifact; exit 1 if any is missing or changed."""
+    with _open_registry(registry_url) as registry:
+        results = registry.verify(name)
+    for r in results:
+        typer.echo(f"{r.status:>8}  {r.ref}  {r.artifact_path}")
+    bad = [r for r in results if r.status != "ok"]
+    if bad:
+        _error(f"{len(bad)} of {len(results)} artifacts are missing or changed since registration.")
+        raise typer.Exit(1)
+    typer.echo(f"all {len(results)} artifacts match their registered sha256")
+
+
+# -- serving ----------------------------------------------------------------------------------------
+
+
+@app.command()
+@_handle_errors
+def serve(
+    source: Annotated[str, typer.Argument(help="Run directory, .keras file, or NAME@production / NAME@VERSION.")],
+    name: Annotated[Optional[str], typer.Option(help="Model name in the URLs (default: registry or run name).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (TF Serving's REST port is 8501).")] = 8501,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Most images per model call (default 32).")] = None,
+    max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a request waits to share a batch (default 5).")] = None,
+    batching: Annotated[Optional[bool], typer.Option("--batching/--no-batching", help="Micro-batch concurrent requests.")] = None,
+    max_body_bytes: Annotated[Optional[int], typer.Option(help="Larger request bodies get 413 (default 20 MiB).")] = None,
+    registry_url: _RegistryUrl = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve a model over TensorFlow Serving's REST API (plus /predict, /healthz, /readyz, /metrics, /docs)."""
+    _import_keras_quietly()
+    import uvicorn
+
+    from cnnkit.serve import create_app
+
+    api = create_app(source, name=name, registry_url=registry_url, max_batch_size=max_batch_size,
+                     max_wait_ms=max_wait_ms, batching=batching, max_body_bytes=max_body_bytes)
+    served = api.state.source
+    _progress.say(f"serving [bold]{served.path}[/] as http://{host}:{port}/v1/models/{served.name} "
+                  f"(version {served.version})")
+    uvicorn.run(api, host=host, port=port, log_level=log_level)
+
+
+# -- export -----------------------------------------------------------------------------------------
+
+
+@app.command("export")
+@_handle_errors
+def export_model(
+    run: Annotated[Path, typer.Argument(help="Run directory or .keras file.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="savedmodel (TF Serving), onnx or tflite (float + int8).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write (default RUN/export/<format>).")] = None,
+) -> None:
+    """Export a model as a SavedModel, ONNX or TFLite (raw 0-255 pixels in, probabilities out)."""
+    _import_keras_quietly()
+    from cnnkit.export import export
+
+    result = export(run, format, out)
+    for path in result.files:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+@_handle_errors
+def docker(
+    source: Annotated[str, typer.Argument(help="Run directory, .keras file, or NAME@production / NAME@VERSION.")],
+    tag: Annotated[Optional[str], typer.Option(help="Image tag (default cnnkit-<name>:<version>).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Build context folder to write.")] = Path("docker-context"),
+    build: Annotated[bool, typer.Option("--build/--no-build", help="Run docker build when a daemon is available.")] = True,
+    registry_url: _RegistryUrl = None,
+) -> None:
+    """Write a Docker build context serving a model (and build it when Docker is available)."""
+    from cnnkit.docker import build_image, write_build_context
+
+    context = write_build_context(source, out, tag=tag, registry_url=registry_url)
+    typer.echo(f"build context: {context.path} (model '{context.name}', tag {context.tag})")
+    if build and build_image(context):
+        typer.echo(f"built {context.tag}; run: docker run -p 127.0.0.1:8501:8501 {context.tag}")
+    else:
+        typer.echo("build it with: " + " ".join(context.build_command))
 
 
 def main() -> None:

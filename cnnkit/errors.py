@@ -30,3 +30,11 @@ class RunExistsError(CnnkitError, FileExistsError):
 
 class RunNotFoundError(CnnkitError, LookupError):
     """No run directory or model file at that path."""
+
+
+class RegistryError(CnnkitError):
+    """The model registry database is unreachable, or a registry request is invalid."""
+
+
+class VersionNotFoundError(RegistryError, LookupError):
+    """No registered model has that name, version or stage."""

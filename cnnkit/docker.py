@@ -1,0 +1,166 @@
+"""Docker stage: a run (or ``NAME@stage`` from the registry) -> a build context for a serving image.
+
+``write_build_context`` writes a folder holding the model (``model/model.keras`` + ``run.json``),
+a ``requirements.txt`` pinned to the versions installed here, cnnkit's own source, and a
+multi-stage ``Dockerfile`` (CPU TensorFlow, non-root user, HEALTHCHECK on ``/healthz``) whose
+entry command is ``cnnkit serve /model``. A model mounted at run time (``-v runs/x:/model``)
+replaces the baked-in one. ``build_image`` runs ``docker build`` when a daemon answers, else
+returns the command to run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnkit._rundir import make_public, replace_directory
+from cnnkit.errors import CnnkitError
+
+# The image's Python packages: cnnkit's dependencies for serving (no JAX/torch, no test tools).
+_REQUIREMENTS = ["keras", "tensorflow-cpu", "numpy", "pillow", "scikit-learn", "matplotlib", "typer", "rich",
+                 "sqlalchemy", "alembic", "psycopg[binary]", "fastapi", "uvicorn", "python-multipart",
+                 "prometheus-client"]
+_PORT = 8501
+
+DOCKERFILE = """\
+# syntax=docker/dockerfile:1
+# A cnnkit model server: TensorFlow Serving's REST API on port {port} (cnnkit serve).
+#   docker build -t {tag} .            (BASE defaults to python:3.11-slim)
+#   docker run -p 127.0.0.1:{port}:{port} {tag}
+#   docker run -p 127.0.0.1:{port}:{port} -v "$PWD/runs/other:/model:ro" {tag}    (another model, mounted)
+ARG BASE=python:3.11-slim
+
+FROM ${{BASE}} AS build
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY requirements.txt /tmp/requirements.txt
+# An optional CA bundle for networks that intercept TLS, as a BuildKit secret (never in a layer).
+RUN --mount=type=secret,id=extra_ca,required=false \\
+    PIP_CERT=$( [ -s /run/secrets/extra_ca ] && echo /run/secrets/extra_ca ) \\
+    pip install --no-cache-dir -r /tmp/requirements.txt
+COPY cnnkit-src /tmp/cnnkit-src
+RUN pip install --no-cache-dir --no-deps /tmp/cnnkit-src
+
+FROM ${{BASE}}
+RUN useradd --create-home --uid 10001 cnnkit
+COPY --from=build /opt/venv /opt/venv
+COPY --chown=cnnkit model /model
+ENV PATH=/opt/venv/bin:$PATH \\
+    KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2 \\
+    CNNKIT_HOME=/home/cnnkit/.cnnkit CNNKIT_MODEL_NAME={name}
+USER cnnkit
+EXPOSE {port}
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \\
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=2)"]
+CMD ["cnnkit", "--quiet", "serve", "/model", "--host", "0.0.0.0", "--port", "{port}"]
+"""
+
+
+@dataclass
+class BuildContext:
+    """A written build context: its folder, the image tag, and the model's URL name."""
+
+    path: Path
+    tag: str
+    name: str
+
+    @property
+    def build_command(self) -> list[str]:
+        return ["docker", "build", "-t", self.tag, str(self.path)]
+
+
+def pinned_requirements() -> list[str]:
+    """``package==version`` for each serving dependency installed here (unpinned when absent)."""
+    lines = []
+    for requirement in _REQUIREMENTS:
+        dist = requirement.split("[")[0]
+        try:
+            lines.append(f"{requirement}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            if dist == "tensorflow-cpu":  # macOS installs "tensorflow"; the image is Linux
+                try:
+                    lines.append(f"tensorflow-cpu=={importlib.metadata.version('tensorflow')}")
+                    continue
+                except importlib.metadata.PackageNotFoundError:
+                    pass
+            lines.append(requirement)
+    return lines
+
+
+def write_build_context(source: str | Path, out: str | Path, tag: str | None = None,
+                        registry_url: str | None = None) -> BuildContext:
+    """Write a Docker build context serving ``source`` (run dir, ``.keras``, or ``NAME@stage``).
+
+    Args:
+        source: what to serve; a registry reference is resolved and its sha256 checked.
+        out: the folder to write (replaced if it exists and holds a Dockerfile).
+        tag: the image tag (default ``cnnkit-<name>:<version>``).
+
+    Raises:
+        RunNotFoundError / VersionNotFoundError / RegistryError: the model cannot be found or changed.
+    """
+    from cnnkit.serve.app import resolve_source
+
+    resolved = resolve_source(source, registry_url=registry_url)
+    out = Path(out)
+    if out.exists() and not (out / "Dockerfile").exists() and any(out.iterdir()):
+        raise CnnkitError(f"'{out}' exists and is not a cnnkit build context (no Dockerfile); choose another --out.")
+    tag = tag or f"cnnkit-{resolved.name.lower()}:{resolved.version}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    make_public(work, directory=True)
+    try:
+        (work / "model").mkdir()
+        shutil.copy2(resolved.path, work / "model" / "model.keras")
+        if resolved.run_dir is not None and (resolved.run_dir / "run.json").exists():
+            shutil.copy2(resolved.run_dir / "run.json", work / "model" / "run.json")
+        (work / "requirements.txt").write_text("\n".join(pinned_requirements()) + "\n", encoding="utf-8")
+        _copy_cnnkit_source(work / "cnnkit-src")
+        (work / "Dockerfile").write_text(DOCKERFILE.format(port=_PORT, tag=tag, name=resolved.name), encoding="utf-8")
+        (work / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n", encoding="utf-8")
+        replace_directory(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return BuildContext(out, tag, resolved.name)
+
+
+def _copy_cnnkit_source(target: Path) -> None:
+    """cnnkit's package and a minimal pyproject, so the image installs this exact code."""
+    package = Path(__file__).resolve().parent
+    shutil.copytree(package, target / "cnnkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    project = package.parent / "pyproject.toml"
+    if project.exists():
+        shutil.copy2(project, target / "pyproject.toml")
+    else:  # an installed wheel: write a minimal project
+        (target / "pyproject.toml").write_text(
+            '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+            '[project]\nname = "cnnkit"\nversion = "0"\n[project.scripts]\ncnnkit = "cnnkit.cli:main"\n'
+            '[tool.setuptools.packages.find]\ninclude = ["cnnkit*"]\n', encoding="utf-8")
+    readme = package.parent / "README.md"
+    (target / "README.md").write_text(readme.read_text(encoding="utf-8") if readme.exists() else "cnnkit\n",
+                                      encoding="utf-8")
+
+
+def docker_available() -> bool:
+    """A docker client on PATH and a daemon answering it."""
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def build_image(context: BuildContext) -> bool:
+    """Run ``docker build`` when a daemon is available; return whether it ran (raises if it failed)."""
+    if not docker_available():
+        return False
+    result = subprocess.run(context.build_command)
+    if result.returncode != 0:
+        raise CnnkitError(f"'docker build' failed (exit {result.returncode}) for {context.path}; see its output above.")
+    return True

@@ -1,0 +1,466 @@
+"""Registry stage: run directories -> numbered, staged model versions in a SQL database.
+
+``Registry`` records, for each registered version of a model name: version number, creation
+time, the artifact (``model.keras``) path and its SHA-256, architecture, backend, Keras/cnnkit
+versions, image size, colour mode, class names, data hash, split sizes, augmentation,
+hyper-parameters, metrics (validation, test, and every ``cnnkit evaluate`` report), stage
+(``none|staging|production|archived``) and notes.
+
+The store is any SQLAlchemy URL: by default a SQLite file ``$CNNKIT_HOME/registry.db``
+(``CNNKIT_HOME`` defaults to ``~/.cnnkit``), or ``CNNKIT_REGISTRY_URL`` / ``url=`` (e.g.
+``postgresql://user@host/db``; the psycopg 3 driver is used). The schema is created and upgraded
+by Alembic migrations (``cnnkit/migrations``) each time a registry is opened.
+
+Concurrency: version numbers are ``max + 1`` under a unique (name, version) constraint; a writer
+that loses a race retries, so two processes registering the same name get distinct versions.
+SQLite transactions start with ``BEGIN IMMEDIATE`` (one writer at a time, others wait). Only one
+version per name can be in production: a partial unique index enforces it, and ``promote``
+archives the previous production version in the same transaction.
+
+This module imports no other stage (no Keras): ``cnnkit registry ...`` starts fast.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import hashlib
+import json
+import os
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnnkit.errors import RegistryError, VersionNotFoundError
+
+STAGES = ("none", "staging", "production", "archived")
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_RETRIES = 20  # attempts at a version number when concurrent writers collide
+
+
+@dataclass
+class ModelVersion:
+    """One registered version (a plain copy of its database row).
+
+    Attributes:
+        name, version: ``name@version`` identifies it; versions count from 1 per name.
+        created: when it was registered (UTC).
+        artifact_path: absolute path of its ``model.keras``; sha256: the file's SHA-256 at registration.
+        run_dir: the run directory it came from (None for a bare ``.keras`` file).
+        stage: "none", "staging", "production" or "archived".
+        metrics: ``val_*`` and ``test_*`` from training, plus ``eval`` (report name -> metrics).
+    """
+
+    name: str
+    version: int
+    created: _dt.datetime
+    artifact_path: str
+    sha256: str
+    run_dir: str | None
+    architecture: str
+    backend: str
+    keras_version: str
+    cnnkit_version: str
+    image_size: list[int]
+    color_mode: str
+    class_names: list[str]
+    data_hash: str | None = None
+    split_sizes: dict[str, int] | None = None
+    augmentation: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    stage: str = "none"
+    notes: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["created"] = self.created.isoformat(timespec="seconds")
+        return data
+
+
+@dataclass
+class VerifyResult:
+    """The state of one version's artifact: "ok", "missing" or "changed" (hash differs)."""
+
+    ref: str
+    artifact_path: str
+    status: str
+    expected_sha256: str
+    actual_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_url() -> str:
+    """``CNNKIT_REGISTRY_URL``, else SQLite at ``$CNNKIT_HOME/registry.db`` (``~/.cnnkit``)."""
+    url = os.environ.get("CNNKIT_REGISTRY_URL")
+    if url:
+        return url
+    home = Path(os.environ.get("CNNKIT_HOME") or Path.home() / ".cnnkit")
+    return f"sqlite:///{home / 'registry.db'}"
+
+
+def normalize_url(url: str) -> str:
+    """Give a bare ``postgresql://`` URL the installed psycopg 3 driver (SQLAlchemy would pick psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``NAME``, ``NAME@3``, ``NAME@production`` or ``NAME@latest`` -> (name, selector or None)."""
+    name, _, selector = ref.partition("@")
+    if not name:
+        raise RegistryError(f"A model reference is NAME, NAME@VERSION or NAME@STAGE, e.g. 'flowers@production'. "
+                            f"Received: ref={ref!r}")
+    return name, (selector or None)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Registry:
+    """A model registry in a SQL database (SQLite file by default, PostgreSQL by URL).
+
+    Args:
+        url: a SQLAlchemy URL; default ``CNNKIT_REGISTRY_URL`` or ``sqlite:///$CNNKIT_HOME/registry.db``.
+
+    Raises:
+        RegistryError: the database cannot be opened or migrated (the URL is in the message).
+
+    Example:
+        >>> registry = cnnkit.Registry()
+        >>> v = registry.add("runs/first", "flowers")
+        >>> registry.promote("flowers", v.version, "production")
+        >>> registry.get("flowers@production").artifact_path
+    """
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = normalize_url(url or default_url())
+        self._engine = _create_engine(self.url)
+        self._migrate()
+        self._table = _table()
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def add(self, run: str | Path, name: str, notes: str = "", stage: str = "none") -> ModelVersion:
+        """Register the model of a run directory (or a ``.keras`` file) as a new version of ``name``.
+
+        Returns:
+            The new ModelVersion (its ``version`` is the next free number for ``name``).
+
+        Raises:
+            RunNotFoundError: no model at ``run``.
+            RegistryError: a bad name or stage.
+        """
+        _check_name(name)
+        _check_stage(stage)
+        record = _record_from_run(Path(run))
+        if stage == "production":
+            version = self._insert(name, record, notes, "none")
+            return self.promote(name, version.version, "production")
+        return self._insert(name, record, notes, stage)
+
+    def _insert(self, name: str, record: dict[str, Any], notes: str, stage: str) -> ModelVersion:
+        from sqlalchemy import func, select
+        from sqlalchemy.exc import IntegrityError, OperationalError
+
+        t = self._table
+        for attempt in range(_RETRIES):
+            try:
+                with self._engine.begin() as conn:
+                    latest = conn.execute(select(func.max(t.c.version)).where(t.c.name == name)).scalar()
+                    row = {**record, "name": name, "version": (latest or 0) + 1, "stage": stage, "notes": notes,
+                           "created": _dt.datetime.now(_dt.timezone.utc)}
+                    conn.execute(t.insert().values(**row))
+                return _to_version(row)
+            except (IntegrityError, OperationalError) as exc:  # lost the race for this number: try the next
+                if attempt == _RETRIES - 1:
+                    raise RegistryError(f"Could not register '{name}' in {self._where()}: {exc.orig}") from exc
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def promote(self, name: str, version: int, stage: str = "production") -> ModelVersion:
+        """Move ``name@version`` to ``stage``; promoting to production archives the previous one, atomically."""
+        from sqlalchemy import select
+        from sqlalchemy.exc import IntegrityError
+
+        _check_stage(stage)
+        t = self._table
+        try:
+            with self._engine.begin() as conn:
+                # Lock the name's rows (PostgreSQL) so concurrent promotions queue rather than interleave.
+                rows = conn.execute(select(t.c.version, t.c.stage).where(t.c.name == name).with_for_update()).all()
+                found = version in {r.version for r in rows}
+                if found and stage == "production":
+                    conn.execute(t.update().where((t.c.name == name) & (t.c.stage == "production")
+                                                  & (t.c.version != version)).values(stage="archived"))
+                if found:
+                    conn.execute(t.update().where((t.c.name == name) & (t.c.version == version)).values(stage=stage))
+        except IntegrityError as exc:
+            raise RegistryError(f"Another process promoted '{name}' at the same time; run the command again. "
+                                f"({exc.orig})") from exc
+        if not found:  # outside the transaction: _not_found reads the registry again
+            raise self._not_found(name, str(version))
+        return self.get(f"{name}@{version}")
+
+    def delete(self, name: str, version: int, force: bool = False) -> ModelVersion:
+        """Remove ``name@version`` from the registry (the artifact file is left alone).
+
+        Raises:
+            RegistryError: it is the production version (promote another first, or ``force``).
+        """
+        target = self.get(f"{name}@{version}")
+        if target.stage == "production" and not force:
+            raise RegistryError(f"'{target.ref}' is the production version of '{name}'; refusing to delete it. "
+                                f"Promote another version first (cnnkit registry promote {name}@N --stage production), "
+                                "or archive it (--stage archived).")
+        t = self._table
+        with self._engine.begin() as conn:
+            conn.execute(t.delete().where((t.c.name == name) & (t.c.version == version)))
+        return target
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def list(self, name: str | None = None) -> list[ModelVersion]:
+        """Every version (of ``name``, or of all names), sorted by name then version."""
+        from sqlalchemy import select
+
+        t = self._table
+        query = select(t).order_by(t.c.name, t.c.version)
+        if name is not None:
+            query = query.where(t.c.name == name)
+        with self._engine.begin() as conn:
+            rows = [_to_version(r._asdict()) for r in conn.execute(query)]
+        if name is not None and not rows:
+            raise self._not_found(name, None)
+        return rows
+
+    def names(self) -> list[str]:
+        from sqlalchemy import select
+
+        with self._engine.begin() as conn:
+            return list(conn.execute(select(self._table.c.name).distinct().order_by(self._table.c.name)).scalars())
+
+    def get(self, ref: str) -> ModelVersion:
+        """``NAME`` (latest), ``NAME@VERSION``, ``NAME@latest`` or ``NAME@<stage>`` -> its ModelVersion.
+
+        Raises:
+            VersionNotFoundError: no such name, version or stage (known names/versions listed).
+        """
+        from sqlalchemy import select
+
+        name, selector = parse_ref(ref)
+        t = self._table
+        query = select(t).where(t.c.name == name)
+        if selector is None or selector == "latest":
+            query = query.order_by(t.c.version.desc()).limit(1)
+        elif selector.isdigit():
+            query = query.where(t.c.version == int(selector))
+        elif selector in STAGES:
+            query = query.where(t.c.stage == selector).order_by(t.c.version.desc()).limit(1)
+        else:
+            raise RegistryError(f"'{ref}': after '@' give a version number, 'latest' or a stage "
+                                f"({', '.join(STAGES)}). Received: ref={ref!r}")
+        with self._engine.begin() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise self._not_found(name, selector)
+        return _to_version(row._asdict())
+
+    def verify(self, name: str | None = None) -> list[VerifyResult]:
+        """Re-hash every artifact (of ``name``); report each as ok, missing or changed."""
+        results = []
+        for v in self.list(name):
+            path = Path(v.artifact_path)
+            if not path.is_file():
+                results.append(VerifyResult(v.ref, v.artifact_path, "missing", v.sha256))
+                continue
+            actual = sha256_file(path)
+            results.append(VerifyResult(v.ref, v.artifact_path, "ok" if actual == v.sha256 else "changed",
+                                        v.sha256, actual))
+        return results
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def _not_found(self, name: str, selector: str | None) -> VersionNotFoundError:
+        names = self.names()
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            return VersionNotFoundError(
+                f"No model named '{name}' in the registry {self._where()}. Registered: {names or 'none'}.{hint} "
+                f"Register one with 'cnnkit registry add RUN --name {name}'.")
+        versions = [f"{v.version} ({v.stage})" for v in self.list(name)]
+        return VersionNotFoundError(f"'{name}' has no version '{selector}'. Versions: {', '.join(versions)}. "
+                                    f"Received: ref='{name}@{selector}'")
+
+    def _migrate(self) -> None:
+        from alembic import command
+        from alembic.config import Config
+        from sqlalchemy.exc import SQLAlchemyError
+
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        try:
+            with self._engine.connect() as conn:
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+                conn.commit()
+        except SQLAlchemyError as exc:
+            reason = " ".join(str(exc.orig or exc).split()).rstrip(".")
+            raise RegistryError(f"Cannot open the model registry at {self._where()}: {reason}. Check "
+                                "--registry-url / CNNKIT_REGISTRY_URL and that the database server is running.") from exc
+
+
+def _create_engine(url: str):
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[1] if "///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"timeout": 60})
+
+            @event.listens_for(engine, "connect")
+            def _no_implicit_transactions(dbapi_connection, _record):  # SQLAlchemy's documented recipe
+                dbapi_connection.isolation_level = None
+
+            @event.listens_for(engine, "begin")
+            def _begin_immediate(conn):  # take the write lock up front: no upgrade deadlock between writers
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+        raise RegistryError(f"Invalid registry URL {url!r}: {exc}. Use an SQLAlchemy URL such as "
+                            "sqlite:////path/registry.db or postgresql://user@host:5432/db.") from exc
+
+
+def _table():
+    """The ``model_versions`` table as the migrations create it (for queries only; Alembic owns DDL)."""
+    import sqlalchemy as sa
+
+    return sa.Table(
+        "model_versions", sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True), sa.Column("name", sa.String), sa.Column("version", sa.Integer),
+        sa.Column("created", sa.DateTime(timezone=True)), sa.Column("artifact_path", sa.Text),
+        sa.Column("sha256", sa.String), sa.Column("run_dir", sa.Text), sa.Column("architecture", sa.String),
+        sa.Column("backend", sa.String), sa.Column("keras_version", sa.String), sa.Column("cnnkit_version", sa.String),
+        sa.Column("image_size", sa.JSON), sa.Column("color_mode", sa.String), sa.Column("class_names", sa.JSON),
+        sa.Column("data_hash", sa.String), sa.Column("split_sizes", sa.JSON), sa.Column("augmentation", sa.JSON),
+        sa.Column("hyperparameters", sa.JSON), sa.Column("metrics", sa.JSON), sa.Column("stage", sa.String),
+        sa.Column("notes", sa.Text),
+    )
+
+
+def _to_version(row: dict[str, Any]) -> ModelVersion:
+    row = {k: v for k, v in row.items() if k != "id"}
+    created = row["created"]
+    if created.tzinfo is None:  # SQLite stores naive datetimes; they were written as UTC
+        row["created"] = created.replace(tzinfo=_dt.timezone.utc)
+    row["metrics"] = row.get("metrics") or {}
+    return ModelVersion(**row)
+
+
+def _check_name(name: str) -> None:
+    if not name or "@" in name or "/" in name or len(name) > 200 or name != name.strip():
+        raise RegistryError("A model name is 1-200 characters without '@', '/' or surrounding spaces, e.g. "
+                            f"'flowers'. Received: name={name!r}")
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        near = [s for s in STAGES if stage and s.startswith(stage.lower())] or difflib.get_close_matches(stage, STAGES, n=1)
+        raise RegistryError(f"Unknown stage '{stage}'. Stages: {', '.join(STAGES)}."
+                            + (f" Did you mean '{near[0]}'?" if near else "") + f" Received: stage={stage!r}")
+
+
+# The model's own metadata member inside model.keras (see cnnkit.models.saving.META_MEMBER); read
+# with zipfile here so the registry never imports Keras.
+_META_MEMBER = "cnnkit.json"
+
+
+def _record_from_run(run: Path) -> dict[str, Any]:
+    """The columns describing a run directory (or a bare ``.keras`` file), from run.json and the model."""
+    from cnnkit.errors import RunNotFoundError
+
+    if run.is_dir():
+        artifact, run_json = run / "model.keras", run / "run.json"
+        if not artifact.is_file():
+            raise RunNotFoundError(f"No model.keras in '{run}'. Pass a run directory written by 'cnnkit train'.")
+    elif run.is_file() and run.suffix == ".keras":
+        artifact, run_json = run, run.parent / "run.json"
+    else:
+        raise RunNotFoundError(f"No run directory or .keras file at '{run}'. Pass a run written by 'cnnkit train'.")
+    meta = _read_model_meta(artifact)
+    info = json.loads(run_json.read_text(encoding="utf-8")) if run_json.is_file() else {}
+    config = info.get("config", {})
+    versions = info.get("versions", {})
+    return {
+        "artifact_path": str(artifact.resolve()),
+        "sha256": sha256_file(artifact),
+        "run_dir": str(artifact.parent.resolve()) if info else None,
+        "architecture": meta.get("architecture") or config.get("model", {}).get("name", "unknown"),
+        "backend": versions.get("backend", "unknown"),
+        "keras_version": versions.get("keras", "unknown"),
+        "cnnkit_version": versions.get("cnnkit") or meta.get("cnnkit_version", "unknown"),
+        "image_size": list(meta.get("image_size") or info.get("image_size") or []),
+        "color_mode": meta.get("color_mode") or info.get("color_mode", "rgb"),
+        "class_names": list(meta.get("class_names") or info.get("class_names") or []),
+        "data_hash": info.get("data_hash"),
+        "split_sizes": info.get("split_sizes"),
+        "augmentation": info.get("augmentation"),
+        "hyperparameters": {k: v for k, v in config.items() if k in ("model", "train")} or None,
+        "metrics": {**info.get("metrics", {}), **_eval_metrics(artifact.parent if info else None)},
+    }
+
+
+def _read_model_meta(artifact: Path) -> dict[str, Any]:
+    try:
+        with zipfile.ZipFile(artifact) as archive:
+            if _META_MEMBER not in archive.namelist():
+                return {}
+            return json.loads(archive.read(_META_MEMBER))
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise RegistryError(f"'{artifact}' is not a valid .keras model file ({exc}); not registered.") from exc
+
+
+def _eval_metrics(run_dir: Path | None) -> dict[str, Any]:
+    """``{"eval": {report name: headline metrics}}`` from ``RUN/eval/*/metrics.json``, when evaluated."""
+    if run_dir is None or not (run_dir / "eval").is_dir():
+        return {}
+    reports = {}
+    for path in sorted((run_dir / "eval").glob("*/metrics.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        reports[path.parent.name] = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"eval": reports} if reports else {}

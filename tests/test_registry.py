@@ -1,0 +1,270 @@
+"""The model registry, every test on SQLite and on the PostgreSQL at 127.0.0.1:5432 (database ``test``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cnnkit.errors import RegistryError, RunNotFoundError, VersionNotFoundError
+from cnnkit.registry import Registry
+
+from tests.conftest import write_class_folder
+
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _postgres_reason() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=3):
+            return None
+    except Exception as exc:  # no server, no driver, no database
+        return f"no PostgreSQL at 127.0.0.1:5432/test ({type(exc).__name__}: {str(exc).strip()[:120]})"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request, tmp_path):
+    """A fresh, empty registry URL: a SQLite file, or a private schema in PostgreSQL's ``test`` database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    reason = _postgres_reason()
+    if reason:
+        pytest.skip(reason)
+    import psycopg
+
+    schema = f"cnnkit_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG_SERVER}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """One tiny trained run (16x16, 1 epoch), evaluated once, shared by the module's tests."""
+    import cnnkit
+
+    root = tmp_path_factory.mktemp("registry-run")
+    data = write_class_folder(root / "data", per_class=8)
+    run = root / "run"
+    cnnkit.train(data, run, epochs=1, image_size=16, cache_root=root / "cache")
+    cnnkit.evaluate(run, data, name="holdout")
+    return run
+
+
+@pytest.fixture
+def registry(registry_url):
+    with Registry(registry_url) as reg:
+        yield reg
+
+
+def test_add_records_the_run(registry, run_dir):
+    v = registry.add(run_dir, "colours", notes="first try")
+    assert (v.name, v.version, v.stage, v.notes) == ("colours", 1, "none", "first try")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert v.artifact_path == str((run_dir / "model.keras").resolve())
+    assert len(v.sha256) == 64
+    assert v.class_names == ["blue", "green", "red"] == info["class_names"]
+    assert v.image_size == [16, 16] and v.color_mode == "rgb" and v.architecture == "simple"
+    assert v.backend == info["versions"]["backend"] and v.keras_version == info["versions"]["keras"]
+    assert v.data_hash == info["data_hash"] and v.split_sizes == info["split_sizes"]
+    assert v.hyperparameters["train"]["epochs"] == 1
+    assert v.augmentation["preset"] == info["augmentation"]["preset"]
+    assert v.metrics["val_accuracy"] == info["metrics"]["val_accuracy"]
+    assert "accuracy" in v.metrics["eval"]["holdout"]
+    again = registry.get("colours@1")
+    assert again.to_dict() == v.to_dict()
+
+
+def test_versions_count_per_name_and_refs_resolve(registry, run_dir):
+    assert [registry.add(run_dir, "a").version for _ in range(3)] == [1, 2, 3]
+    assert registry.add(run_dir, "b").version == 1
+    assert registry.get("a").version == 3 and registry.get("a@latest").version == 3
+    assert registry.get("a@2").version == 2
+    assert [v.ref for v in registry.list()] == ["a@1", "a@2", "a@3", "b@1"]
+    assert [v.ref for v in registry.list("b")] == ["b@1"]
+
+
+def test_promote_keeps_one_production_per_name(registry, run_dir):
+    for _ in range(3):
+        registry.add(run_dir, "m")
+    registry.add(run_dir, "other", stage="production")
+    registry.promote("m", 1, "production")
+    registry.promote("m", 2, "staging")
+    assert registry.get("m@production").version == 1
+    registry.promote("m", 3, "production")
+    stages = {v.version: v.stage for v in registry.list("m")}
+    assert stages == {1: "archived", 2: "staging", 3: "production"}
+    assert registry.get("m@production").version == 3
+    assert registry.get("other@production").version == 1  # other names untouched
+
+
+def test_database_itself_refuses_two_production_versions(registry, run_dir):
+    from sqlalchemy.exc import IntegrityError
+
+    registry.add(run_dir, "m", stage="production")
+    registry.add(run_dir, "m")
+    with pytest.raises(IntegrityError), registry._engine.begin() as conn:
+        conn.execute(registry._table.update().where(registry._table.c.version == 2).values(stage="production"))
+
+
+def test_delete_refuses_production(registry, run_dir):
+    registry.add(run_dir, "m", stage="production")
+    registry.add(run_dir, "m")
+    with pytest.raises(RegistryError, match=r"refusing to delete.*promote m@N --stage production"):
+        registry.delete("m", 1)
+    assert registry.delete("m", 2).version == 2
+    assert [v.version for v in registry.list("m")] == [1]
+    assert registry.add(run_dir, "m").version == 2  # numbering continues from the highest left
+
+
+def test_verify_reports_missing_and_changed(registry, run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    registry.add(run_dir, "m")
+    registry.add(copy, "m")
+    registry.add(copy / "model.keras", "n")
+    assert [r.status for r in registry.verify()] == ["ok", "ok", "ok"]
+    with open(copy / "model.keras", "ab") as fh:
+        fh.write(b"tampered")
+    shutil.copy(copy / "model.keras", tmp_path / "keep.keras")
+    results = {r.ref: r for r in registry.verify()}
+    assert results["m@1"].status == "ok" and results["m@2"].status == "changed"
+    assert results["m@2"].actual_sha256 != results["m@2"].expected_sha256
+    (copy / "model.keras").unlink()
+    assert [r.status for r in registry.verify("m")] == ["ok", "missing"]
+
+
+def test_unknown_refs_say_what_exists(registry, run_dir):
+    registry.add(run_dir, "flowers")
+    with pytest.raises(VersionNotFoundError, match=r"Did you mean 'flowers'"):
+        registry.get("flower@1")
+    with pytest.raises(VersionNotFoundError, match=r"has no version '7'.*1 \(none\)"):
+        registry.get("flowers@7")
+    with pytest.raises(VersionNotFoundError, match=r"has no version 'production'"):
+        registry.get("flowers@production")
+    with pytest.raises(VersionNotFoundError):
+        registry.promote("flowers", 9, "production")
+    with pytest.raises(RegistryError, match=r"Unknown stage 'prod'.*Did you mean 'production'"):
+        registry.promote("flowers", 1, "prod")
+    with pytest.raises(RegistryError, match=r"version number, 'latest' or a stage"):
+        registry.get("flowers@newest")
+    with pytest.raises(RegistryError, match=r"without '@'"):
+        registry.add(run_dir, "a@b")
+    with pytest.raises(RunNotFoundError, match="No run directory"):
+        registry.add(run_dir / "nope", "flowers")
+
+
+def test_reopening_keeps_data_and_schema_is_migrated(registry_url, run_dir):
+    with Registry(registry_url) as first:
+        first.add(run_dir, "m")
+    with Registry(registry_url) as second:  # upgrade to head again is a no-op
+        assert [v.ref for v in second.list()] == ["m@1"]
+        from sqlalchemy import text
+
+        with second._engine.begin() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+
+
+_RACER = textwrap.dedent("""
+    import sys, time
+    from cnnkit.registry import Registry
+    url, run, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    while time.time() < start:
+        time.sleep(0.001)
+    registry = Registry(url)
+    print(" ".join(str(registry.add(run, "race").version) for _ in range(5)))
+""")
+
+
+def test_two_processes_registering_at_once_get_distinct_versions(registry_url, run_dir):
+    start = time.time() + 2.0  # both processes imported and waiting, then open the (new) database at once
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, registry_url, str(run_dir), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+    got = [int(v) for out, _ in outputs for v in out.split()]
+    assert sorted(got) == list(range(1, 11))
+    with Registry(registry_url) as reg:
+        assert [v.version for v in reg.list("race")] == list(range(1, 11))
+
+
+def test_default_url_is_sqlite_under_cnnkit_home(tmp_path, monkeypatch, run_dir):
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CNNKIT_REGISTRY_URL", raising=False)
+    with Registry() as reg:
+        reg.add(run_dir, "m")
+    assert (tmp_path / "home" / "registry.db").is_file()
+
+
+def test_unreachable_database_is_a_clear_error():
+    with pytest.raises(RegistryError, match=r"Cannot open the model registry.*CNNKIT_REGISTRY_URL"):
+        Registry("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    with pytest.raises(RegistryError, match=r"Invalid registry URL"):
+        Registry("nosuchdb://x")
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str):
+    from cnnkit.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_registry_commands(registry_url, run_dir, tmp_path):
+    url = ["--registry-url", registry_url]
+    result = _cli("registry", "add", str(run_dir), "--name", "colours", "--notes", "baseline", *url)
+    assert result.exit_code == 0, result.output
+    assert "colours@1" in result.output
+    assert _cli("registry", "add", str(run_dir), "--name", "colours", *url).exit_code == 0
+    result = _cli("registry", "promote", "colours@2", "--stage", "production", *url)
+    assert result.exit_code == 0 and "production" in result.output
+    result = _cli("registry", "list", *url)
+    assert result.exit_code == 0 and "colours" in result.output and "production" in result.output
+    result = _cli("registry", "show", "colours@production", "--format", "json", *url)
+    shown = json.loads(result.output)
+    assert shown["version"] == 2 and shown["class_names"] == ["blue", "green", "red"]
+    result = _cli("registry", "delete", "colours@2", *url)
+    assert result.exit_code == 2 and "refusing to delete" in result.output
+    assert _cli("registry", "delete", "colours@1", *url).exit_code == 0
+    assert _cli("registry", "verify", *url).exit_code == 0
+    result = _cli("registry", "show", "colours@1", *url)
+    assert result.exit_code == 2 and "has no version '1'" in result.output
+    result = _cli("registry", "promote", "colours", "--stage", "production", *url)
+    assert result.exit_code == 2 and "NAME@VERSION" in result.output
+
+
+def test_cli_verify_fails_on_changed_artifact(registry_url, run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert _cli("registry", "add", str(copy), "--name", "m", "--registry-url", registry_url).exit_code == 0
+    (copy / "model.keras").write_bytes(b"not the model")
+    result = _cli("registry", "verify", "--registry-url", registry_url)
+    assert result.exit_code == 1 and "changed" in result.output
+
+
+def test_train_register(registry_url, tmp_path):
+    data = write_class_folder(tmp_path / "data", per_class=6)
+    result = _cli("train", str(data), "--epochs", "1", "--image-size", "16", "--out", str(tmp_path / "run"),
+                  "--register", "trained", "--registry-url", registry_url)
+    assert result.exit_code == 0, result.output
+    with Registry(registry_url) as reg:
+        v = reg.get("trained@1")
+    assert v.artifact_path == str((tmp_path / "run" / "model.keras").resolve())
