@@ -321,7 +321,7 @@ def most_confused(matrix: np.ndarray, class_names: list[str]) -> list[dict[str, 
     pairs = [(int(matrix[i, j]), i, j) for i in range(len(matrix)) for j in range(len(matrix)) if i != j and matrix[i, j]]
     pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
     return [{"true": class_names[i], "predicted": class_names[j], "count": c,
-             "fraction_of_true": round(c / support[i], 4) if support[i] else 0.0} for c, i, j in pairs]
+             "fraction_of_true": float(c / support[i]) if support[i] else 0.0} for c, i, j in pairs]
 
 
 def _mistake_heatmaps(predictor: Predictor | None, images: np.ndarray, predicted: np.ndarray) -> np.ndarray | None:
@@ -360,7 +360,7 @@ def _write_report(report: EvalReport, out_dir: Path, labelled: LabelledPredictio
                           [[str(p), names[t], names[q], f"{c:.6f}"] for p, t, q, c in
                            zip(paths, labels, predicted, confidence)])
         atomic_write_rows(tmp / "most_confused.csv", ["true", "predicted", "count", "fraction_of_true"],
-                          [[c["true"], c["predicted"], c["count"], c["fraction_of_true"]] for c in confused])
+                          [[c["true"], c["predicted"], c["count"], f"{c['fraction_of_true']:.4f}"] for c in confused])
         with progress_task("Drawing report", 5) as advance:
             plot_confusion_matrix(report.confusion_matrix, names, tmp / "confusion_matrix.png")
             advance(1)

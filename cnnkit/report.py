@@ -163,7 +163,7 @@ def write_html_report(path: Path, report, *, run: Path, mistakes: list[dict[str,
         '<p class="note">Bars on the diagonal = confidences you can trust. ECE = mean gap, weighted by images. '
         "Fit a temperature with <code>cnnkit calibrate RUN</code>.</p>",
         "<h2>Data</h2>", _data_summary(report, record, run_dir),
-        "<h2>Run configuration</h2>", f"<pre>{html.escape(json.dumps(config, indent=2, default=str))}</pre>",
+        "<h2>Run configuration</h2>", f"<pre>{html.escape(json.dumps(config, indent=2, default=str), quote=False)}</pre>",
     ]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>\n")
