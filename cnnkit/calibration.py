@@ -197,7 +197,22 @@ def calibrate(
     else:
         files, _ = _labelled_files(run, Path(data_dir), predictor.class_names)
     labelled = predict_labelled(predictor, files, cache_root=cache_root, description="Calibrating")
-    labels, raw = labelled.labels, labelled.probs
+    result = _fit(labelled.probs, labelled.labels, min_confidence, target_precision)
+    result.plot = str(plot_reliability({"uncalibrated": result.reliability["before"],
+                                        f"temperature {result.temperature:.2f}": result.reliability["after"]},
+                                       run / "calibration.png"))
+    update_meta(resolve_model_path(run), temperature=result.temperature, min_confidence=result.min_confidence)
+    record_path = run / "run.json"
+    if record_path.exists():
+        record = read_json(record_path)
+        record["calibration"] = result.to_dict()
+        write_json(record_path, record)
+    return result
+
+
+def _fit(raw: np.ndarray, labels: np.ndarray, min_confidence: float | None,
+         target_precision: float | None) -> CalibrationResult:
+    """Temperature, ECE before/after and the abstain threshold, from uncalibrated probabilities."""
     temperature = fit_temperature(raw, labels)
     scaled = apply_temperature(raw, temperature)
     before, after = reliability_bins(raw, labels), reliability_bins(scaled, labels)
@@ -213,13 +228,6 @@ def calibrate(
     elif min_confidence is not None:
         accepted = scaled.max(axis=1) >= min_confidence
         result.min_confidence, result.coverage = min_confidence, float(accepted.mean())
-        result.precision_at_threshold = float((scaled.argmax(axis=1) == labels)[accepted].mean()) if accepted.any() else None
-    result.plot = str(plot_reliability({"uncalibrated": before, f"temperature {temperature:.2f}": after},
-                                       run / "calibration.png"))
-    update_meta(resolve_model_path(run), temperature=temperature, min_confidence=result.min_confidence)
-    record_path = run / "run.json"
-    if record_path.exists():
-        record = read_json(record_path)
-        record["calibration"] = result.to_dict()
-        write_json(record_path, record)
+        if accepted.any():
+            result.precision_at_threshold = float((scaled.argmax(axis=1) == labels)[accepted].mean())
     return result

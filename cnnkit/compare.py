@@ -109,3 +109,8 @@ def compare(runs: list[str | Path], eval_name: str | None = None) -> Comparison:
     delta = {c: [None if c not in r.per_class_f1 or c not in base else r.per_class_f1[c] - base[c] for r in rows]
              for c in classes}
     return Comparison(rows, classes, delta, warnings)
+
+
+from cnnkit._callable import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, compare)

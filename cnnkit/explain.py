@@ -249,3 +249,8 @@ def explain(
             results.append(h)
             advance(1)
     return results
+
+
+from cnnkit._callable import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, explain)

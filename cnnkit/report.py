@@ -106,8 +106,8 @@ def _per_class(report) -> str:
 
 def _data_summary(report, record: dict[str, Any], run: Path) -> str:
     support = {n: int(r["support"]) for n, r in report.per_class.items()}
-    parts = [f"<p>Evaluated <b>{report.num_images}</b> images; data hash <code>{html.escape(report.data_hash[:16])}"
-             f"</code>; skipped <b>{len(report.skipped)}</b> files.</p>"]
+    parts = [(f"<p>Evaluated <b>{report.num_images}</b> images; data hash <code>{html.escape(report.data_hash[:16])}"
+              f"</code>; skipped <b>{len(report.skipped)}</b> files.</p>")]
     header, rows = ["class", "evaluated"], [[n, support[n]] for n in report.class_names]
     counts = record.get("class_counts", {})
     for split in ("train", "validation", "test"):
@@ -141,9 +141,9 @@ def write_html_report(path: Path, report, *, run: Path, mistakes: list[dict[str,
                                      "status", "warnings") if k in record}
     sections = [
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="sub">model <b>{html.escape(str(record.get("config", {}).get("model", {}).get("name", "?")))}</b>'
-        f" &middot; {len(report.class_names)} classes &middot; evaluated on {report.num_images} images "
-        f"&middot; {report.seconds:.1f}s</p>",
+        (f'<p class="sub">model <b>{html.escape(str(record.get("config", {}).get("model", {}).get("name", "?")))}</b>'
+         f" &middot; {len(report.class_names)} classes &middot; evaluated on {report.num_images} images "
+         f"&middot; {report.seconds:.1f}s</p>"),
         "<h2>Metrics</h2>", _headline(report),
         "<h2>Training curves</h2>", _curves(run_dir, out_dir),
         "<h2>Per class</h2>", _per_class(report), _img(out_dir / "per_class.png", "per-class precision, recall, F1"),
@@ -160,8 +160,8 @@ def write_html_report(path: Path, report, *, run: Path, mistakes: list[dict[str,
                [[m["path"], m["true"], m["predicted"], f"{m['confidence']:.1%}"] for m in mistakes], left=3)
         if mistakes else "",
         "<h2>Calibration</h2>", _img(out_dir / "calibration.png", "reliability diagram"),
-        '<p class="note">Bars on the diagonal = confidences you can trust. ECE = mean gap, weighted by images. '
-        "Fit a temperature with <code>cnnkit calibrate RUN</code>.</p>",
+        ('<p class="note">Bars on the diagonal = confidences you can trust. ECE = mean gap, weighted by images. '
+         "Fit a temperature with <code>cnnkit calibrate RUN</code>.</p>"),
         "<h2>Data</h2>", _data_summary(report, record, run_dir),
         "<h2>Run configuration</h2>", f"<pre>{html.escape(json.dumps(config, indent=2, default=str), quote=False)}</pre>",
     ]

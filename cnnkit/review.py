@@ -178,3 +178,8 @@ def _write(queue: ReviewQueue, thumbs: list[np.ndarray], out_dir: Path, run: Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+from cnnkit._callable import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, review)

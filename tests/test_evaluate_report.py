@@ -312,3 +312,33 @@ def test_cli_explain_writes_side_by_side_pngs_and_refuses_unknown_class(run, tmp
         assert img.size[0] > 2.2 * img.size[1]
     proc = runner.invoke(app, ["explain", str(result.run_dir), str(image), "--class", "rde"])
     assert proc.exit_code == 2 and "Did you mean 'red'" in proc.output
+
+
+def test_evaluation_holds_one_batch_of_floats_not_the_dataset(run, tmp_path):
+    """Streaming: peak numpy memory of the prediction pass stays far below the dataset as float32."""
+    import tracemalloc
+
+    from cnnkit.evaluate import _predict_rows
+
+    _, result = run
+    images = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8, shape=(4000, 16, 16, 3))
+    images[:] = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
+    rows = np.random.default_rng(1).permutation(4000)
+    predictor = Predictor(result.run_dir, batch_size=256)
+    predictor.predict_arrays(images[:256])  # warm up (graph tracing allocates once)
+    tracemalloc.start()
+    probs, tta_probs = _predict_rows(predictor, images, rows, "flip+crop")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    all_floats = 4000 * 16 * 16 * 3 * 4  # 12 MB: what holding every decoded image as float32 would take
+    assert peak < all_floats / 3, f"peak {peak / 1e6:.1f} MB"
+    assert probs.shape == tta_probs.shape == (4000, 3)
+    np.testing.assert_allclose(probs[:5], predictor.predict_arrays(np.asarray(images[rows[:5]])), atol=1e-5)
+
+
+def test_cli_train_with_calibrate_stores_the_temperature(image_folder, tmp_path):
+    proc = runner.invoke(app, ["train", str(image_folder), "--out", str(tmp_path / "r"), "--epochs", "1",
+                               "--image-size", "16", "--calibrate"])
+    assert proc.exit_code == 0, proc.output
+    assert "temperature" in proc.output and "ECE" in proc.output
+    assert "temperature" in read_meta(tmp_path / "r" / "model.keras").extra
