@@ -64,11 +64,15 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
     font = max(4, min(10, int(200 / max(n, 1))))
+    # Each cell is >= 0.35 inch (25 pt) high, so 8 pt class names stay legible up to ~100 classes.
+    tick_font = 10 if n <= 30 else 8
     for ax, data, title, fmt in ((axes[0], matrix, "counts", "d"), (axes[1], normalised, "normalised by true class", ".2f")):
-        ax.imshow(data, cmap="Blues")
-        ax.set_title(title)
-        ax.set_xticks(range(n), class_names, rotation=90, fontsize=font)
-        ax.set_yticks(range(n), class_names, fontsize=font)
+        shown = ax.imshow(data, cmap="Blues")
+        if n > 30:  # no numbers in the cells: the colour bar gives the scale
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        ax.set_title(title, fontsize=max(12, tick_font + 4))
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=tick_font)
+        ax.set_yticks(range(n), class_names, fontsize=tick_font)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         if n <= 30:

@@ -28,15 +28,18 @@ h1{margin-bottom:4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-t
 table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#f0f2f5}td.l,th.l{text-align:left}tr.bad td{background:#fff1f0}
 img{max-width:100%;border:1px solid #eee}pre{background:#f6f8fa;padding:12px;overflow:auto;font-size:12px}
-.note{color:#666;font-size:13px}
+.note{color:#666;font-size:13px}.scroll{overflow:auto;max-height:1400px;border:1px solid #eee}img.full{max-width:none}
 """
 
 
-def _img(path: Path, alt: str) -> str:
+def _img(path: Path, alt: str, full_size: bool = False) -> str:
+    """The PNG inline; ``full_size`` keeps its pixels (in a scroll box) instead of fitting the page width."""
     if not path.exists():
         return f'<p class="note">({html.escape(alt)}: not available)</p>'
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    css = ' class="full"' if full_size else ""
+    tag = f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{css}>'
+    return f'<div class="scroll">{tag}</div>' if full_size else tag
 
 
 def _card(key: str, value: str) -> str:
@@ -147,7 +150,8 @@ def write_html_report(path: Path, report, *, run: Path, mistakes: list[dict[str,
         "<h2>Metrics</h2>", _headline(report),
         "<h2>Training curves</h2>", _curves(run_dir, out_dir),
         "<h2>Per class</h2>", _per_class(report), _img(out_dir / "per_class.png", "per-class precision, recall, F1"),
-        "<h2>Confusion matrix</h2>", _img(out_dir / "confusion_matrix.png", "confusion matrix"),
+        "<h2>Confusion matrix</h2>",
+        _img(out_dir / "confusion_matrix.png", "confusion matrix", full_size=len(report.class_names) > 30),
         "<h3>Most confused pairs</h3>",
         _table(["true", "predicted as", "images", "of the true class"],
                [[c["true"], c["predicted"], c["count"], f"{c['fraction_of_true']:.1%}"] for c in most_confused[:15]], left=2)
