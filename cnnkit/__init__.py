@@ -28,6 +28,14 @@ _LAZY = {
     "scan_folder": "cnnkit.data.scan",
     "doctor": "cnnkit.data.doctor",
     "DoctorReport": "cnnkit.data.doctor",
+    "explain": "cnnkit.explain",
+    "Heatmap": "cnnkit.explain",
+    "calibrate": "cnnkit.calibration",
+    "CalibrationResult": "cnnkit.calibration",
+    "review": "cnnkit.review",
+    "ReviewQueue": "cnnkit.review",
+    "compare": "cnnkit.compare",
+    "Comparison": "cnnkit.compare",
 }
 
 __all__ = [
@@ -35,17 +43,23 @@ __all__ = [
     "ModelError", "Prediction", "Predictor", "RunConfig", "RunExistsError", "RunNotFoundError", "TrainConfig",
     "TrainResult", "__version__", "available_models", "build_model", "doctor", "evaluate", "load_config",
     "load_image", "load_image_folder", "load_model", "scan_folder", "train",
+    # issue 5
+    "CalibrationResult", "Comparison", "Heatmap", "ReviewQueue", "calibrate", "compare", "explain", "review",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from cnnkit.calibration import CalibrationResult, calibrate
+    from cnnkit.compare import Comparison, compare
     from cnnkit.data.dataset import load_image_folder
     from cnnkit.data.decode import load_image
     from cnnkit.data.doctor import DoctorReport, doctor
     from cnnkit.data.scan import scan_folder
     from cnnkit.evaluate import EvalReport, evaluate
+    from cnnkit.explain import Heatmap, explain
     from cnnkit.models import available_models, build_model
     from cnnkit.models.saving import load_model
     from cnnkit.predict import Prediction, Predictor
+    from cnnkit.review import ReviewQueue, review
     from cnnkit.train import TrainResult, train
 
 

@@ -169,6 +169,7 @@ def train(
     config: Annotated[Optional[Path], typer.Option(help="TOML/JSON config (or a run's run.json); options override it.")] = None,
     register: Annotated[Optional[str], typer.Option(help="Register the run in the model registry under this name.")] = None,
     registry_url: Annotated[Optional[str], typer.Option(envvar="CNNKIT_REGISTRY_URL", help=_REGISTRY_URL_HELP)] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit a temperature on the validation split after training.")] = False,
 ) -> None:
     """Train a classifier on DATA_DIR and write a run directory."""
     from cnnkit.config import load_config
@@ -184,6 +185,8 @@ def train(
     result = run_training(data_dir, out, cfg, overwrite=overwrite)
     _progress.say(f"run {'interrupted' if result.status != 'completed' else 'written'}: "
                   f"[bold]{_progress.esc(result.run_dir)}[/]")
+    if calibrate and result.status == "completed":
+        _print_calibration(_calibrate_run(result.run_dir))
     if result.status != "completed":
         raise typer.Exit(130)
     if register:
@@ -203,11 +206,14 @@ def evaluate(
     name: Annotated[Optional[str], typer.Option(help="Report folder name under RUN/eval/.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 256,
     output: Annotated[ReportFormat, typer.Option("--format", help="table or json on stdout.")] = ReportFormat.table,
+    tta: Annotated[bool, typer.Option("--tta", help="Also report test-time augmentation (image + mirror, averaged).")] = False,
+    tta_crop: Annotated[bool, typer.Option("--tta-crop", help="TTA with four shifted crops too (implies --tta).")] = False,
 ) -> None:
-    """Evaluate a trained model on a labelled folder; write RUN/eval/<name>/."""
+    """Evaluate a trained model on a labelled folder; write RUN/eval/<name>/ (metrics, plots, report.html)."""
     from cnnkit.evaluate import evaluate as run_evaluation
 
-    report = run_evaluation(run, data_dir, top_k=top_k, name=name, batch_size=batch_size)
+    report = run_evaluation(run, data_dir, top_k=top_k, name=name, batch_size=batch_size,
+                            tta="flip+crop" if tta_crop else tta)
     if output is ReportFormat.json:
         typer.echo(json.dumps({**report.to_dict(), "out_dir": str(report.out_dir)}, indent=2))
         return
@@ -221,7 +227,12 @@ def evaluate(
         table.add_row(_progress.esc(cls), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1-score']:.3f}",
                       str(int(row["support"])))
     _stdout_console().print(table)
-    typer.echo(f"report: {report.out_dir}")
+    typer.echo(f"ECE {report.ece:.4f}; balanced accuracy {report.balanced_accuracy:.2%}; "
+               f"{report.num_images} images in {report.seconds:.1f}s")
+    if report.tta:
+        typer.echo(f"with TTA ({report.tta['mode']}, {report.tta['views']} views): accuracy {report.tta['accuracy']:.2%}, "
+                   f"top-{report.k} {report.tta[f'top_{report.k}_accuracy']:.2%}, loss {report.tta['loss']:.4f}")
+    typer.echo(f"report: {report.out_dir / 'report.html'}")
 
 
 @app.command()
@@ -507,6 +518,127 @@ def docker(
         typer.echo(f"built {context.tag}; run: docker run -p 127.0.0.1:8501:8501 {context.tag}")
     else:
         typer.echo("build it with: " + " ".join(context.build_command))
+
+# --- issue 5: explain, calibrate, review, compare -----------------------------------------------
+
+
+@app.command()
+@_handle_errors
+def explain(
+    run: Annotated[Path, typer.Argument(help="Run directory or .keras file.")],
+    images: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.")],
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class (default: the predicted one).")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Feature-map layer (default: the last one, found automatically).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the PNGs (default RUN/explain).")] = None,
+) -> None:
+    """Grad-CAM: where the model looked. Writes image | heatmap | overlay PNGs."""
+    _import_keras_quietly()
+    from cnnkit.explain import explain as run_explain
+
+    for h in run_explain(run, images, class_name=class_name, layer=layer, out=out):
+        typer.echo(f"{h.source}\tpredicted {h.predicted}\t{h.class_name} {h.probability:.1%}\t-> {h.path}")
+
+
+def _calibrate_run(run: Path, data: Path | None = None, min_confidence: float | None = None,
+                   target_precision: float | None = None):
+    from cnnkit.calibration import calibrate as run_calibration
+
+    return run_calibration(run, data, min_confidence=min_confidence, target_precision=target_precision)
+
+
+def _print_calibration(result) -> None:
+    typer.echo(f"temperature {result.temperature:.4f} (fitted on {result.num_images} validation images): "
+               f"ECE {result.ece_before:.4f} -> {result.ece_after:.4f}, log-loss {result.loss_before:.4f} -> "
+               f"{result.loss_after:.4f}")
+    if result.min_confidence is not None:
+        precision = "n/a" if result.precision_at_threshold is None else f"{result.precision_at_threshold:.2%}"
+        typer.echo(f"abstain below confidence {result.min_confidence:.4f}: answers {result.coverage:.1%} of "
+                   f"validation images with precision {precision}; the rest come back as 'unknown'")
+    typer.echo(f"reliability diagram: {result.plot}")
+
+
+@app.command()
+@_handle_errors
+def calibrate(
+    run: Annotated[Path, typer.Argument(help="Run directory (model.keras and run.json are updated).")],
+    data: Annotated[Optional[Path], typer.Option(help="Labelled folder to fit on (default: the run's validation split).")] = None,
+    min_confidence: Annotated[Optional[float], typer.Option(help="Abstain threshold: lower confidences predict 'unknown'.")] = None,
+    target_precision: Annotated[Optional[float], typer.Option(help="Choose the threshold reaching this precision on validation.")] = None,
+    output: Annotated[OutputFormat, typer.Option("--format", help="table or json on stdout.")] = OutputFormat.table,
+) -> None:
+    """Fit temperature scaling on validation images; predict (and serve) then use it."""
+    _import_keras_quietly()
+    result = _calibrate_run(run, data, min_confidence, target_precision)
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_calibration(result)
+
+
+@app.command()
+@_handle_errors
+def review(
+    run: Annotated[Path, typer.Argument(help="Run directory or .keras file.")],
+    data_dir: Annotated[Path, typer.Argument(help="Labelled folder to review (e.g. the training folder).")],
+    top: Annotated[int, typer.Option(help="How many images to list.")] = 100,
+    held_out_only: Annotated[bool, typer.Option("--held-out-only", help="Only images the run did not train on.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default RUN/review/<name>).")] = None,
+) -> None:
+    """Likely-mislabelled images (confident disagreements) as CSV and an HTML gallery; changes no file."""
+    _import_keras_quietly()
+    from cnnkit.review import review as run_review
+
+    queue = run_review(run, data_dir, top=top, held_out_only=held_out_only, out=out)
+    for n, item in enumerate(queue.items[:10]):
+        typer.echo(f"{n + 1:>3} {item.path}\tfolder {item.given} ({item.p_given:.1%})\tmodel {item.predicted} "
+                   f"({item.p_predicted:.1%})\t{item.split}")
+    typer.echo(f"queue: {queue.out_dir / 'queue.csv'}\ngallery: {queue.out_dir / 'gallery.html'}")
+
+
+@app.command()
+@_handle_errors
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories.")],
+    eval_name: Annotated[Optional[str], typer.Option("--eval", help="Evaluation name under RUN/eval/ (default: latest).")] = None,
+    output: Annotated[OutputFormat, typer.Option("--format", help="table or json on stdout.")] = OutputFormat.table,
+) -> None:
+    """Runs side by side: model, data hash, epochs, accuracy, top-k, per-class F1 deltas vs the first."""
+    from cnnkit.compare import compare as run_compare
+
+    result = run_compare(list(runs), eval_name)
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2%}"
+
+    table = Table(title="runs")
+    for column in ("run", "model", "data hash", "epochs", "val acc", "eval", "accuracy", "top-k", "macro F1", "ECE", "TTA acc"):
+        table.add_column(column)
+    for r in result.runs:
+        table.add_row(r.run, r.model, r.data_hash[:12], str(r.epochs or "-"), pct(r.val_accuracy), r.eval_name or "-",
+                      pct(r.accuracy), pct(r.top_k_accuracy) + (f" (k={r.top_k})" if r.top_k else ""),
+                      "-" if r.macro_f1 is None else f"{r.macro_f1:.3f}", "-" if r.ece is None else f"{r.ece:.3f}",
+                      pct(r.tta_accuracy))
+    console = _stdout_console()
+    console.print(table)
+    if result.class_names and len(result.runs) > 1:
+        deltas = Table(title="per-class F1: first run, then change")
+        deltas.add_column("class")
+        for r in result.runs:
+            deltas.add_column(Path(r.run).name)
+        for c in result.class_names:
+            first = result.runs[0].per_class_f1.get(c)
+            cells = ["-" if first is None else f"{first:.3f}"]
+            for d in result.f1_delta[c][1:]:
+                cells.append("-" if d is None else (f"[green]{d:+.3f}[/]" if d > 0 else f"[red]{d:+.3f}[/]" if d < 0 else f"{d:+.3f}"))
+            deltas.add_row(c, *cells)
+        console.print(deltas)
+    for message in result.warnings:
+        _progress.warn(message)
+
 
 
 def main() -> None:

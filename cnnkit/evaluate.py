@@ -1,9 +1,17 @@
-"""Evaluation stage: a model + a labelled folder -> metrics, confusion matrix and worst mistakes.
+"""Evaluation stage: a model + a labelled folder -> metrics, plots, worst mistakes and one HTML report.
 
 ``evaluate()`` decodes the folder with the model's own settings (through the same cache as
-training), predicts in batches, and computes every metric with scikit-learn. It writes
-``<run>/eval/<name>/``: ``metrics.json``, ``confusion_matrix.png``, ``mistakes.png`` and
-``predictions.csv`` (atomically: a temporary folder renamed into place).
+training), streams it through the model one batch at a time (only the uint8 cache and the
+(N, num_classes) probabilities are kept), optionally with test-time augmentation (flips and
+crops averaged in probability space), and computes every metric with scikit-learn. It writes
+``<run>/eval/<name>/`` atomically (a temporary folder renamed into place):
+
+    metrics.json          loss, accuracy, top-k, balanced accuracy, macro/weighted P/R/F1, per class,
+                          confusion matrix, ECE; the same without/with TTA; calibration
+    predictions.csv       path,true,predicted,confidence      most_confused.csv  true,predicted,count
+    confusion_matrix.png  per_class.png  calibration.png  mistakes.png (with Grad-CAM overlays)
+    report.html           everything above in one self-contained page, plus the training curves,
+                          the data summary and the run's config
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import csv
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +28,15 @@ import numpy as np
 
 from cnnkit._progress import esc, progress_task, say, warn
 from cnnkit._rundir import make_public, replace_directory, write_json
+from cnnkit.calibration import apply_temperature, reliability_bins
 from cnnkit.data.cache import build_cache
 from cnnkit.data.dataset import atomic_write_rows, describe_skipped
 from cnnkit.data.scan import ImageFile, SkippedFile, scan_folder
 from cnnkit.errors import ConfigError, DataError
 from cnnkit.models.saving import resolve_model_path
 from cnnkit.predict import Predictor
+
+TTA_MODES = ("flip", "flip+crop")
 
 
 @dataclass
@@ -38,6 +50,11 @@ class EvalReport:
         confusion_matrix: (num_classes, num_classes) counts, rows = true class.
         class_names: the model's classes.
         num_images: images evaluated.
+        ece: expected calibration error (15 bins) of the probabilities the Predictor returns.
+        tta: the same metrics with test-time augmentation (None without ``tta``).
+        calibration: temperature and ECE without/with it, when the run is calibrated.
+        data_hash: hash of the evaluated images (content + labels + decode settings).
+        seconds: wall time of the prediction pass.
         skipped: files that could not be evaluated.
         out_dir: where the report was written.
     """
@@ -53,6 +70,11 @@ class EvalReport:
     num_images: int
     macro_avg: dict[str, float] = field(default_factory=dict)
     weighted_avg: dict[str, float] = field(default_factory=dict)
+    ece: float = 0.0
+    tta: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    data_hash: str = ""
+    seconds: float = 0.0
     skipped: list[SkippedFile] = field(default_factory=list)
     leaked: list[str] = field(default_factory=list)
     out_dir: Path | None = None
@@ -62,10 +84,37 @@ class EvalReport:
             "num_images": self.num_images, "accuracy": self.accuracy, "loss": self.loss,
             f"top_{self.k}_accuracy": self.top_k_accuracy, "top_k_accuracy": self.top_k_accuracy, "top_k": self.k,
             "balanced_accuracy": self.balanced_accuracy, "macro_avg": self.macro_avg,
-            "weighted_avg": self.weighted_avg, "per_class": self.per_class, "class_names": self.class_names,
-            "confusion_matrix": self.confusion_matrix.tolist(), "skipped": len(self.skipped),
+            "weighted_avg": self.weighted_avg, "ece": self.ece, "per_class": self.per_class,
+            "class_names": self.class_names, "confusion_matrix": self.confusion_matrix.tolist(),
+            "tta": self.tta, "calibration": self.calibration, "data_hash": self.data_hash,
+            "seconds": round(self.seconds, 2), "skipped": len(self.skipped),
             "in_training_data": len(self.leaked), "in_training_data_examples": self.leaked[:20],
         }
+
+
+@dataclass
+class LabelledPredictions:
+    """Probabilities for labelled images, streamed from the uint8 cache.
+
+    Attributes:
+        paths, labels: the decodable images and their class indices.
+        probs: (N, num_classes) float32 from the Predictor (its calibration applied).
+        tta_probs: the same averaged over the TTA views, or None.
+        images, rows: the cache memmap and each image's row in it (nothing decoded is held in RAM).
+        skipped: inputs that could not be decoded.
+        data_hash: the cache's data hash.
+    """
+
+    paths: list[Path]
+    labels: np.ndarray
+    probs: np.ndarray
+    images: np.ndarray
+    rows: np.ndarray
+    skipped: list[SkippedFile]
+    data_hash: str
+    tta_probs: np.ndarray | None = None
+    seconds: float = 0.0
+    digests: list[str] = field(default_factory=list)
 
 
 def _labelled_files(run: Path, data_dir: Path | None, class_names: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
@@ -120,6 +169,8 @@ def evaluate(
     batch_size: int = 256,
     max_mistakes: int = 24,
     cache_root: Path | None = None,
+    tta: bool | str = False,
+    gradcam: bool = True,
 ) -> EvalReport:
     """Evaluate a trained model on a labelled folder and write a report.
 
@@ -132,55 +183,130 @@ def evaluate(
         out: write the report here instead of ``<run>/eval/<name>``.
         batch_size: images per model call.
         max_mistakes: how many of the most confident wrong predictions to draw.
+        tta: test-time augmentation: ``True`` or ``"flip"`` (image + horizontal mirror), or
+            ``"flip+crop"`` (also four shifted crops); probabilities are averaged. Metrics are
+            reported both without (top level) and with TTA (``report.tta``).
+        gradcam: draw Grad-CAM overlays beside the mistakes.
 
     Returns:
         An EvalReport.
 
     Example:
-        >>> report = cnnkit.evaluate("runs/first", "dataset/test")
-        >>> report.accuracy
+        >>> report = cnnkit.evaluate("runs/first", "dataset/test", tta=True)
+        >>> report.accuracy, report.tta["accuracy"]
     """
+    mode = _tta_mode(tta)
     run = Path(run)
     if not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"top_k must be a whole number >= 1. Received: top_k={top_k!r}")
     predictor = Predictor(run, batch_size=batch_size)
-    meta = predictor.meta
-    files, skipped = _labelled_files(run, Path(data_dir) if data_dir else None, meta.class_names)
-    paths = [f.path for f in files]
-    cache, rows, digests = build_cache(paths, [meta.class_names[f.label] for f in files], meta.image_size,
-                                       meta.color_mode, meta.resize_mode, meta.max_pixels, cache_root=cache_root)
-    leaked = _seen_in_training(run, paths, digests)
-    skipped += [SkippedFile(p, cache.reasons.get(int(r), "could not be decoded"))
-                for p, r in zip(paths, rows) if not cache.ok[r]]
-    keep = [i for i, r in enumerate(rows) if cache.ok[r]]
-    if not keep:
-        raise DataError(f"No decodable image to evaluate in '{data_dir or run}': {describe_skipped(skipped)}.")
-    rows, labels = rows[keep], np.array([files[i].label for i in keep])
-    probs = _predict_rows(predictor, cache.images, rows)
-    report = _metrics(labels, probs, meta.class_names, top_k)
-    report.skipped = skipped
-    report.leaked = leaked
+    temperature = predictor.temperature
+    files, skipped = _labelled_files(run, Path(data_dir) if data_dir else None, predictor.class_names)
+    predictor.temperature = 1.0  # raw probabilities, so ECE can be reported without and with calibration
+    labelled = predict_labelled(predictor, files, cache_root=cache_root, tta=mode)
+    predictor.temperature = temperature
+    probs = apply_temperature(labelled.probs, temperature)
+    report = compute_metrics(labelled.labels, probs, predictor.class_names, top_k)
+    report.skipped = skipped + labelled.skipped
+    report.leaked = _seen_in_training(run, labelled.paths, labelled.digests)
+    report.data_hash, report.seconds = labelled.data_hash, labelled.seconds
+    if temperature != 1.0:
+        report.calibration = {"temperature": temperature, "min_confidence": predictor.min_confidence,
+                              "ece_uncalibrated": reliability_bins(labelled.probs, labelled.labels)["ece"],
+                              "ece": report.ece}
+    if labelled.tta_probs is not None:
+        tta_probs = apply_temperature(labelled.tta_probs, temperature)
+        with_tta = compute_metrics(labelled.labels, tta_probs, predictor.class_names, top_k)
+        report.tta = {"mode": mode, "views": len(tta_views(np.zeros((1, 4, 4, 1), np.uint8), mode)),
+                      **{k: v for k, v in with_tta.to_dict().items() if k not in _TTA_OMIT}}
     default_name = name or (Path(data_dir).name if data_dir else "test")
     out_dir = Path(out) if out else (run if run.is_dir() else resolve_model_path(run).parent) / "eval" / default_name
-    report.out_dir = _write_report(report, out_dir, [paths[i] for i in keep], labels, probs, cache.images, rows,
-                                   max_mistakes)
+    report.out_dir = _write_report(report, out_dir, labelled, probs, predictor if gradcam else None, run, max_mistakes)
     say(f"[bold green]accuracy {report.accuracy:.2%}[/], top-{report.k} {report.top_k_accuracy:.2%}, "
-        f"loss {report.loss:.4f} on {report.num_images} images -> {esc(report.out_dir)}")
+        f"loss {report.loss:.4f}, ECE {report.ece:.3f} on {report.num_images} images in {report.seconds:.1f}s"
+        + (f"; with TTA ({mode}) accuracy {report.tta['accuracy']:.2%}" if report.tta else "")
+        + f" -> {esc(report.out_dir)}")
     return report
 
 
-def _predict_rows(predictor: Predictor, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    out = []
-    with progress_task("Evaluating", len(rows)) as advance:
+_TTA_OMIT = ("per_class", "class_names", "confusion_matrix", "tta", "calibration", "data_hash", "skipped",
+             "num_images", "seconds")
+
+
+def _tta_mode(tta: bool | str | None) -> str | None:
+    if tta is None or tta is False or tta == "none":
+        return None
+    if tta is True:
+        return "flip"
+    if tta not in TTA_MODES:
+        raise ConfigError(f"Unknown TTA mode '{tta}'. Available: none, {', '.join(TTA_MODES)}. Received: tta={tta!r}")
+    return str(tta)
+
+
+def tta_views(images: np.ndarray, mode: str | None) -> list[np.ndarray]:
+    """The test-time views of a uint8 batch (N, H, W, C): the images first, then their transforms.
+
+    ``flip``: + the horizontal mirror. ``flip+crop``: + four crops shifted by 1/16 of the size
+    (reflect-padded, so every view keeps the input size), the usual CIFAR-style translation.
+    """
+    views = [images]
+    if mode in ("flip", "flip+crop"):
+        views.append(images[:, :, ::-1])
+    if mode == "flip+crop":
+        pad = max(1, round(min(images.shape[1:3]) / 16))
+        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        h, w = images.shape[1:3]
+        views += [padded[:, dy : dy + h, dx : dx + w] for dy in (0, 2 * pad) for dx in (0, 2 * pad)]
+    return views
+
+
+def predict_labelled(predictor: Predictor, files: list[ImageFile], *, cache_root: Path | None = None,
+                     tta: str | None = None, description: str = "Evaluating") -> LabelledPredictions:
+    """Decode ``files`` through the cache and predict them batch by batch.
+
+    Memory: the uint8 cache is a memmap; one batch (times the TTA views) is converted to floats at a
+    time; only the (N, num_classes) probabilities are kept.
+    """
+    meta = predictor.meta
+    paths = [f.path for f in files]
+    cache, rows, digests = build_cache(paths, [meta.class_names[f.label] for f in files], meta.image_size,
+                                       meta.color_mode, meta.resize_mode, meta.max_pixels, cache_root=cache_root)
+    skipped = [SkippedFile(p, cache.reasons.get(int(r), "could not be decoded")) for p, r in zip(paths, rows)
+               if not cache.ok[r]]
+    keep = [i for i, r in enumerate(rows) if cache.ok[r]]
+    if not keep:
+        raise DataError(f"No decodable image to evaluate among {len(paths)} files: {describe_skipped(skipped)}.")
+    rows, labels = rows[keep], np.array([files[i].label for i in keep], dtype=np.int64)
+    started = time.perf_counter()
+    probs, tta_probs = _predict_rows(predictor, cache.images, rows, tta, description)
+    return LabelledPredictions([paths[i] for i in keep], labels, probs, cache.images, rows, skipped,
+                               cache.data_hash, tta_probs, time.perf_counter() - started, [digests[i] for i in keep])
+
+
+def _predict_rows(predictor: Predictor, images: np.ndarray, rows: np.ndarray, tta: str | None = None,
+                  description: str = "Evaluating") -> tuple[np.ndarray, np.ndarray | None]:
+    plain, averaged = [], []
+    with progress_task(description + (f" (TTA {tta})" if tta else ""), len(rows)) as advance:
         for start in range(0, len(rows), predictor.batch_size):
-            batch = np.sort(rows[start : start + predictor.batch_size])
-            order = np.argsort(np.argsort(rows[start : start + predictor.batch_size]))
-            out.append(predictor.predict_arrays(np.asarray(images[batch]))[order])
-            advance(len(batch))
-    return np.concatenate(out)
+            chunk = rows[start : start + predictor.batch_size]
+            order = np.argsort(chunk)  # memmap reads in increasing row order are sequential on disk
+            batch = np.empty((len(chunk), *images.shape[1:]), images.dtype)
+            batch[order] = images[chunk[order]]
+            views = [predictor.predict_arrays(view) for view in tta_views(batch, tta)]
+            plain.append(views[0])
+            if tta:
+                averaged.append(np.mean(views, axis=0))
+            advance(len(chunk))
+    return np.concatenate(plain), (np.concatenate(averaged) if tta else None)
 
 
-def _metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str], top_k: int) -> EvalReport:
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str], top_k: int = 5) -> EvalReport:
+    """Every metric of an EvalReport from true labels (N,) and probabilities (N, C), with scikit-learn.
+
+    Example:
+        >>> compute_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.4, 0.6]]), ["a", "b"]).accuracy
+        1.0
+    """
     from sklearn import metrics as skm
 
     n = len(class_names)
@@ -204,32 +330,74 @@ def _metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str], top_
         num_images=len(labels),
         macro_avg={k2: float(v) for k2, v in report["macro avg"].items()},
         weighted_avg={k2: float(v) for k2, v in report["weighted avg"].items()},
+        ece=reliability_bins(probs, labels)["ece"],
     )
 
 
-def _write_report(report: EvalReport, out_dir: Path, paths: list[Path], labels: np.ndarray, probs: np.ndarray,
-                  images: np.ndarray, rows: np.ndarray, max_mistakes: int) -> Path:
-    from cnnkit.plots import plot_confusion_matrix, plot_mistakes
+def most_confused(matrix: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
+    """Off-diagonal (true, predicted) pairs with at least one image, most frequent first."""
+    support = matrix.sum(axis=1)
+    pairs = [(int(matrix[i, j]), i, j) for i in range(len(matrix)) for j in range(len(matrix)) if i != j and matrix[i, j]]
+    pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
+    return [{"true": class_names[i], "predicted": class_names[j], "count": c,
+             "fraction_of_true": float(c / support[i]) if support[i] else 0.0} for c, i, j in pairs]
+
+
+def _mistake_heatmaps(predictor: Predictor | None, images: np.ndarray, predicted: np.ndarray) -> np.ndarray | None:
+    """Grad-CAM of the predicted class for each mistake; None (with a warning) when it cannot be computed."""
+    if predictor is None or not len(images):
+        return None
+    try:
+        from cnnkit.explain import gradcam
+
+        heatmaps, _, _ = gradcam(predictor.model, images, predicted)
+        return heatmaps
+    except Exception as exc:  # a report without heatmaps beats no report (e.g. a model without feature maps)
+        warn(f"Grad-CAM overlays left out of mistakes.png: {exc}")
+        return None
+
+
+def _write_report(report: EvalReport, out_dir: Path, labelled: LabelledPredictions, probs: np.ndarray,
+                  predictor: Predictor | None, run: Path, max_mistakes: int) -> Path:
+    from cnnkit.plots import plot_confusion_matrix, plot_mistakes, plot_per_class, plot_reliability
+    from cnnkit.report import write_html_report
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     make_public(tmp, directory=True)
     try:
-        names = report.class_names
+        names, labels, paths = report.class_names, labelled.labels, labelled.paths
         predicted = probs.argmax(axis=1)
         confidence = probs.max(axis=1)
         wrong = np.flatnonzero(predicted != labels)
         worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:max_mistakes]
         mistakes = [{"path": str(paths[i]), "true": names[labels[i]], "predicted": names[predicted[i]],
                      "confidence": float(confidence[i])} for i in worst]
-        write_json(tmp / "metrics.json", {**report.to_dict(), "mistakes": mistakes})
+        confused = most_confused(report.confusion_matrix, names)
+        write_json(tmp / "metrics.json", {**report.to_dict(), "mistakes": mistakes, "most_confused": confused[:50]})
         atomic_write_rows(tmp / "predictions.csv", ["path", "true", "predicted", "confidence"],
                           [[str(p), names[t], names[q], f"{c:.6f}"] for p, t, q, c in
                            zip(paths, labels, predicted, confidence)])
-        plot_confusion_matrix(report.confusion_matrix, names, tmp / "confusion_matrix.png")
-        plot_mistakes(np.asarray(images[rows[worst]]) if len(worst) else np.zeros((0, 1, 1, 3), np.uint8),
-                      [m["true"] for m in mistakes], [m["predicted"] for m in mistakes],
-                      [m["confidence"] for m in mistakes], tmp / "mistakes.png")
+        atomic_write_rows(tmp / "most_confused.csv", ["true", "predicted", "count", "fraction_of_true"],
+                          [[c["true"], c["predicted"], c["count"], f"{c['fraction_of_true']:.4f}"] for c in confused])
+        with progress_task("Drawing report", 5) as advance:
+            plot_confusion_matrix(report.confusion_matrix, names, tmp / "confusion_matrix.png")
+            advance(1)
+            plot_per_class(report.per_class, tmp / "per_class.png")
+            curves = {"uncalibrated": reliability_bins(labelled.probs, labels)} if report.calibration else {}
+            label = f"temperature {report.calibration['temperature']:.2f}" if report.calibration else "model"
+            curves[label] = reliability_bins(probs, labels)
+            plot_reliability(curves, tmp / "calibration.png")
+            advance(1)
+            worst_images = np.asarray(labelled.images[labelled.rows[worst]]) if len(worst) else np.zeros((0, 1, 1, 3), np.uint8)
+            heatmaps = _mistake_heatmaps(predictor, worst_images, predicted[worst])
+            advance(1)
+            plot_mistakes(worst_images, [m["true"] for m in mistakes], [m["predicted"] for m in mistakes],
+                          [m["confidence"] for m in mistakes], tmp / "mistakes.png", heatmaps=heatmaps)
+            advance(1)
+            write_html_report(tmp / "report.html", report, run=run, mistakes=mistakes, most_confused=confused,
+                              gradcam=heatmaps is not None)
+            advance(1)
         replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

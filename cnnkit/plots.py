@@ -1,4 +1,4 @@
-"""Plots: training curves, confusion matrix, the worst mistakes. PNGs written atomically.
+"""Plots: training curves, confusion matrix, worst mistakes, Grad-CAM, reliability, per-class. PNGs written atomically.
 
 matplotlib is imported here only, with the non-interactive Agg backend, so nothing opens a window.
 """
@@ -64,11 +64,15 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
     font = max(4, min(10, int(200 / max(n, 1))))
+    # Each cell is >= 0.35 inch (25 pt) high, so 8 pt class names stay legible up to ~100 classes.
+    tick_font = 10 if n <= 30 else 8
     for ax, data, title, fmt in ((axes[0], matrix, "counts", "d"), (axes[1], normalised, "normalised by true class", ".2f")):
-        ax.imshow(data, cmap="Blues")
-        ax.set_title(title)
-        ax.set_xticks(range(n), class_names, rotation=90, fontsize=font)
-        ax.set_yticks(range(n), class_names, fontsize=font)
+        shown = ax.imshow(data, cmap="Blues")
+        if n > 30:  # no numbers in the cells: the colour bar gives the scale
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        ax.set_title(title, fontsize=max(12, tick_font + 4))
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=tick_font)
+        ax.set_yticks(range(n), class_names, fontsize=tick_font)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         if n <= 30:
@@ -84,20 +88,105 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
 
 def plot_mistakes(
     images: np.ndarray, true: list[str], predicted: list[str], confidence: list[float], path: Path,
-    columns: int = 6,
+    columns: int = 6, heatmaps: np.ndarray | None = None,
 ) -> Path:
-    """A grid of images titled 'true -> predicted (confidence)'."""
+    """A grid of images titled 'true -> predicted (confidence)'.
+
+    With ``heatmaps`` (N, height, width) in [0, 1], each mistake takes two cells: the image and its
+    Grad-CAM overlay for the predicted class (where the model looked when it went wrong).
+    """
     plt = _pyplot()
+    per = 2 if heatmaps is not None and len(heatmaps) == len(images) else 1
     count = max(len(images), 1)
-    columns = min(columns, count)
-    rows = int(np.ceil(count / columns))
+    columns = max(per, min(columns, count * per) // per * per)
+    rows = int(np.ceil(count * per / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     if not len(images):
         axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
-    for ax, img, t, p, c in zip(axes.flat, images, true, predicted, confidence):
+    cells = iter(axes.flat)
+    for i, (img, t, p, c) in enumerate(zip(images, true, predicted, confidence)):
+        ax = next(cells)
         ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=255)
         ax.set_title(f"true: {t}\npred: {p} ({c:.0%})", fontsize=8, color="darkred")
+        if per == 2:
+            from cnnkit.explain import overlay
+
+            ax = next(cells)
+            ax.imshow(overlay(img, heatmaps[i]))
+            ax.set_title(f"Grad-CAM: {p}", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gradcam(heatmap, path: Path) -> Path:
+    """Image | heatmap | overlay, side by side, for one ``cnnkit.explain.Heatmap``."""
+    from cnnkit.explain import overlay
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.6))
+    img = heatmap.image
+    axes[0].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=255)
+    axes[0].set_title(f"predicted: {heatmap.predicted}", fontsize=9)
+    shown = axes[1].imshow(heatmap.heatmap, cmap="jet", vmin=0, vmax=1)
+    axes[1].set_title(f"Grad-CAM ({heatmap.layer})", fontsize=9)
+    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04)
+    axes[2].imshow(overlay(img, heatmap.heatmap))
+    axes[2].set_title(f"{heatmap.class_name}: {heatmap.probability:.1%}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reliability(curves: dict[str, dict], path: Path) -> Path:
+    """Reliability diagram: accuracy per confidence bin vs the diagonal, and how many images fall in each bin.
+
+    Args:
+        curves: label -> ``cnnkit.calibration.reliability_bins`` output (``confidence``, ``accuracy``,
+            ``count``, ``edges``, ``ece``), e.g. ``{"uncalibrated": ..., "temperature 1.7": ...}``.
+    """
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 7), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    width = None
+    for n, (label, bins) in enumerate(curves.items()):
+        edges = np.asarray(bins["edges"])
+        centres = (edges[:-1] + edges[1:]) / 2
+        width = (edges[1] - edges[0]) / (len(curves) + 0.5)
+        counts = np.asarray(bins["count"])
+        shown = counts > 0
+        offset = (n - (len(curves) - 1) / 2) * width
+        top.bar(centres[shown] + offset, np.asarray(bins["accuracy"])[shown], width=width, alpha=0.75,
+                label=f"{label} (ECE {bins['ece']:.3f})", edgecolor="black", linewidth=0.5)
+        bottom.bar(centres + offset, counts, width=width, alpha=0.75)
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_title("reliability diagram (confidence of the predicted class)")
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.set_xlabel("confidence")
+    bottom.set_ylabel("images")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_per_class(per_class: dict[str, dict[str, float]], path: Path) -> Path:
+    """Precision, recall and F1 per class as horizontal bars, worst F1 at the top; readable to ~100 classes."""
+    plt = _pyplot()
+    names = sorted(per_class, key=lambda n: (per_class[n]["f1-score"], n), reverse=True)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.28 * n + 1.2)))
+    y = np.arange(n)
+    for k, (key, label) in enumerate((("precision", "precision"), ("recall", "recall"), ("f1-score", "F1"))):
+        ax.barh(y + (k - 1) * 0.27, [per_class[c][key] for c in names], height=0.27, label=label)
+    ax.set_yticks(y, [f"{c} ({int(per_class[c]['support'])})" for c in names], fontsize=max(5, min(9, int(400 / max(n, 1)))))
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score (support in brackets)")
+    ax.set_title("per-class precision, recall and F1 (worst F1 at the top)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

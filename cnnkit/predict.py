@@ -18,6 +18,7 @@ import keras  # noqa: F401  (the model's backend)
 import numpy as np
 
 from cnnkit._progress import progress_task
+from cnnkit.calibration import UNKNOWN_LABEL, apply_temperature
 from cnnkit.data.decode import DecodeError, load_image
 from cnnkit.data.scan import IMAGE_EXTENSIONS, expand_inputs
 from cnnkit.errors import ConfigError, DataError
@@ -30,7 +31,8 @@ class Prediction:
 
     Attributes:
         path: the image (or a name for bytes).
-        label: the most likely class name ("" when ``error``).
+        label: the most likely class name ("" when ``error``; "unknown" when its confidence is below
+            the run's calibrated ``min_confidence``).
         confidence: its probability.
         top_k: the k most likely (class name, probability), best first.
         error: why the image could not be predicted, else None.
@@ -65,12 +67,19 @@ class Predictor:
         self.model, self.meta = load_model(source)
         self.batch_size = batch_size
         self.workers = workers or os.cpu_count() or 1
+        self._use_calibration()
 
     @classmethod
     def from_model(cls, model: keras.Model, meta: ModelMeta, batch_size: int = 64) -> Predictor:
         self = cls.__new__(cls)
         self.model, self.meta, self.batch_size, self.workers = model, meta, batch_size, os.cpu_count() or 1
+        self._use_calibration()
         return self
+
+    def _use_calibration(self) -> None:
+        """Temperature and abstain threshold stored by ``cnnkit calibrate`` (set them to override)."""
+        self.temperature = float(self.meta.extra.get("temperature", 1.0))
+        self.min_confidence: float | None = self.meta.extra.get("min_confidence")
 
     @property
     def class_names(self) -> list[str]:
@@ -102,7 +111,8 @@ class Predictor:
             raise DataError("Pixels look pre-scaled to [0, 1], but this model takes raw 0-255 pixels and scales "
                             "them itself. Pass the uint8 image (or multiply by 255).")
         probs = [self._call(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)), np.float32)
+        probs = np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)), np.float32)
+        return apply_temperature(probs, self.temperature)
 
     def _call(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.predict_on_batch(batch.astype(np.float32)), dtype=np.float32)
@@ -158,7 +168,10 @@ class Predictor:
                         results.append(Prediction(str(path), error=err))
                     else:
                         best = next(ranked)
-                        results.append(Prediction(str(path), best[0][0], best[0][1], best))
+                        label = best[0][0]
+                        if self.min_confidence is not None and best[0][1] < self.min_confidence:
+                            label = UNKNOWN_LABEL  # abstain: less confident than the calibrated threshold
+                        results.append(Prediction(str(path), label, best[0][1], best))
                 advance(len(batch_paths))
         return results
 

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from cnnkit.errors import RegistryError, RunNotFoundError, VersionNotFoundError
 from cnnkit.registry import Registry
-
 from tests.conftest import write_class_folder
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -138,3 +138,37 @@ def _meta_from_plain_model(model: keras.Model, path: Path) -> ModelMeta:
         architecture=model.name,
         input_scale="unknown",
     )
+
+
+def update_meta(path: str | Path, **extra: Any) -> ModelMeta:
+    """Merge ``extra`` into the ``extra`` metadata of a cnnkit ``.keras`` file, atomically.
+
+    The other archive members (config, weights) are copied unchanged into a temporary file that
+    replaces the original. A value of None removes the key. Used by calibration
+    (``temperature``, ``min_confidence``).
+
+    Raises:
+        ModelError: the file has no cnnkit metadata (not written by cnnkit).
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    if meta is None:
+        raise ModelError(f"'{path}' has no cnnkit metadata (not written by 'cnnkit train'); cannot store {sorted(extra)}.")
+    merged = {**meta.extra, **extra}
+    meta = ModelMeta.from_dict({**asdict(meta), "extra": {k: v for k, v in merged.items() if v is not None}})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
+    os.close(fd)
+    make_public(tmp)
+    try:
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+            for item in src.infolist():
+                if item.filename != META_MEMBER:
+                    with src.open(item) as member, dst.open(item, "w") as copy:
+                        while chunk := member.read(1 << 20):
+                            copy.write(chunk)
+            dst.writestr(META_MEMBER, json.dumps(asdict(meta), indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return meta

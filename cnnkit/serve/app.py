@@ -40,6 +40,7 @@ from cnnkit.errors import CnnkitError, ConfigError, DataError, RegistryError
 from cnnkit.serve.batching import MicroBatcher
 from cnnkit.serve.inputs import RequestError
 
+
 @dataclass(frozen=True)
 class ServeSettings:
     """How the service runs. Read from ``CNNKIT_*`` environment variables by ``create_app`` when not given.

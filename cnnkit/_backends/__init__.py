@@ -1,0 +1,43 @@
+"""Backend shims: the only modules that import TensorFlow, JAX or PyTorch.
+
+Everything else in cnnkit uses ``keras.ops`` and numpy. The one thing Keras has no portable API for
+is a gradient with respect to an intermediate activation (Grad-CAM needs it), so each backend gets a
+small module with the same function, picked by ``keras.backend.backend()``:
+
+    gradients(head, features, class_indices) -> numpy (N, H', W', C)
+
+where ``head`` is a Keras model mapping the feature maps to class probabilities.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from cnnkit.errors import ModelError
+
+_MODULES = {"tensorflow": "cnnkit._backends.tensorflow", "jax": "cnnkit._backends.jax",
+            "torch": "cnnkit._backends.torch"}
+
+
+def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarray:
+    """d probability[class_indices[i]] / d features[i], for each image i, as float32 numpy.
+
+    Args:
+        head: a Keras model from the feature maps to class probabilities (N, num_classes).
+        features: (N, H', W', C) feature maps, as the layer produced them.
+        class_indices: (N,) the class whose probability is differentiated, per image.
+
+    Raises:
+        ModelError: the active Keras backend has no gradient shim (e.g. "numpy").
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend not in _MODULES:
+        raise ModelError(f"Grad-CAM needs gradients, which the '{backend}' Keras backend cannot compute. "
+                         f"Set KERAS_BACKEND to one of {', '.join(_MODULES)}. Received: backend={backend!r}")
+    module = importlib.import_module(_MODULES[backend])
+    grads = module.gradients(head, np.asarray(features, dtype=np.float32), np.asarray(class_indices, dtype=np.int64))
+    return np.asarray(grads, dtype=np.float32)

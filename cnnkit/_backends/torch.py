@@ -1,0 +1,16 @@
+"""PyTorch gradient shim (autograd on a leaf tensor of the feature maps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarray:
+    from keras.src.backend.torch.core import get_device
+
+    x = torch.tensor(features, device=get_device(), requires_grad=True)
+    index = torch.as_tensor(class_indices, device=x.device)
+    probs = head(x, training=False).float()
+    probs.gather(1, index[:, None]).sum().backward()
+    return x.grad.detach().cpu().numpy()

@@ -1,0 +1,185 @@
+"""Review: a queue of likely-mislabelled images, for a person to check. Never modifies a file.
+
+``review(run, data_dir)`` predicts every labelled image of ``data_dir`` and ranks those whose
+folder (the given label) the model most confidently disagrees with: margin = p(predicted) -
+p(given). Each row says which split of the run the image was in (from ``split.csv``): the model
+has seen its training images and may have memorised a wrong label, so disagreement on a *held-out*
+image (validation, test or not in the run) is the stronger signal; ``held_out_only`` keeps only those.
+
+Writes ``<run>/review/<name>/queue.csv`` and ``gallery.html`` (the images as the model saw them,
+embedded, with given and predicted class) atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnkit._progress import say
+from cnnkit._rundir import make_public, replace_directory
+from cnnkit.data.dataset import atomic_write_rows
+from cnnkit.data.scan import SkippedFile
+
+_COLUMNS = ["rank", "path", "given", "predicted", "p_given", "p_predicted", "margin", "split"]
+
+
+@dataclass
+class ReviewItem:
+    """One image the model disagrees with: its given label, the model's class and how sure it is."""
+
+    path: str
+    given: str
+    predicted: str
+    p_given: float
+    p_predicted: float
+    margin: float
+    split: str
+
+    def row(self, rank: int) -> list[Any]:
+        return [rank, self.path, self.given, self.predicted, f"{self.p_given:.6f}", f"{self.p_predicted:.6f}",
+                f"{self.margin:.6f}", self.split]
+
+
+@dataclass
+class ReviewQueue:
+    """What ``review()`` returns: the ranked queue and where it was written."""
+
+    items: list[ReviewItem]
+    num_images: int
+    disagreements: int
+    skipped: list[SkippedFile] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+def _run_splits(run: Path) -> dict[str, str]:
+    split_csv = run / "split.csv"
+    if not run.is_dir() or not split_csv.exists():
+        return {}
+    with open(split_csv, newline="", encoding="utf-8") as fh:
+        return {str(Path(r["path"]).resolve()): r["split"] for r in csv.DictReader(fh)}
+
+
+def review(
+    run: str | Path,
+    data_dir: str | Path,
+    *,
+    top: int = 100,
+    held_out_only: bool = False,
+    name: str | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 256,
+    cache_root: Path | None = None,
+) -> ReviewQueue:
+    """Rank the images of ``data_dir`` whose label the model most confidently disagrees with.
+
+    Args:
+        run: a run directory or ``.keras`` file.
+        data_dir: a labelled folder (class folders, or train/validation/test folders: all are reviewed).
+        top: how many images to list (the CSV and the gallery).
+        held_out_only: only images the run did not train on (see the module docstring).
+        name, out: the output folder (default ``<run>/review/<data folder name>``).
+
+    Returns:
+        A ReviewQueue.
+
+    Example:
+        >>> queue = cnnkit.review("runs/first", "dataset")
+        >>> queue.items[0].path, queue.items[0].predicted
+    """
+    from cnnkit.data.scan import ImageFile, scan_folder
+    from cnnkit.errors import ConfigError, DataError
+    from cnnkit.evaluate import predict_labelled
+    from cnnkit.models.saving import resolve_model_path
+    from cnnkit.predict import Predictor
+
+    if top < 1:
+        raise ConfigError(f"--top must be >= 1. Received: top={top}")
+    run, data_dir = Path(run), Path(data_dir)
+    predictor = Predictor(run, batch_size=batch_size)
+    names = predictor.class_names
+    folder = scan_folder(data_dir, val_split=0.0, test_split=0.0)
+    unknown = sorted(set(folder.class_names) - set(names))
+    if unknown:
+        raise DataError(f"'{data_dir}' has classes the model was not trained on: {', '.join(unknown)}. "
+                        f"The model knows: {', '.join(names)}.")
+    index = {n: i for i, n in enumerate(names)}
+    files = [ImageFile(f.path, index[folder.class_names[f.label]], f.split) for f in folder.files]
+    labelled = predict_labelled(predictor, files, cache_root=cache_root, description="Reviewing")
+    splits = _run_splits(run)
+    probs, labels = labelled.probs, labelled.labels
+    predicted = probs.argmax(axis=1)
+    p_given = probs[np.arange(len(labels)), labels]
+    p_pred = probs.max(axis=1)
+    split_of = [splits.get(str(Path(p).resolve()), "not in run") for p in labelled.paths]
+    candidates = np.flatnonzero(predicted != labels)
+    if held_out_only:
+        candidates = np.array([i for i in candidates if split_of[i] != "train"], dtype=np.int64)
+    order = candidates[np.argsort(-(p_pred[candidates] - p_given[candidates]), kind="stable")]
+    items = [ReviewItem(str(labelled.paths[i]), names[labels[i]], names[predicted[i]], float(p_given[i]),
+                        float(p_pred[i]), float(p_pred[i] - p_given[i]), split_of[i]) for i in order[:top]]
+    queue = ReviewQueue(items, len(labels), len(candidates), list(folder.skipped) + labelled.skipped)
+    out_dir = Path(out) if out else (run if run.is_dir() else resolve_model_path(run).parent) / "review" / (
+        name or data_dir.resolve().name)
+    thumbs = [np.asarray(labelled.images[labelled.rows[i]]) for i in order[:top]]
+    queue.out_dir = _write(queue, thumbs, out_dir, run)
+    say(f"{queue.disagreements} of {queue.num_images} images disagree with their folder; top {len(items)} "
+        f"-> {out_dir / 'queue.csv'} and gallery.html (no file was changed)")
+    return queue
+
+
+def _png_b64(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze(), "L" if image.shape[-1] == 1 else "RGB").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _write(queue: ReviewQueue, thumbs: list[np.ndarray], out_dir: Path, run: Path) -> Path:
+    from cnnkit.report import _write_text
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    make_public(tmp, directory=True)
+    try:
+        atomic_write_rows(tmp / "queue.csv", _COLUMNS, [item.row(n + 1) for n, item in enumerate(queue.items)])
+        cards = []
+        for n, (item, thumb) in enumerate(zip(queue.items, thumbs)):
+            cards.append(
+                f'<div class="c"><img src="data:image/png;base64,{_png_b64(thumb)}" alt="{html.escape(item.path)}">'
+                f"<div><b>#{n + 1}</b> folder: <b>{html.escape(item.given)}</b> ({item.p_given:.1%})<br>"
+                f'model: <b class="p">{html.escape(item.predicted)}</b> ({item.p_predicted:.1%})<br>'
+                f'<span class="s">{html.escape(item.split)}</span><br><span class="f">{html.escape(item.path)}</span>'
+                "</div></div>")
+        page = (
+            '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>cnnkit review</title><style>'
+            "body{font-family:Helvetica,Arial,sans-serif;margin:24px}.g{display:flex;flex-wrap:wrap;gap:12px}"
+            ".c{width:200px;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:12px}"
+            ".c img{width:192px;height:192px;object-fit:contain;image-rendering:pixelated;background:#eee}"
+            ".p{color:#b00}.s{color:#555}.f{color:#888;word-break:break-all;font-size:10px}</style></head><body>"
+            f"<h1>Likely mislabelled: {html.escape(run.name)}</h1>"
+            f"<p>{queue.disagreements} of {queue.num_images} images disagree with their folder; the {len(queue.items)}"
+            " most confident disagreements first. Images the run trained on (<i>train</i>) may have had their label "
+            "memorised, so a disagreement on a held-out image is the stronger signal. Nothing was moved or "
+            f"changed: check each one and fix the folder by hand.</p><div class=\"g\">{''.join(cards)}</div>"
+            "</body></html>\n")
+        _write_text(tmp / "gallery.html", page)
+        replace_directory(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+from cnnkit._callable import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, review)
