@@ -171,3 +171,34 @@ def get_backbone(model: keras.Model) -> keras.Model | None:
         return model.get_layer(BACKBONE_LAYER)
     except ValueError:
         return None
+
+
+def set_backbone_frozen(model: keras.Model) -> int:
+    """Phase 1: freeze the whole backbone (only the head trains). Returns the frozen layer count."""
+    backbone = get_backbone(model)
+    if backbone is None:
+        raise ModelError(f"Model '{model.name}' has no pre-trained backbone to freeze.")
+    backbone.trainable = False
+    return len(backbone.layers)
+
+
+def unfreeze_top(model: keras.Model, fine_tune_layers: int | str) -> list[keras.layers.Layer]:
+    """Phase 2: unfreeze the backbone's last ``fine_tune_layers`` layers ("all" = every one).
+
+    BatchNormalization layers stay frozen: the backbone is called with ``training=False`` so
+    they are in inference mode anyway, and keeping their scale/offset fixed is Keras's advice for
+    small datasets. Returns the layers left trainable, first to last.
+    """
+    backbone = get_backbone(model)
+    if backbone is None:
+        raise ModelError(f"Model '{model.name}' has no pre-trained backbone to fine-tune.")
+    backbone.trainable = True
+    candidates = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+    count = len(candidates) if fine_tune_layers == "all" else min(int(fine_tune_layers), len(candidates))
+    unfrozen = []
+    for index, layer in enumerate(candidates):
+        keep = index >= len(candidates) - count and not isinstance(layer, layers.BatchNormalization)
+        layer.trainable = keep
+        if keep:
+            unfrozen.append(layer)
+    return unfrozen
