@@ -22,6 +22,7 @@ import datetime as _dt
 import platform
 import shutil
 import time
+import warnings as pywarnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,7 +349,8 @@ class _Fitter:
         if phase.number == 2 and phase.learning_rate is not None:
             self._restore(self.best_path)  # fine-tune from the best head, not the last epoch's
             unfrozen = unfreeze_top(self.model, train_cfg.fine_tune_layers)
-            info["unfrozen_layers"] = len(unfrozen)
+            info["fine_tune_layers"] = train_cfg.fine_tune_layers
+            info["unfrozen_layers"] = len(unfrozen)  # BatchNorm layers among the top ones stay frozen
             say(f"[bold]phase 2[/]: fine-tuning the top {len(unfrozen)} backbone layers (BatchNorm frozen) at "
                 f"learning rate {phase.learning_rate:.2g}")
         if phase.learning_rate is not None:
@@ -397,7 +399,9 @@ class _Fitter:
 
     def _restore(self, path: Path) -> None:
         if path.exists():
-            self.model.load_weights(path)
+            with pywarnings.catch_warnings():  # the saved optimizer state is not wanted here, only the weights
+                pywarnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                self.model.load_weights(path)
 
 
 def _resume(run_dir: Path, data_dir: str | Path | None, out: str | Path | None, cache_root: Path | None,
