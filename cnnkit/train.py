@@ -493,7 +493,8 @@ def diagnose_history(history: dict[str, list[float]], num_classes: int, overfit_
     * overfitting: validation accuracy trails training accuracy by more than ``overfit_gap`` at the
       end, with the epoch where the gap first opened;
     * accuracy stuck near chance (1/num_classes): labels or inputs are broken;
-    * training loss not falling: the learning rate is too high or too low.
+    * training loss not falling (or NaN) in the first epochs: the learning rate is too high or
+      too low, told apart by the loss rising and by the rate itself (the ``learning_rate`` column).
     """
     found: list[str] = []
     acc, val_acc, loss = history.get("accuracy", []), history.get("val_accuracy", []), history.get("loss", [])
@@ -513,12 +514,30 @@ def diagnose_history(history: dict[str, list[float]], num_classes: int, overfit_
             f"Accuracy is stuck near chance ({last_acc:.1%} with {num_classes} classes = {chance:.1%}): check that the "
             "class folders hold the right images, that images are not blank, and try a lower --learning-rate."
         )
-    if len(loss) >= 3 and not min(loss[1:]) < loss[0] * 0.98:
-        found.append(
-            f"Training loss did not fall in {len(loss)} epochs ({loss[0]:.3f} -> {loss[-1]:.3f}): the learning rate is "
-            "probably too high (try --learning-rate 1e-4) or the data too hard for this model."
-        )
+    found += _learning_rate_hints(loss, history.get("learning_rate", []))
     return found
+
+
+def _learning_rate_hints(loss: list[float], rates: list[float]) -> list[str]:
+    """Loss not falling in the first epochs, read as a learning rate too high or too low."""
+    first = loss[:3]
+    rate = rates[0] if rates else None
+    at = f" (learning rate {rate:.2g})" if rate else ""
+    bad = next((i for i, value in enumerate(loss) if not np.isfinite(value)), None)
+    if bad is not None:
+        return [f"Training loss became {loss[bad]} at epoch {bad + 1}{at}: the learning rate is far too high (or "
+                "float16 overflowed). Lower it 10x, or find one with 'cnnkit lr-find' / --lr auto."]
+    if len(first) < 3 or min(first[1:]) < first[0] * 0.98:
+        return []
+    rising = first[-1] > first[0] * 1.02
+    if rate is not None and rate <= 1e-5:  # too small a step to make the loss rise: noise
+        cause = "the learning rate is probably too low: try 10x higher"
+    elif rising or (rate is not None and rate >= 1e-2):
+        cause = "the learning rate is probably too high: try 10x lower"
+    else:
+        cause = "the learning rate may be too high or too low (or the data too hard for this model)"
+    return [f"Training loss did not fall in the first {len(first)} epochs ({first[0]:.3f} -> {first[-1]:.3f}"
+            f"{', rising' if rising else ''}){at}: {cause}, or run 'cnnkit lr-find' (--lr auto)."]
 
 
 def _final_metrics(model: keras.Model, data: LoadedData, cfg: RunConfig, history: dict[str, list[float]],
@@ -566,9 +585,9 @@ def versions() -> dict[str, str]:
 
 def _run_record(cfg: RunConfig, data: LoadedData, data_dir: Path, metrics: dict[str, Any], warnings: list[str],
                 status: str, seconds: float, epochs_run: int) -> dict[str, Any]:
-    from cnnkit.models import augmentation_layers
+    from cnnkit.models.augment import augment_config
 
-    augmentation = [layer.get_config() for layer in augmentation_layers(cfg.train.augment)]
+    augmentation = augment_config(cfg.train.augment)
     return {
         "status": status,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
