@@ -107,3 +107,26 @@ def test_weights_of_another_architecture_or_with_a_top_are_refused(saved_backbon
 def test_weights_option_is_refused_for_from_scratch_models():
     with pytest.raises(ModelError, match="--weights applies to pre-trained backbones"):
         build_model("simple", 3, (16, 16), weights="imagenet")
+
+
+def test_efficientnet_from_an_imagenet_weights_file_matches_keras_imagenet_scaling(tmp_path):
+    # Keras's ImageNet EfficientNet normalises to ((x/255 - mean) / std) / sqrt(std); a file of
+    # ImageNet statistics loaded into a backbone built without that extra layer must give the same.
+    from cnnkit.models.transfer import IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB
+
+    net = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
+    norm = next(layer for layer in net.layers if isinstance(layer, keras.layers.Normalization))
+    norm.set_weights([np.array(IMAGENET_MEAN_RGB, "float32"), np.square(IMAGENET_STDDEV_RGB).astype("float32"),
+                      norm.get_weights()[2]])
+    net.save_weights(tmp_path / "effnet.weights.h5")
+    model = build_model("efficientnetb0", 3, (32, 32), weights=str(tmp_path / "effnet.weights.h5"))
+    backbone = get_backbone(model)
+    x = _pixels(2, 32)
+    scaled = model.get_layer("preprocess_efficientnet_imagenet")(x)
+    inner_norm = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Normalization))
+    inside = keras.Model(backbone.inputs, inner_norm.output)
+    std = np.array(IMAGENET_STDDEV_RGB)
+    expected = (x / 255 - np.array(IMAGENET_MEAN_RGB)) / std / np.sqrt(std)
+    np.testing.assert_allclose(np.asarray(inside(scaled)), expected, rtol=1e-4, atol=1e-4)
+    random_init = build_model("efficientnetb0", 3, (32, 32), weights="none")
+    assert "preprocess_efficientnet_imagenet" not in [layer.name for layer in random_init.layers]

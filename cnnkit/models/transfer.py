@@ -99,9 +99,35 @@ def _backbone(application, x, weights: str | None):
         net = application(include_top=False, weights=None, input_shape=shape)
         if weights != "none":
             load_backbone_weights(net, weights)
+            x = _efficientnet_imagenet_scale(net, x)
     net.name = BACKBONE_LAYER
     net.trainable = True
     return net(x, training=False)
+
+
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # keras.applications.efficientnet
+IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def _efficientnet_imagenet_scale(net: keras.Model, x):
+    """Restore the division by sqrt(std) that Keras's EfficientNet has only for ``weights="imagenet"``.
+
+    Keras's ImageNet EfficientNet computes ``((x/255 - mean) / std) / sqrt(std)`` (its comment:
+    tensorflow#49930) with an extra Rescaling layer it builds only when ``weights == "imagenet"``.
+    Built with ``weights=None`` and given ImageNet statistics from a file, the backbone lacks it, so
+    ``x' = 255*mean + (x - 255*mean) / sqrt(std)`` is applied before it: the same result. Applied
+    only when the loaded Normalization holds ImageNet statistics (a random-init backbone has 0/1).
+    """
+    norm = next((layer for layer in net.layers if isinstance(layer, layers.Normalization)), None)
+    if norm is None or not norm.get_weights():
+        return x
+    variance = np.asarray(norm.get_weights()[1], dtype="float64").reshape(-1)
+    if variance.shape != (3,) or not np.allclose(variance, np.square(IMAGENET_STDDEV_RGB), rtol=1e-3):
+        return x
+    root = np.sqrt(np.array(IMAGENET_STDDEV_RGB))
+    mean255 = 255.0 * np.array(IMAGENET_MEAN_RGB)
+    return layers.Rescaling((1.0 / root).tolist(), offset=(mean255 * (1.0 - 1.0 / root)).tolist(), dtype="float32",
+                            name="preprocess_efficientnet_imagenet")(x)
 
 
 def load_backbone_weights(net: keras.Model, path: str | Path) -> None:
