@@ -86,7 +86,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            if fn.__name__ in ("train", "evaluate", "predict", "demo"):
+            if fn.__name__ in ("train", "evaluate", "predict", "demo", "lr_find"):
                 _import_keras_quietly()
             return fn(*args, **kwargs)
         except CnnkitError as exc:
@@ -144,24 +144,49 @@ _REGISTRY_URL_HELP = "SQLAlchemy URL of the model registry (default: SQLite at $
 
 def _model_help() -> str:
     # Listing names needs the registry (and so Keras); keep --help fast with a static list.
-    return "Architecture: simple (the tutorials' small CNN, default) or vgg (the BatchNorm CNN)."
+    return ("Architecture: simple (the tutorials' small CNN, default), vgg (the BatchNorm CNN), or a pre-trained "
+            "backbone: mobilenetv2, efficientnetb0, resnet50 (224x224 by default).")
+
+
+def _parse_rate(text: str | None, option: str = "--learning-rate") -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{option} takes a number (e.g. 1e-3) or 'auto'. Received: learning_rate={text!r}") from None
 
 
 @app.command()
 @_handle_errors
 def train(
-    data_dir: Annotated[Path, typer.Argument(help="root/<class>/*.jpg, or root/train/<class>/ (+ validation/, test/).")],
+    data_dir: Annotated[Optional[Path], typer.Argument(help="root/<class>/*.jpg, or root/train/<class>/ (+ validation/, test/). Optional with --resume.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help=_model_help())] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (EarlyStopping may stop sooner).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Backbones: imagenet (download, default), none (random init) or PATH (.weights.h5, .keras backbone or a run directory).")] = None,
+    head_width: Annotated[Optional[int], typer.Option(help="Backbones: units of a hidden Dense layer in the head (0 = none).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Backbones: dropout before the classifier (default 0.2).")] = None,
+    upscale_size: Annotated[Optional[int], typer.Option(help="Backbones: upscale smaller inputs to this size inside the model (min 32).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (phase 1: backbone frozen). With --resume: how many more.")] = None,
+    fine_tune_epochs: Annotated[Optional[int], typer.Option(help="Phase 2 epochs: unfreeze the backbone's top layers and train on.")] = None,
+    fine_tune_layers: Annotated[Optional[str], typer.Option(help="How many backbone layers to unfreeze in phase 2, or 'all'.")] = None,
+    fine_tune_lr: Annotated[Optional[float], typer.Option(help="Phase 2 learning rate (default: a tenth of --learning-rate).")] = None,
+    layer_lr_decay: Annotated[Optional[float], typer.Option(help="Discriminative rates in phase 2: factor per earlier backbone block (1 = off).")] = None,
+    force: Annotated[Optional[bool], typer.Option("--force/--no-force", help="Allow fine-tuning an untrained head or with a high --fine-tune-lr.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help="Adam's initial rate.")] = None,
-    image_size: Annotated[Optional[str], typer.Option(help="N or HxW; default per model (32 for simple/vgg).")] = None,
+    learning_rate: Annotated[Optional[str], typer.Option("--learning-rate", "--lr", help="Initial rate, or 'auto' (range test first).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam (default), sgd (Nesterov momentum) or adamw.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="adamw's weight decay (default 1e-4).")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="plateau (default), cosine or onecycle.")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing, e.g. 0.1 (default 0).")] = None,
+    class_weight: Annotated[Optional[str], typer.Option(help="auto (balanced, for imbalanced classes) or none.")] = None,
+    mixed_precision: Annotated[Optional[bool], typer.Option("--mixed-precision/--no-mixed-precision", help="float16 on GPU, bfloat16 on CPU.")] = None,
+    image_size: Annotated[Optional[str], typer.Option(help="N or HxW; default per model (32 for simple/vgg, 224 for backbones).")] = None,
     color_mode: Annotated[Optional[str], typer.Option(help="rgb or grayscale.")] = None,
     resize_mode: Annotated[Optional[str], typer.Option(help="stretch, pad (keep aspect, letterbox) or crop (centre).")] = None,
     val_split: Annotated[Optional[float], typer.Option(help="Validation fraction per class, when there is no validation/ folder.")] = None,
     test_split: Annotated[Optional[float], typer.Option(help="Test fraction per class, when there is no test/ folder.")] = None,
-    augment: Annotated[Optional[str], typer.Option(help="none or standard (flip, rotation, zoom, translation).")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Epochs without val_loss improvement before stopping.")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="none, light, standard, strong or screens (screenshots/documents: no flips).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Epochs without val_loss improvement before stopping a phase.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split, shuffle and initialisation.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decode processes (default: every core).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<model>-<time>).")] = None,
@@ -170,19 +195,31 @@ def train(
     register: Annotated[Optional[str], typer.Option(help="Register the run in the model registry under this name.")] = None,
     registry_url: Annotated[Optional[str], typer.Option(envvar="CNNKIT_REGISTRY_URL", help=_REGISTRY_URL_HELP)] = None,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit a temperature on the validation split after training.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (optimizer state included).")] = None,
 ) -> None:
     """Train a classifier on DATA_DIR and write a run directory."""
     from cnnkit.config import load_config
     from cnnkit.train import train as run_training
 
-    cfg = load_config(config, {
-        "model.name": model,
-        "train.epochs": epochs, "train.batch_size": batch_size, "train.learning_rate": learning_rate,
-        "train.augment": augment, "train.patience": patience, "data.image_size": _parse_image_size(image_size),
-        "data.color_mode": color_mode, "data.resize_mode": resize_mode, "data.val_split": val_split,
-        "data.test_split": test_split, "data.seed": seed, "data.workers": workers,
-    })
-    result = run_training(data_dir, out, cfg, overwrite=overwrite)
+    if resume is not None:
+        result = run_training(data_dir, out, resume=resume, **({"epochs": epochs} if epochs else {}))
+    else:
+        if data_dir is None:
+            raise ConfigError("cnnkit train needs DATA_DIR (or --resume RUN).")
+        cfg = load_config(config, {
+            "model.name": model, "model.weights": weights, "model.head_width": head_width, "model.dropout": dropout,
+            "model.upscale_size": upscale_size,
+            "train.epochs": epochs, "train.batch_size": batch_size, "train.learning_rate": _parse_rate(learning_rate),
+            "train.fine_tune_epochs": fine_tune_epochs, "train.fine_tune_layers": fine_tune_layers,
+            "train.fine_tune_lr": fine_tune_lr, "train.layer_lr_decay": layer_lr_decay, "train.force": force,
+            "train.optimizer": optimizer, "train.weight_decay": weight_decay, "train.schedule": schedule,
+            "train.label_smoothing": label_smoothing, "train.class_weight": class_weight,
+            "train.mixed_precision": mixed_precision,
+            "train.augment": augment, "train.patience": patience, "data.image_size": _parse_image_size(image_size),
+            "data.color_mode": color_mode, "data.resize_mode": resize_mode, "data.val_split": val_split,
+            "data.test_split": test_split, "data.seed": seed, "data.workers": workers,
+        })
+        result = run_training(data_dir, out, cfg, overwrite=overwrite)
     _progress.say(f"run {'interrupted' if result.status != 'completed' else 'written'}: "
                   f"[bold]{_progress.esc(result.run_dir)}[/]")
     if calibrate and result.status == "completed":
@@ -195,6 +232,30 @@ def train(
         with Registry(registry_url) as registry:
             version = registry.add(result.run_dir, register)
         _progress.say(f"registered [bold]{version.ref}[/] in {registry._where()}")
+
+
+@app.command("lr-find")
+@_handle_errors
+def lr_find(
+    data_dir: Annotated[Path, typer.Argument(help="The image folder to train on.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help=_model_help())] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Backbones: imagenet, none or PATH.")] = None,
+    image_size: Annotated[Optional[str], typer.Option(help="N or HxW; default per model.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam, sgd or adamw.")] = None,
+    steps: Annotated[int, typer.Option(help="Most steps of the range test.")] = 200,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for lr_find.png and lr_find.json.")] = Path("lr-find"),
+    config: Annotated[Optional[Path], typer.Option(help="TOML/JSON config (or a run's run.json).")] = None,
+) -> None:
+    """Learning-rate range test: loss vs exponentially growing rate; prints a suggested rate."""
+    from cnnkit.config import load_config
+    from cnnkit.lr_find import lr_find as run_lr_find
+
+    cfg = load_config(config, {"model.name": model, "model.weights": weights, "train.batch_size": batch_size,
+                               "train.optimizer": optimizer, "data.image_size": _parse_image_size(image_size)})
+    result = run_lr_find(data_dir, out, cfg, steps=steps)
+    typer.echo(f"suggested learning rate: {result.suggested:.2g} (steepest fall {result.steepest:.2g}, "
+               f"minimum loss at {result.minimum:.2g}); plot: {out / 'lr_find.png'}")
 
 
 @app.command()

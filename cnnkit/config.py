@@ -25,7 +25,10 @@ from cnnkit.errors import ConfigError
 
 ColorMode = Literal["rgb", "grayscale"]
 ResizeMode = Literal["stretch", "pad", "crop"]
-AugmentName = Literal["none", "standard"]
+AugmentName = Literal["none", "light", "standard", "strong", "screens"]
+OptimizerName = Literal["adam", "sgd", "adamw"]
+ScheduleName = Literal["plateau", "cosine", "onecycle"]
+ClassWeightName = Literal["none", "auto"]
 
 # Pillow refuses images over ~179 M pixels by default with a warning first; we refuse earlier:
 # 80 M pixels (a 10,000 x 8,000 photo) is larger than any camera JPEG a user is likely to train on,
@@ -54,6 +57,14 @@ def _check_choice(section: str, name: str, value: Any, literal: Any) -> None:
 def _check_fraction(section: str, name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ConfigError(f"[{section}] {name} must be a fraction in [0, 1). Received: {name}={value!r}")
+
+
+def _check_rate(name: str, value: Any, allow_auto: bool = False) -> None:
+    if allow_auto and value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 10.0:
+        auto = " or 'auto'" if allow_auto else ""
+        raise ConfigError(f"[train] {name} must be a rate in (0, 10){auto}. Received: {name}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -112,13 +123,36 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which architecture to build (see ``cnnkit.models.available_models()``)."""
+    """Which architecture to build (see ``cnnkit.models.available_models()``).
+
+    Args:
+        name: the architecture (``simple``, ``vgg``, ``mobilenetv2``, ``efficientnetb0``, ``resnet50``).
+        weights: backbones only: "imagenet" (downloaded by Keras), "none" (random init, the whole
+            network trains) or the path of a ``.weights.h5`` / ``.keras`` backbone or a cnnkit run
+            directory (offline pre-trained weights); ``None`` means "imagenet" for backbones.
+        head_width: backbones only: units of a hidden Dense(relu) layer in the head; 0 = none.
+        dropout: backbones only: dropout rate before the classifier.
+        upscale_size: backbones only: inputs smaller than this (in pixels, per side) are upscaled
+            inside the model; they always are to the backbone's minimum of 32. ``None`` = 32.
+    """
 
     name: str = "simple"
+    weights: str | None = None
+    head_width: int = 0
+    dropout: float = 0.2
+    upscale_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"[model] name must be a model name. Received: name={self.name!r}")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise ConfigError("[model] weights must be 'imagenet', 'none' or a file path. "
+                              f"Received: weights={self.weights!r}")
+        if self.head_width < 0:
+            raise ConfigError(f"[model] head_width must be >= 0 (0 = no hidden layer). Received: head_width={self.head_width}")
+        _check_fraction("model", "dropout", self.dropout)
+        if self.upscale_size is not None and not 32 <= self.upscale_size <= 1024:
+            raise ConfigError(f"[model] upscale_size must be in [32, 1024]. Received: upscale_size={self.upscale_size}")
 
 
 @dataclass(frozen=True)
@@ -126,34 +160,105 @@ class TrainConfig:
     """How the model is fitted.
 
     Args:
-        epochs: maximum epochs; EarlyStopping may end sooner.
+        epochs: maximum epochs (phase 1: a pre-trained backbone stays frozen, the head trains);
+            EarlyStopping may end sooner.
         batch_size: images per step.
-        learning_rate: Adam's initial rate; ReduceLROnPlateau halves it when val_loss stalls.
-        augment: "none", or "standard" (random flip, rotation, zoom, translation as layers that
-            act only in training).
-        patience: epochs without val_loss improvement before EarlyStopping ends the run.
+        learning_rate: the optimizer's initial (peak, for onecycle) rate, or "auto": found by the
+            learning-rate range test (``cnnkit lr-find``) before training.
+        augment: preset of layers acting only in training: none, light, standard, strong, screens
+            (see ``cnnkit.models.augment``; the full preset is stored in run.json).
+        patience: epochs without val_loss improvement before EarlyStopping ends a phase.
         overfit_gap: a train-minus-validation accuracy gap above this is reported as overfitting.
+        fine_tune_epochs: phase 2 epochs: the top ``fine_tune_layers`` of the backbone are
+            unfrozen (BatchNorm stays frozen, in inference mode) and trained at ``fine_tune_lr``.
+        fine_tune_layers: how many of the backbone's last layers to unfreeze, or "all".
+        fine_tune_lr: phase 2 rate; ``None`` = learning_rate / 10. Must be <= learning_rate / 10
+            unless ``force`` (a high rate destroys the pre-trained features).
+        layer_lr_decay: discriminative rates in phase 2: each earlier backbone block (a tenth of the
+            unfrozen layers) learns at this factor of the next one's rate; 1.0 = one rate.
+        force: allow fine-tuning without a trained head (epochs 0) and a fine_tune_lr above
+            learning_rate / 10.
+        optimizer: adam, sgd (momentum 0.9, Nesterov) or adamw (decoupled weight decay).
+        weight_decay: adamw's weight decay.
+        schedule: plateau (halve the rate when val_loss stalls), cosine (cosine decay to 0 over
+            the phase) or onecycle (linear warm-up over 30% of the steps to the rate, then cosine).
+        label_smoothing: spread this much of each label's probability over all classes.
+        class_weight: "auto" weights the loss by inverse class frequency (balanced), for
+            imbalanced folders; "none" weights every image the same.
+        mixed_precision: compute in float16 on a GPU (mixed_float16) or bfloat16 on a CPU
+            (mixed_bfloat16); variables and the output layer stay float32.
     """
 
     epochs: int = 10
     batch_size: int = 64
-    learning_rate: float = 1e-3
+    learning_rate: float | str = 1e-3
     augment: AugmentName = "none"
     patience: int = 5
     overfit_gap: float = 0.15
+    fine_tune_epochs: int = 0
+    fine_tune_layers: int | str = "all"
+    fine_tune_lr: float | None = None
+    layer_lr_decay: float = 1.0
+    force: bool = False
+    optimizer: OptimizerName = "adam"
+    weight_decay: float = 1e-4
+    schedule: ScheduleName = "plateau"
+    label_smoothing: float = 0.0
+    class_weight: ClassWeightName = "none"
+    mixed_precision: bool = False
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
+        if self.epochs < 0 or (self.epochs == 0 and not self.fine_tune_epochs):
             raise ConfigError(f"[train] epochs must be >= 1. Received: epochs={self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"[train] batch_size must be >= 1. Received: batch_size={self.batch_size}")
-        if not 0.0 < self.learning_rate < 10.0:
-            raise ConfigError(
-                f"[train] learning_rate must be in (0, 10). Received: learning_rate={self.learning_rate}"
-            )
+        _check_rate("learning_rate", self.learning_rate, allow_auto=True)
+        if self.learning_rate != "auto":
+            object.__setattr__(self, "learning_rate", float(self.learning_rate))
         _check_choice("train", "augment", self.augment, AugmentName)
         if self.patience < 1:
             raise ConfigError(f"[train] patience must be >= 1. Received: patience={self.patience}")
+        self._check_fine_tuning()
+        _check_choice("train", "optimizer", self.optimizer, OptimizerName)
+        _check_choice("train", "schedule", self.schedule, ScheduleName)
+        _check_choice("train", "class_weight", self.class_weight, ClassWeightName)
+        _check_fraction("train", "label_smoothing", self.label_smoothing)
+        if not 0.0 <= self.weight_decay < 1.0:
+            raise ConfigError(f"[train] weight_decay must be in [0, 1). Received: weight_decay={self.weight_decay}")
+
+    def _check_fine_tuning(self) -> None:
+        if self.fine_tune_epochs < 0:
+            raise ConfigError(f"[train] fine_tune_epochs must be >= 0. Received: fine_tune_epochs={self.fine_tune_epochs}")
+        layers = self.fine_tune_layers
+        if isinstance(layers, str) and layers.isdigit():
+            object.__setattr__(self, "fine_tune_layers", layers := int(layers))
+        if layers != "all" and not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1):
+            raise ConfigError("[train] fine_tune_layers must be a number of layers >= 1 or 'all'. "
+                              f"Received: fine_tune_layers={layers!r}")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ConfigError(f"[train] layer_lr_decay must be in (0, 1]. Received: layer_lr_decay={self.layer_lr_decay}")
+        if self.fine_tune_lr is not None:
+            _check_rate("fine_tune_lr", self.fine_tune_lr)
+        if not self.fine_tune_epochs or self.force:
+            return
+        if self.epochs == 0:
+            raise ConfigError(
+                "[train] fine-tuning with epochs = 0 unfreezes the backbone before the new head has trained: its "
+                "random gradients wreck the pre-trained features. Train the head first (--epochs 5, say) or pass "
+                f"--force. Received: epochs=0, fine_tune_epochs={self.fine_tune_epochs}")
+        if (self.fine_tune_lr is not None and isinstance(self.learning_rate, float)
+                and self.fine_tune_lr > self.learning_rate / 10 * (1 + 1e-9)):
+            raise ConfigError(
+                f"[train] fine_tune_lr must be at most learning_rate / 10 ({self.learning_rate / 10:g}) so fine-tuning "
+                "does not destroy the pre-trained features; pass --force to use it anyway. "
+                f"Received: fine_tune_lr={self.fine_tune_lr}, learning_rate={self.learning_rate}")
+
+    @property
+    def phase2_learning_rate(self) -> float | None:
+        """The fine-tuning rate: ``fine_tune_lr``, else a tenth of a numeric ``learning_rate``."""
+        if self.fine_tune_lr is not None:
+            return self.fine_tune_lr
+        return self.learning_rate / 10 if isinstance(self.learning_rate, float) else None
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,8 @@ def find_gradcam_layer(model: keras.Model) -> str:
     candidate = None
     for layer in model.layers:
         kind = type(layer).__name__
-        if kind in _HEAD_TYPES or kind.startswith("Global"):
+        # a Dense on a 4-D tensor (ResNet's caffe preprocessing) is per-pixel, not the head
+        if (kind in _HEAD_TYPES and not _is_feature_map(layer)) or kind.startswith("Global"):
             break
         if kind in _SKIP_TYPES or kind.startswith("Random") or not _is_feature_map(layer):
             continue

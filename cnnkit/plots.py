@@ -40,14 +40,18 @@ def _save(fig, path: Path, dpi: int = 100) -> Path:
 
 
 def plot_curves(history: dict[str, list[float]], path: Path) -> Path:
-    """Accuracy and loss per epoch, training vs validation."""
+    """Accuracy and loss per epoch, training vs validation; a dashed line where fine-tuning began."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
+    phases = history.get("phase", [])
+    starts = [i + 1 for i in range(1, len(phases)) if phases[i] != phases[i - 1]]
     for ax, metric in zip(axes, ("accuracy", "loss")):
         for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
             if history.get(key):
                 ax.plot(epochs, history[key], marker="o", label=label)
+        for start in starts:
+            ax.axvline(start - 0.5, color="gray", linestyle="--", label="fine-tuning starts")
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

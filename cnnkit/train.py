@@ -20,7 +20,9 @@ import csv
 import dataclasses
 import datetime as _dt
 import platform
+import shutil
 import time
+import warnings as pywarnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,25 +32,28 @@ import keras
 import numpy as np
 
 from cnnkit._progress import esc, progress_task, say, warn
-from cnnkit._rundir import RunDirectory, write_json
+from cnnkit._rundir import RunDirectory, read_json, write_json
 from cnnkit._version import __version__
-from cnnkit.config import RunConfig, config_from_dict
+from cnnkit.callbacks import HistoryRecorder, LastCheckpoint, RichEpochs
+from cnnkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict
 from cnnkit.data.batches import ArrayBatches
 from cnnkit.data.dataset import LoadedData, load_image_folder, write_skipped_csv, write_split_csv
-from cnnkit.models import LOSS, build_model, get_spec
+from cnnkit.errors import ConfigError, DataError, ModelError, RunNotFoundError
+from cnnkit.models import build_model, get_spec
 from cnnkit.models.saving import ModelMeta, save_model
+from cnnkit.models.transfer import set_backbone_frozen, unfreeze_top
+from cnnkit.optim import balanced_class_weight, layer_lr_multipliers, make_loss, make_optimizer
 
 # Classes with fewer training images than this get a warning: below ~10 per class, validation
 # accuracy swings by 10 points or more from one image, and the model cannot learn the class.
 MIN_IMAGES_PER_CLASS = 10
 
 # Flat keyword names accepted by train(**options), mapped to their config section.
+# Every field of every section, plus "model" for the model's name.
 _OPTION_SECTIONS = {
-    "image_size": "data", "color_mode": "data", "resize_mode": "data", "val_split": "data",
-    "test_split": "data", "seed": "data", "workers": "data", "max_pixels": "data",
+    **{f.name: section for section, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig))
+       for f in dataclasses.fields(cls) if f.name != "name"},
     "model": "model",
-    "epochs": "train", "batch_size": "train", "learning_rate": "train", "augment": "train",
-    "patience": "train", "overfit_gap": "train",
 }
 
 
@@ -97,43 +102,57 @@ def resolve_config(config: RunConfig | dict | None = None, **options: Any) -> Ru
 
 
 def train(
-    data_dir: str | Path,
+    data_dir: str | Path | None = None,
     out: str | Path | None = None,
     config: RunConfig | dict | None = None,
     *,
     overwrite: bool = False,
     cache_root: Path | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    resume: str | Path | None = None,
     **options: Any,
 ) -> TrainResult:
     """Train a classifier on a folder of images and write a run directory.
 
+    With a pre-trained backbone, phase 1 trains the new head on the frozen backbone for
+    ``epochs``; phase 2 (``fine_tune_epochs`` > 0) unfreezes its top ``fine_tune_layers`` and
+    trains on at ``fine_tune_lr``. ``history.csv`` holds both phases (``phase`` column).
+
     Args:
         data_dir: ``root/<class>/*.jpg``, or ``root/train/<class>/`` with optional
-            ``validation/`` (``val/``) and ``test/``.
-        out: the run directory to write (default ``runs/<model>-<timestamp>``).
+            ``validation/`` (``val/``) and ``test/``. With ``resume``, defaults to the run's own.
+        out: the run directory to write (default ``runs/<model>-<timestamp>``; with ``resume``,
+            the resumed run itself, replaced when the continuation is written).
         config: a RunConfig (or nested dict); ``options`` override it.
         overwrite: replace an existing run directory.
         cache_root: where decoded images are cached (default ``$CNNKIT_HOME/cache``).
         callbacks: extra Keras callbacks for ``fit`` (after cnnkit's own).
-        **options: any config field by its flat name: ``model``, ``epochs``, ``batch_size``,
-            ``learning_rate``, ``augment``, ``patience``, ``image_size``, ``color_mode``,
-            ``resize_mode``, ``val_split``, ``test_split``, ``seed``, ``workers``, ...
+        resume: a run directory to continue from its ``last.keras`` (model and optimizer state)
+            with its own config; ``epochs`` then means how many more epochs (default: what an
+            interrupted run had left).
+        **options: any config field by its flat name: ``model``, ``weights``, ``epochs``,
+            ``batch_size``, ``learning_rate``, ``augment``, ``fine_tune_epochs``, ``image_size``, ...
 
     Returns:
         A TrainResult.
 
     Raises:
         DataError: the folder is unusable (named in the message).
-        ModelError: unknown model name (valid names listed).
+        ModelError: unknown model name (valid names listed), unusable ``weights``.
+        ConfigError: an invalid setting, or fine-tuning without a pre-trained backbone.
         RunExistsError: ``out`` exists and ``overwrite`` is False.
 
     Example:
         >>> result = cnnkit.train("dataset", out="runs/first", model="simple", epochs=10)
         >>> result.metrics["val_accuracy"]
     """
+    if resume is not None:
+        return _resume(Path(resume), data_dir, out, cache_root, list(callbacks or []), options)
+    if data_dir is None:
+        raise DataError("train() needs data_dir, the image folder (or resume=RUN to continue a run).")
     cfg = resolve_config(config, **options)
     spec = get_spec(cfg.model.name)  # fail fast on a wrong name, before any decoding
+    _check_plan(cfg, spec)
     if cfg.data.image_size is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=spec.default_image_size))
     out = Path(out) if out is not None else Path("runs") / f"{cfg.model.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
@@ -145,8 +164,51 @@ def train(
         raise
 
 
+def _is_pretrained(cfg: RunConfig) -> bool:
+    return get_spec(cfg.model.name).is_backbone and cfg.model.weights != "none"
+
+
+def _check_plan(cfg: RunConfig, spec: Any) -> None:
+    if not cfg.train.fine_tune_epochs:
+        return
+    if not spec.is_backbone:
+        raise ConfigError(
+            f"[train] fine_tune_epochs needs a pre-trained backbone (mobilenetv2, efficientnetb0, resnet50); "
+            f"'{spec.name}' trains from scratch in --epochs. Received: model={spec.name!r}, "
+            f"fine_tune_epochs={cfg.train.fine_tune_epochs}")
+    if cfg.model.weights == "none":
+        raise ConfigError(
+            "[train] with weights = 'none' the backbone is random and trains from the start in --epochs; there is "
+            "nothing pre-trained to fine-tune. Use --weights imagenet or PATH, or drop --fine-tune-epochs. "
+            f"Received: weights='none', fine_tune_epochs={cfg.train.fine_tune_epochs}")
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """One ``fit`` call: phase 1 (head on a frozen backbone, or a whole model) or 2 (fine-tuning)."""
+
+    number: int
+    epochs: int
+    learning_rate: float | None  # None: keep the compiled optimizer (a resumed phase)
+
+
+@dataclass
+class _ResumePoint:
+    model: keras.Model
+    history: dict[str, list[float]]
+    plan: list[_Phase]
+    resumed_from: dict[str, Any]
+
+
+def _plan(cfg: RunConfig, learning_rate: float) -> list[_Phase]:
+    phases = [_Phase(1, cfg.train.epochs, learning_rate)] if cfg.train.epochs else []
+    if cfg.train.fine_tune_epochs:
+        phases.append(_Phase(2, cfg.train.fine_tune_epochs, cfg.train.phase2_learning_rate or learning_rate / 10))
+    return phases
+
+
 def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None,
-                extra_callbacks: list[keras.callbacks.Callback]) -> TrainResult:
+                extra_callbacks: list[keras.callbacks.Callback], resume: _ResumePoint | None = None) -> TrainResult:
     started = time.time()
     data = load_image_folder(data_dir, cfg.data, cache_root=cache_root)
     write_skipped_csv(data.skipped, run.path / "skipped.csv")
@@ -154,39 +216,42 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     warnings = _report_data(data, run.final)
 
     keras.utils.set_random_seed(cfg.data.seed)
-    model = build_model(cfg.model.name, len(data.class_names), cfg.data.image_size, cfg.data.channels,
-                        augment=cfg.train.augment, seed=cfg.data.seed)
-    model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate), loss=LOSS, metrics=["accuracy"])
-    train_rows, train_labels = data.split_rows("train")
-    val_rows, val_labels = data.split_rows("validation")
-    images = data.cache.images
-    train_ds = ArrayBatches(images, train_rows, train_labels, cfg.train.batch_size, shuffle=True, seed=cfg.data.seed)
-    val_ds = ArrayBatches(images, val_rows, val_labels, cfg.train.batch_size) if len(val_rows) else None
+    train_ds, val_ds = _batches(data, cfg)
     monitor = "val_loss" if val_ds is not None else "loss"
     if val_ds is None:
         warnings.append(_warn("No validation images: EarlyStopping and the checkpoint follow the training loss, "
                               "which cannot show overfitting. Keep val_split > 0 or add a validation/ folder."))
+    policy = precision_policy(cfg.train.mixed_precision)
+    extra: dict[str, Any] = {"dtype_policy": policy}
+    if resume is not None:
+        model, plan, extra["resumed_from"] = resume.model, resume.plan, resume.resumed_from
+    else:
+        model = _build(cfg, len(data.class_names), policy)
+        learning_rate = cfg.train.learning_rate
+        if learning_rate == "auto":
+            learning_rate = _auto_learning_rate(cfg, data, train_ds, policy)
+            extra["learning_rate_found"] = learning_rate
+        plan = _plan(cfg, learning_rate)
+    class_weight = None
+    if cfg.train.class_weight == "auto":
+        class_weight = balanced_class_weight(data.split_rows("train")[1], len(data.class_names))
+        extra["class_weight"] = {data.class_names[c]: round(w, 4) for c, w in class_weight.items()}
 
-    recorder = _HistoryRecorder()
-    callbacks = [
-        recorder,
-        keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.train.patience, restore_best_weights=True),
-        keras.callbacks.ModelCheckpoint(str(run.path / "checkpoint.keras"), monitor=monitor, save_best_only=True),
-        keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=max(1, cfg.train.patience // 2),
-                                          min_lr=1e-6),
-        _RichEpochs(cfg.train.epochs, len(train_ds)),
-        *extra_callbacks,
-    ]
+    fitter = _Fitter(model, cfg, run.path, train_ds, val_ds, monitor, class_weight, extra_callbacks,
+                     resume.history if resume else None, total_epochs=sum(p.epochs for p in plan))
     status = "completed"
-    try:
-        model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=0)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        warn("Interrupted: keeping the best checkpoint so far.")
-        checkpoint = run.path / "checkpoint.keras"
-        if checkpoint.exists():
-            model.load_weights(checkpoint)
-    history = recorder.history
+    for phase in plan:
+        if phase.number == 2 and phase.learning_rate is not None:
+            refusal = fitter.head_not_trained(len(data.class_names))
+            if refusal and not cfg.train.force:
+                warnings.append(_warn(refusal))
+                break
+        status = fitter.fit(phase)
+        if status != "completed":
+            break
+    fitter.restore_best()
+    history = fitter.recorder.history
+    extra["phases"] = fitter.phases
     metrics = _final_metrics(model, data, cfg, history, monitor)
     warnings += [_warn(m) for m in diagnose_history(history, len(data.class_names), cfg.train.overfit_gap)]
     meta = ModelMeta(data.class_names, cfg.data.image_size, cfg.data.color_mode, cfg.data.resize_mode,
@@ -197,10 +262,192 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         from cnnkit.plots import plot_curves
 
         plot_curves(history, run.path / "curves.png")
-    record = _run_record(cfg, data, data_dir, metrics, warnings, status, time.time() - started, len(history.get("loss", [])))
+    record = _run_record(cfg, data, data_dir, metrics, warnings, status, time.time() - started,
+                         len(history.get("loss", [])))
+    record.update(extra)
     write_json(run.path / "run.json", record)
     run_dir = run.commit()
     return TrainResult(run_dir, model, data.class_names, history, metrics, data.data_hash, warnings, status)
+
+
+def _batches(data: LoadedData, cfg: RunConfig) -> tuple[ArrayBatches, ArrayBatches | None]:
+    train_rows, train_labels = data.split_rows("train")
+    val_rows, val_labels = data.split_rows("validation")
+    images = data.cache.images
+    train_ds = ArrayBatches(images, train_rows, train_labels, cfg.train.batch_size, shuffle=True, seed=cfg.data.seed)
+    val_ds = ArrayBatches(images, val_rows, val_labels, cfg.train.batch_size) if len(val_rows) else None
+    return train_ds, val_ds
+
+
+def precision_policy(mixed_precision: bool) -> str:
+    """The dtype policy: float32, or mixed_float16 on a GPU and mixed_bfloat16 on a CPU.
+
+    float16 is the fast path on NVIDIA tensor cores; CPUs have no fast float16 but recent ones
+    (AVX512-BF16, AMX) run bfloat16 through oneDNN, and bfloat16 needs no loss scaling.
+    """
+    if not mixed_precision:
+        return "float32"
+    gpu = any(d.lower().startswith(("gpu", "cuda")) for d in keras.distribution.list_devices())
+    return "mixed_float16" if gpu else "mixed_bfloat16"
+
+
+@contextlib.contextmanager
+def _dtype_policy(policy: str):
+    """Build layers under ``policy``, then restore the global one (it would leak into later models)."""
+    saved = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(saved)
+
+
+def _build(cfg: RunConfig, num_classes: int, policy: str) -> keras.Model:
+    with _dtype_policy(policy):
+        model = build_model(cfg.model.name, num_classes, cfg.data.image_size, cfg.data.channels,
+                            augment=cfg.train.augment, seed=cfg.data.seed, weights=cfg.model.weights,
+                            head_width=cfg.model.head_width, dropout=cfg.model.dropout,
+                            upscale_size=cfg.model.upscale_size)
+    if _is_pretrained(cfg):
+        set_backbone_frozen(model)
+    return model
+
+
+def _auto_learning_rate(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy: str) -> float:
+    from cnnkit.lr_find import find_learning_rate
+
+    probe = _build(cfg, len(data.class_names), policy)
+    found = find_learning_rate(probe, train_ds, cfg.train)
+    say(f"learning rate (range test): [bold]{found.suggested:.2g}[/]")
+    return found.suggested
+
+
+class _Fitter:
+    """Runs the phases of one training run on one model, sharing history and checkpoints."""
+
+    def __init__(self, model: keras.Model, cfg: RunConfig, run_path: Path, train_ds: ArrayBatches,
+                 val_ds: ArrayBatches | None, monitor: str, class_weight: dict[int, float] | None,
+                 extra_callbacks: list[keras.callbacks.Callback], history: dict[str, list[float]] | None,
+                 total_epochs: int) -> None:
+        self.model, self.cfg, self.train_ds, self.val_ds = model, cfg, train_ds, val_ds
+        self.monitor, self.class_weight, self.extra_callbacks = monitor, class_weight, extra_callbacks
+        self.recorder = HistoryRecorder(history)
+        self.total_epochs = self.recorder.epochs + total_epochs
+        self.best_path = run_path / "best.weights.h5"
+        self.last_path = run_path / "last.keras"
+        earlier = (history or {}).get(monitor)
+        # One best-weights checkpoint across phases and resumes: its threshold is the best so far.
+        self.best = keras.callbacks.ModelCheckpoint(
+            str(self.best_path), monitor=monitor, save_best_only=True, save_weights_only=True,
+            initial_value_threshold=min(earlier) if earlier else None)
+        self.phases: list[dict[str, Any]] = []
+
+    def fit(self, phase: _Phase) -> str:
+        """Fit one phase; "completed" or "interrupted" (Ctrl-C)."""
+        train_cfg = self.cfg.train
+        info: dict[str, Any] = {"phase": phase.number, "first_epoch": self.recorder.epochs + 1}
+        if phase.number == 2 and phase.learning_rate is not None:
+            self._restore(self.best_path)  # fine-tune from the best head, not the last epoch's
+            unfrozen = unfreeze_top(self.model, train_cfg.fine_tune_layers)
+            info["fine_tune_layers"] = train_cfg.fine_tune_layers
+            info["unfrozen_layers"] = len(unfrozen)  # BatchNorm layers among the top ones stay frozen
+            say(f"[bold]phase 2[/]: fine-tuning the top {len(unfrozen)} backbone layers (BatchNorm frozen) at "
+                f"learning rate {phase.learning_rate:.2g}")
+        if phase.learning_rate is not None:
+            multipliers = layer_lr_multipliers(self.model, train_cfg.layer_lr_decay) if phase.number == 2 else {}
+            optimizer = make_optimizer(train_cfg, phase.learning_rate, len(self.train_ds) * phase.epochs, multipliers)
+            self.model.compile(optimizer=optimizer, loss=make_loss(train_cfg.label_smoothing), metrics=["accuracy"])
+            info["learning_rate"] = phase.learning_rate
+        info["trainable_weights"] = len(self.model.trainable_weights)
+        self.recorder.phase = phase.number
+        start = self.recorder.epochs
+        callbacks = [
+            self.recorder,
+            keras.callbacks.EarlyStopping(monitor=self.monitor, patience=train_cfg.patience, restore_best_weights=True),
+            self.best,
+            LastCheckpoint(self.last_path),
+        ]
+        if train_cfg.schedule == "plateau":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                monitor=self.monitor, factor=0.5, patience=max(1, train_cfg.patience // 2), min_lr=1e-7))
+        label = f"phase {phase.number}: " if self.cfg.train.fine_tune_epochs else ""
+        callbacks += [RichEpochs(self.total_epochs, len(self.train_ds), label), *self.extra_callbacks]
+        status = "completed"
+        try:
+            self.model.fit(self.train_ds, validation_data=self.val_ds, initial_epoch=start,
+                           epochs=start + phase.epochs, class_weight=self.class_weight, callbacks=callbacks, verbose=0)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            warn("Interrupted: keeping the best checkpoint so far.")
+        info["epochs_run"] = self.recorder.epochs - start
+        self.phases.append(info)
+        return status
+
+    def head_not_trained(self, num_classes: int) -> str | None:
+        """Why phase 2 must not start (the head is still at chance), or None."""
+        key = "val_accuracy" if "val_accuracy" in self.recorder.history else "accuracy"
+        accuracy = max(self.recorder.history.get(key, [0.0]))
+        chance = 1.0 / num_classes
+        if accuracy < chance + 0.5 * (1 - chance) * 0.2:
+            return (f"Fine-tuning skipped: after phase 1 the head's best {key} is {accuracy:.1%} (chance {chance:.1%}), "
+                    "so unfreezing now would push random gradients into the pre-trained backbone. Train the head "
+                    "longer (--epochs), check the data, or pass --force to fine-tune anyway.")
+        return None
+
+    def restore_best(self) -> None:
+        self._restore(self.best_path)
+
+    def _restore(self, path: Path) -> None:
+        if path.exists():
+            with pywarnings.catch_warnings():  # the saved optimizer state is not wanted here, only the weights
+                pywarnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                self.model.load_weights(path)
+
+
+def _resume(run_dir: Path, data_dir: str | Path | None, out: str | Path | None, cache_root: Path | None,
+            extra_callbacks: list[keras.callbacks.Callback], options: dict[str, Any]) -> TrainResult:
+    """Continue ``run_dir`` from its ``last.keras`` (model + optimizer state) with its own config."""
+    if not (run_dir / "run.json").is_file():
+        raise RunNotFoundError(f"No run.json in '{run_dir}': --resume takes a run directory written by 'cnnkit train'.")
+    if not (run_dir / "last.keras").is_file():
+        raise ModelError(f"'{run_dir}' has no last.keras checkpoint to resume from (it was written before cnnkit kept "
+                         "one, or the run was cut off before its first epoch ended). Start a new run instead.")
+    unexpected = sorted(set(options) - {"epochs"})
+    if unexpected:
+        raise ConfigError(f"A resumed run keeps its own config; only epochs (how many more) can be given. "
+                          f"Received: {', '.join(unexpected)}")
+    record = read_json(run_dir / "run.json")
+    cfg = config_from_dict(record["config"])
+    history = read_history(run_dir / "history.csv")
+    phase = int(history["phase"][-1]) if history.get("phase") else 1
+    done = sum(1 for p in history.get("phase", [1] * len(history.get("loss", []))) if int(p) == phase)
+    planned = cfg.train.epochs if phase == 1 else cfg.train.fine_tune_epochs
+    interrupted = record.get("status") == "interrupted"
+    more = options.get("epochs") or (planned - done if interrupted else 0)
+    plan = [_Phase(phase, more, None)] if more > 0 else []
+    if phase == 1 and interrupted and cfg.train.fine_tune_epochs:
+        plan.append(_Phase(2, cfg.train.fine_tune_epochs, cfg.train.phase2_learning_rate))
+    if not plan:
+        raise ConfigError(f"Run '{run_dir}' completed its {len(history.get('loss', []))} epochs; pass --epochs N to "
+                          "train N more. Received: epochs=None")
+    try:
+        model = keras.saving.load_model(run_dir / "last.keras", compile=True)
+    except Exception as exc:
+        raise ModelError(f"Cannot load '{run_dir / 'last.keras'}' to resume: {exc}") from exc
+    say(f"resuming '{run_dir}' at epoch {len(history.get('loss', [])) + 1} (phase {phase}, optimizer step "
+        f"{int(keras.ops.convert_to_numpy(model.optimizer.iterations))})")
+    out = Path(out) if out is not None else run_dir
+    run = RunDirectory(out, overwrite=True)
+    try:
+        for name in ("best.weights.h5", "last.keras"):
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, run.path / name)
+        resumed = {"run": str(run_dir), "epochs_before": len(history.get("loss", [])), "phase": phase}
+        point = _ResumePoint(model, history, plan, resumed)
+        return _train_into(run, Path(data_dir or record["data_dir"]), cfg, cache_root, extra_callbacks, point)
+    except BaseException:
+        run.discard()
+        raise
 
 
 def _warn(message: str) -> str:
@@ -253,59 +500,6 @@ def _cross_split_copies(data: LoadedData) -> list[tuple[Path, Path]]:
     return [(f.path, training[d]) for f, d in zip(data.files, data.digests) if f.split != "train" and d in training]
 
 
-class _HistoryRecorder(keras.callbacks.Callback):
-    """Keeps per-epoch logs (and the learning rate) even when training is interrupted."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.history: dict[str, list[float]] = {}
-        self._started = time.perf_counter()
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = dict(logs or {})
-        logs.setdefault("learning_rate", float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-        logs["seconds"] = round(time.perf_counter() - self._started, 3)
-        for key, value in logs.items():
-            self.history.setdefault(key, []).append(float(value))
-
-
-class _RichEpochs(keras.callbacks.Callback):
-    """One Rich progress bar per epoch: steps done, loss and accuracy so far."""
-
-    def __init__(self, epochs: int, steps: int) -> None:
-        super().__init__()
-        self.epochs, self.steps = epochs, steps
-        self._stack: contextlib.ExitStack | None = None
-        self._advance = None
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._stack = contextlib.ExitStack()
-        self._advance = self._stack.enter_context(progress_task(f"Epoch {epoch + 1}/{self.epochs}", self.steps))
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self._advance is not None:
-            logs = logs or {}
-            self._advance(1, info=f"loss {logs.get('loss', 0):.3f} acc {logs.get('accuracy', 0):.1%}")
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
-        if self._advance is not None and "val_loss" in logs:
-            self._advance(0, info=f"loss {logs['loss']:.3f} acc {logs['accuracy']:.1%} | "
-                                  f"val {logs['val_loss']:.3f} {logs['val_accuracy']:.1%}")
-        self._close()
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._stack is not None:
-            self._stack.close()
-        self._stack, self._advance = None, None
-
-
 class _BatchProgress(keras.callbacks.Callback):
     """Advances a progress bar per evaluation batch."""
 
@@ -323,7 +517,8 @@ def diagnose_history(history: dict[str, list[float]], num_classes: int, overfit_
     * overfitting: validation accuracy trails training accuracy by more than ``overfit_gap`` at the
       end, with the epoch where the gap first opened;
     * accuracy stuck near chance (1/num_classes): labels or inputs are broken;
-    * training loss not falling: the learning rate is too high or too low.
+    * training loss not falling (or NaN) in the first epochs: the learning rate is too high or
+      too low, told apart by the loss rising and by the rate itself (the ``learning_rate`` column).
     """
     found: list[str] = []
     acc, val_acc, loss = history.get("accuracy", []), history.get("val_accuracy", []), history.get("loss", [])
@@ -343,12 +538,30 @@ def diagnose_history(history: dict[str, list[float]], num_classes: int, overfit_
             f"Accuracy is stuck near chance (best {best_acc:.1%} with {num_classes} classes = {chance:.1%}): check that the "
             "class folders hold the right images, that images are not blank, and try a lower --learning-rate."
         )
-    if len(loss) >= 3 and not min(loss[1:]) < loss[0] * 0.98:
-        found.append(
-            f"Training loss did not fall in {len(loss)} epochs ({loss[0]:.3f} -> {loss[-1]:.3f}): the learning rate is "
-            "probably too high (try --learning-rate 1e-4) or the data too hard for this model."
-        )
+    found += _learning_rate_hints(loss, history.get("learning_rate", []))
     return found
+
+
+def _learning_rate_hints(loss: list[float], rates: list[float]) -> list[str]:
+    """Loss not falling in the first epochs, read as a learning rate too high or too low."""
+    first = loss[:3]
+    rate = rates[0] if rates else None
+    at = f" (learning rate {rate:.2g})" if rate else ""
+    bad = next((i for i, value in enumerate(loss) if not np.isfinite(value)), None)
+    if bad is not None:
+        return [f"Training loss became {loss[bad]} at epoch {bad + 1}{at}: the learning rate is far too high (or "
+                "float16 overflowed). Lower it 10x, or find one with 'cnnkit lr-find' / --lr auto."]
+    if len(first) < 3 or min(first[1:]) < first[0] * 0.98:
+        return []
+    rising = first[-1] > first[0] * 1.02
+    if rate is not None and rate <= 1e-5:  # too small a step to make the loss rise: noise
+        cause = "the learning rate is probably too low: try 10x higher"
+    elif rising or (rate is not None and rate >= 1e-2):
+        cause = "the learning rate is probably too high: try 10x lower"
+    else:
+        cause = "the learning rate may be too high or too low (or the data too hard for this model)"
+    return [f"Training loss did not fall in the first {len(first)} epochs ({first[0]:.3f} -> {first[-1]:.3f}"
+            f"{', rising' if rising else ''}){at}: {cause}, or run 'cnnkit lr-find' (--lr auto)."]
 
 
 def _final_metrics(model: keras.Model, data: LoadedData, cfg: RunConfig, history: dict[str, list[float]],
@@ -397,9 +610,9 @@ def versions() -> dict[str, str]:
 
 def _run_record(cfg: RunConfig, data: LoadedData, data_dir: Path, metrics: dict[str, Any], warnings: list[str],
                 status: str, seconds: float, epochs_run: int) -> dict[str, Any]:
-    from cnnkit.models import augmentation_layers
+    from cnnkit.models.augment import augment_config
 
-    augmentation = [layer.get_config() for layer in augmentation_layers(cfg.train.augment)]
+    augmentation = augment_config(cfg.train.augment)
     return {
         "status": status,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

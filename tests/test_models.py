@@ -2,11 +2,13 @@ import numpy as np
 import pytest
 
 from cnnkit.errors import ModelError
-from cnnkit.models import available_models, build_model
+from cnnkit.models import available_models, build_model, get_spec
 from cnnkit.models.saving import ModelMeta, load_model, save_model
 
+FROM_SCRATCH = [name for name in available_models() if not get_spec(name).is_backbone]
 
-@pytest.mark.parametrize("name", available_models())
+
+@pytest.mark.parametrize("name", FROM_SCRATCH)  # backbones: tests/test_transfer.py
 def test_every_model_takes_raw_pixels_and_outputs_probabilities(name, tmp_path):
     model = build_model(name, num_classes=3, image_size=(16, 16))
     assert model.layers[1].name == "rescale_0_255"

@@ -33,7 +33,8 @@ def test_tiny_dataset_trains_well_above_chance(trained):
 def test_run_directory_contents(trained):
     data, result = trained
     run = result.run_dir
-    for name in ("model.keras", "run.json", "history.csv", "curves.png", "skipped.csv", "split.csv", "checkpoint.keras"):
+    for name in ("model.keras", "run.json", "history.csv", "curves.png", "skipped.csv", "split.csv", "best.weights.h5",
+                 "last.keras"):
         assert (run / name).is_file(), name
     assert not list(run.parent.glob(".first.partial-*"))
     record = json.loads((run / "run.json").read_text())

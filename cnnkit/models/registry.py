@@ -16,6 +16,7 @@ import keras
 from keras import layers
 
 from cnnkit.errors import ModelError
+from cnnkit.models.augment import augmentation_layers
 
 LOSS = "sparse_categorical_crossentropy"
 
@@ -26,25 +27,33 @@ class ModelSpec:
 
     Attributes:
         name: the name users type (``--model``); never changes after release.
-        body: builds the layers between the scaled input and the classifier head.
+        body: builds the layers between the preprocessed input and the classifier head.
         default_image_size: (height, width) used when the user gives none.
         description: one line for ``--help`` and error messages.
+        preprocess: ``fn(x, channels, **options) -> x`` turning raw 0-255 pixels into what
+            ``body`` expects; ``None`` means ``Rescaling(1/255)`` (the from-scratch CNNs).
+            Pre-trained backbones bring their own (``cnnkit.models.transfer``).
+        is_backbone: True for pre-trained backbones: ``body`` then takes the options ``weights``,
+            ``head_width`` and ``dropout``, and the model holds a layer named ``backbone``.
     """
 
     name: str
     body: Callable[..., keras.KerasTensor]
     default_image_size: tuple[int, int]
     description: str
+    preprocess: Callable[..., keras.KerasTensor] | None = None
+    is_backbone: bool = False
 
 
 _ARCHITECTURES: dict[str, ModelSpec] = {}
 
 
-def register(name: str, default_image_size: tuple[int, int], description: str):
+def register(name: str, default_image_size: tuple[int, int], description: str,
+             preprocess: Callable[..., keras.KerasTensor] | None = None, is_backbone: bool = False):
     """Decorator adding a body builder ``fn(x, num_classes, **options) -> features`` to the zoo."""
 
     def wrap(fn: Callable[..., keras.KerasTensor]) -> Callable[..., keras.KerasTensor]:
-        _ARCHITECTURES[name] = ModelSpec(name, fn, default_image_size, description)
+        _ARCHITECTURES[name] = ModelSpec(name, fn, default_image_size, description, preprocess, is_backbone)
         return fn
 
     return wrap
@@ -66,24 +75,6 @@ def get_spec(name: str) -> ModelSpec:
     return _ARCHITECTURES[name]
 
 
-def augmentation_layers(augment: str, seed: int | None = None) -> list[keras.layers.Layer]:
-    """The layers of an augmentation preset; they act only in training (identity at inference).
-
-    ``standard``: horizontal flip, rotation up to +-18 degrees (Keras's factor 0.05 of a full
-    turn), zoom +-10% and translation +-10% of the size, edges filled by reflection.
-    """
-    if augment == "none":
-        return []
-    if augment == "standard":
-        return [
-            layers.RandomFlip("horizontal", seed=seed, name="aug_flip"),
-            layers.RandomRotation(0.05, fill_mode="reflect", seed=seed, name="aug_rotation"),
-            layers.RandomZoom(0.1, fill_mode="reflect", seed=seed, name="aug_zoom"),
-            layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed, name="aug_translation"),
-        ]
-    raise ModelError(f"Unknown augmentation preset '{augment}'. Available: none, standard. Received: augment={augment!r}")
-
-
 def build_model(
     name: str,
     num_classes: int,
@@ -91,6 +82,11 @@ def build_model(
     channels: int = 3,
     augment: str = "none",
     seed: int | None = None,
+    *,
+    weights: str | None = None,
+    head_width: int = 0,
+    dropout: float = 0.2,
+    upscale_size: int | None = None,
 ) -> keras.Model:
     """Build an uncompiled classifier from the zoo.
 
@@ -99,8 +95,14 @@ def build_model(
         num_classes: number of output classes (>= 2).
         image_size: (height, width) of the input; ``None`` uses the architecture's default.
         channels: 3 for RGB, 1 for grayscale.
-        augment: augmentation preset placed after the input ("none" or "standard").
+        augment: augmentation preset placed after the input (see ``AUGMENT_PRESETS``).
         seed: seed of the augmentation layers.
+        weights: backbones only: "imagenet" (Keras's download), "none" (random init) or the path
+            of a ``.weights.h5`` / ``.keras`` backbone (or a cnnkit run); ``None`` = "imagenet".
+        head_width: backbones only: units of a hidden Dense(relu) before the classifier; 0 = none.
+        dropout: backbones only: dropout rate before the classifier.
+        upscale_size: backbones only: upscale inputs smaller than this inside the model (at least
+            to the backbone's minimum).
 
     Returns:
         A ``keras.Model`` mapping raw 0-255 pixels (batch, height, width, channels) to class
@@ -112,12 +114,19 @@ def build_model(
     spec = get_spec(name)
     if num_classes < 2:
         raise ModelError(f"A classifier needs at least 2 classes. Received: num_classes={num_classes}")
+    if not spec.is_backbone and weights not in (None, "none"):
+        raise ModelError(f"--weights applies to pre-trained backbones (mobilenetv2, efficientnetb0, resnet50), "
+                         f"not to '{name}', which trains from scratch. Received: weights={weights!r}")
     height, width = image_size or spec.default_image_size
     inputs = keras.Input(shape=(height, width, channels), name="image")
     x = inputs
     for layer in augmentation_layers(augment, seed):
         x = layer(x)
-    x = layers.Rescaling(1.0 / 255, name="rescale_0_255")(x)
-    x = spec.body(x, num_classes=num_classes)
+    if spec.is_backbone:
+        x = spec.preprocess(x, channels=channels, upscale_size=upscale_size)
+        x = spec.body(x, num_classes=num_classes, weights=weights, head_width=head_width, dropout=dropout)
+    else:
+        x = layers.Rescaling(1.0 / 255, name="rescale_0_255")(x)
+        x = spec.body(x, num_classes=num_classes)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)

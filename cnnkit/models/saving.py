@@ -18,6 +18,7 @@ from typing import Any
 
 import keras
 
+from cnnkit._progress import warn
 from cnnkit._rundir import make_public
 from cnnkit._version import __version__
 from cnnkit.errors import ModelError, RunNotFoundError
@@ -120,7 +121,42 @@ def load_model(source: str | Path) -> tuple[keras.Model, ModelMeta]:
         raise ModelError(f"Cannot load model '{path}': {exc}") from exc
     if meta is None:
         meta = _meta_from_plain_model(model, path)
+        meta.extra["warnings"] = check_plain_model(model, path)
+        for message in meta.extra["warnings"]:
+            warn(message)
     return model, meta
+
+
+# Layers that bring raw 0-255 pixels into a network's range; a plain model without one near its
+# input was probably trained on pre-scaled [0, 1] or [-1, 1] images.
+_SCALING_LAYERS = ("Rescaling", "Normalization")
+
+
+def check_plain_model(model: keras.Model, path: str | Path) -> list[str]:
+    """What a plain Keras ``.keras`` (no cnnkit metadata) gets wrong for cnnkit, in words.
+
+    cnnkit feeds raw 0-255 pixels and reads the last layer as class probabilities, so it checks
+    for a scaling layer among the first layers (nested models included) and a softmax at the end.
+    """
+    found = []
+    first = []
+    for layer in model.layers[:6]:
+        first.append(type(layer).__name__)
+        if isinstance(layer, keras.Model):
+            first += [type(inner).__name__ for inner in layer.layers[:6]]
+    if not any(name in _SCALING_LAYERS for name in first):
+        found.append(
+            f"'{path}' has no Rescaling or Normalization layer near its input, but cnnkit feeds it raw 0-255 pixels: if "
+            "it was trained on images scaled to [0, 1] or [-1, 1], its predictions will be wrong. Put the scaling "
+            "inside the model (keras.layers.Rescaling(1/255) after the Input) and save it again.")
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    name = getattr(activation, "__name__", str(activation))
+    if isinstance(last, (keras.layers.Dense, keras.layers.Activation)) and name != "softmax":
+        found.append(
+            f"'{path}' ends in '{last.name}' with activation '{name}', not softmax: its outputs are not class "
+            "probabilities, so confidences will be wrong. Add keras.layers.Softmax() at the end and save it again.")
+    return found
 
 
 def _meta_from_plain_model(model: keras.Model, path: Path) -> ModelMeta:

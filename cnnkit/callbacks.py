@@ -1,0 +1,103 @@
+"""Training stage: cnnkit's own Keras callbacks (history with phases, resumable last checkpoint, progress).
+
+``HistoryRecorder`` keeps per-epoch logs with the learning rate and the training phase (1: frozen
+backbone or from-scratch model, 2: fine-tuning) across several ``fit`` calls and resumes.
+``LastCheckpoint`` writes ``last.keras`` (model + optimizer state) after every epoch, atomically,
+so ``cnnkit train --resume RUN`` can continue with the same optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+
+from cnnkit._progress import progress_task
+from cnnkit._rundir import make_public
+from cnnkit.optim import current_learning_rate
+
+
+class HistoryRecorder(keras.callbacks.Callback):
+    """Per-epoch logs (plus ``learning_rate`` and ``phase``), kept even when training is interrupted.
+
+    Args:
+        history: the history of earlier epochs to continue (a resumed run), or None.
+    """
+
+    def __init__(self, history: dict[str, list[float]] | None = None) -> None:
+        super().__init__()
+        self.history: dict[str, list[float]] = {k: list(v) for k, v in (history or {}).items()}
+        self.phase = 1
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history.get("loss", []))
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = {k: v for k, v in dict(logs or {}).items() if k != "learning_rate"}
+        logs["learning_rate"] = current_learning_rate(self.model.optimizer)
+        logs["phase"] = self.phase
+        logs["seconds"] = round(time.perf_counter() - getattr(self, "_started", time.perf_counter()), 3)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(float(value))
+
+
+class LastCheckpoint(keras.callbacks.Callback):
+    """Saves the model with its optimizer state to ``path`` after every epoch (temp file + rename)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".keras", dir=self.path.parent)
+        os.close(fd)
+        try:
+            self.model.save(tmp)
+            make_public(tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class RichEpochs(keras.callbacks.Callback):
+    """One Rich progress bar per epoch: steps done, loss and accuracy so far."""
+
+    def __init__(self, epochs: int, steps: int, phase_label: str = "") -> None:
+        super().__init__()
+        self.epochs, self.steps, self.phase_label = epochs, steps, phase_label
+        self._stack: contextlib.ExitStack | None = None
+        self._advance = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._stack = contextlib.ExitStack()
+        title = f"{self.phase_label}Epoch {epoch + 1}/{self.epochs}"
+        self._advance = self._stack.enter_context(progress_task(title, self.steps))
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._advance is not None:
+            logs = logs or {}
+            self._advance(1, info=f"loss {logs.get('loss', 0):.3f} acc {logs.get('accuracy', 0):.1%}")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        if self._advance is not None and "val_loss" in logs:
+            self._advance(0, info=f"loss {logs['loss']:.3f} acc {logs['accuracy']:.1%} | "
+                                  f"val {logs['val_loss']:.3f} {logs['val_accuracy']:.1%}")
+        self._close()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack, self._advance = None, None

@@ -1,0 +1,81 @@
+"""Augmentation presets: named lists of Keras preprocessing layers placed right after the input.
+
+They act on raw 0-255 pixels, only in training (identity at inference), so a saved model predicts
+the same with or without them. Each preset is plain data (``AUGMENT_PRESETS``), stored in full in
+run.json, and documented here and in the README:
+
+=========  ==========================================================================================
+none       nothing
+light      horizontal flip; translation +-5%
+standard   horizontal flip; rotation +-18 deg; zoom +-10%; translation +-10% (reflect-filled edges)
+strong     standard's, wider (rotation +-36 deg, zoom +-20% = random crops and zoom-outs,
+           translation +-15%), plus contrast +-30% and brightness +-20%
+screens    screenshots and documents: no flips or rotations (text and layout have a direction);
+           zoom-in up to 15% (a random crop scaled back) or out 5%, translation +-5%, brightness
+           and contrast +-20%
+=========  ==========================================================================================
+
+Rotation factors are fractions of a full turn, as in Keras (0.05 = 18 degrees).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import layers
+
+# (layer class name, keyword arguments); "name" is the layer name in the model.
+AUGMENT_PRESETS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "none": [],
+    "light": [
+        ("RandomFlip", {"mode": "horizontal", "name": "aug_flip"}),
+        ("RandomTranslation", {"height_factor": 0.05, "width_factor": 0.05, "fill_mode": "reflect",
+                               "name": "aug_translation"}),
+    ],
+    "standard": [
+        ("RandomFlip", {"mode": "horizontal", "name": "aug_flip"}),
+        ("RandomRotation", {"factor": 0.05, "fill_mode": "reflect", "name": "aug_rotation"}),
+        ("RandomZoom", {"height_factor": 0.1, "fill_mode": "reflect", "name": "aug_zoom"}),
+        ("RandomTranslation", {"height_factor": 0.1, "width_factor": 0.1, "fill_mode": "reflect",
+                               "name": "aug_translation"}),
+    ],
+    "strong": [
+        ("RandomFlip", {"mode": "horizontal", "name": "aug_flip"}),
+        ("RandomRotation", {"factor": 0.1, "fill_mode": "reflect", "name": "aug_rotation"}),
+        ("RandomZoom", {"height_factor": 0.2, "fill_mode": "reflect", "name": "aug_zoom"}),
+        ("RandomTranslation", {"height_factor": 0.15, "width_factor": 0.15, "fill_mode": "reflect",
+                               "name": "aug_translation"}),
+        ("RandomContrast", {"factor": 0.3, "value_range": (0, 255), "name": "aug_contrast"}),
+        ("RandomBrightness", {"factor": 0.2, "value_range": (0, 255), "name": "aug_brightness"}),
+    ],
+    "screens": [
+        # Keras's RandomZoom: negative factors zoom in (crop), positive zoom out.
+        ("RandomZoom", {"height_factor": (-0.15, 0.05), "fill_mode": "constant", "fill_value": 255.0,
+                        "name": "aug_zoom"}),
+        ("RandomTranslation", {"height_factor": 0.05, "width_factor": 0.05, "fill_mode": "constant",
+                               "fill_value": 255.0, "name": "aug_translation"}),
+        ("RandomBrightness", {"factor": 0.2, "value_range": (0, 255), "name": "aug_brightness"}),
+        ("RandomContrast", {"factor": 0.2, "value_range": (0, 255), "name": "aug_contrast"}),
+    ],
+}
+
+
+def augment_config(augment: str) -> list[dict[str, Any]]:
+    """The preset as JSON-ready data, as stored in run.json: ``[{"layer": ..., **kwargs}, ...]``."""
+    return [{"layer": cls, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+            for cls, kwargs in _preset(augment)]
+
+
+def augmentation_layers(augment: str, seed: int | None = None) -> list[keras.layers.Layer]:
+    """The layers of preset ``augment``; they act only in training (identity at inference)."""
+    return [getattr(layers, cls)(**kwargs, seed=seed) for cls, kwargs in _preset(augment)]
+
+
+def _preset(augment: str) -> list[tuple[str, dict[str, Any]]]:
+    if augment not in AUGMENT_PRESETS:
+        from cnnkit.errors import ModelError
+
+        raise ModelError(f"Unknown augmentation preset '{augment}'. Available: {', '.join(AUGMENT_PRESETS)}. "
+                         f"Received: augment={augment!r}")
+    return AUGMENT_PRESETS[augment]

@@ -1,0 +1,196 @@
+"""Training options: augmentation presets, optimizers, schedules, label smoothing, class weights,
+mixed precision, the learning-rate range test, config files, and the diagnostics in words."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cnnkit
+from cnnkit.cli import app
+from cnnkit.config import TrainConfig
+from cnnkit.lr_find import _suggest
+from cnnkit.models import build_model
+from cnnkit.models.augment import AUGMENT_PRESETS, augment_config
+from cnnkit.models.saving import load_model
+from cnnkit.optim import (
+    SmoothedSparseCrossentropy,
+    balanced_class_weight,
+    layer_lr_multipliers,
+    make_optimizer,
+    make_schedule,
+)
+from tests.conftest import write_class_folder
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return write_class_folder(tmp_path_factory.mktemp("colours") / "data", per_class=16)
+
+
+@pytest.mark.parametrize("preset", sorted(AUGMENT_PRESETS))
+def test_augment_presets_build_and_are_identity_at_inference(preset):
+    model = build_model("simple", 3, (16, 16), augment=preset, seed=1)
+    x = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(model(x, training=False), model(x, training=False))
+    names = [layer.name for layer in model.layers if layer.name.startswith("aug_")]
+    assert names == [entry["name"] for entry in augment_config(preset)]
+    if preset == "screens":  # screenshots and documents: text has a direction
+        assert not any(n in names for n in ("aug_flip", "aug_rotation"))
+
+
+def test_label_smoothing_matches_the_formula():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype="float32")
+    labels = np.array([0, 2])
+    smooth = 0.1 * np.ones((2, 3)) / 3 + 0.9 * np.eye(3)[labels]
+    expected = np.mean(-np.sum(smooth * np.log(probs), axis=1))
+    got = float(SmoothedSparseCrossentropy(0.1)(labels, probs))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_balanced_class_weight():
+    assert balanced_class_weight(np.array([0] * 30 + [1] * 10), 2) == pytest.approx({0: 40 / 60, 1: 40 / 20})
+
+
+@pytest.mark.parametrize("optimizer, schedule", [("sgd", "cosine"), ("adamw", "onecycle")])
+def test_optimizers_and_schedules_train_and_are_recorded(colours, tmp_path, optimizer, schedule):
+    result = cnnkit.train(colours, tmp_path / "run", image_size=16, epochs=2, batch_size=8, optimizer=optimizer,
+                          schedule=schedule, label_smoothing=0.1, class_weight="auto", learning_rate=0.01)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["config"]["train"]["optimizer"] == optimizer and record["config"]["train"]["schedule"] == schedule
+    assert set(record["class_weight"]) == {"blue", "green", "red"}
+    rates = result.history["learning_rate"]
+    if schedule == "cosine":
+        assert rates[1] < rates[0] < 0.01  # decaying towards 0
+    else:
+        assert rates[0] > 0.01 / 25  # warmed up from rate / 25
+    assert result.metrics["val_accuracy"] > 0.5
+
+
+def test_onecycle_warms_up_then_decays():
+    schedule = make_schedule("onecycle", 0.01, 100)
+    rates = [float(schedule(step)) for step in (0, 15, 30, 65, 100)]
+    assert rates[0] == pytest.approx(0.01 / 25) and rates[2] == pytest.approx(0.01, rel=1e-3)
+    assert rates[0] < rates[1] < rates[2] > rates[3] > rates[4]
+
+
+def test_mixed_precision_keeps_a_float32_output(colours, tmp_path):
+    result = cnnkit.train(colours, tmp_path / "run", image_size=16, epochs=1, batch_size=8, mixed_precision=True)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["dtype_policy"] in ("mixed_bfloat16", "mixed_float16")
+    assert result.model.layers[-1].dtype_policy.compute_dtype == "float32"
+    assert result.model.layers[2].dtype_policy.name == record["dtype_policy"]  # the first convolution
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    model, _ = load_model(tmp_path / "run")
+    assert model.outputs[0].dtype == "float32"
+
+
+def test_discriminative_rates_lower_for_earlier_blocks():
+    model = build_model("mobilenetv2", 3, (32, 32), weights="none")
+    multipliers = layer_lr_multipliers(model, 0.5)
+    backbone = model.get_layer("backbone")
+    first = backbone.get_layer("Conv1").trainable_weights[0].path
+    last = backbone.get_layer("Conv_1").trainable_weights[0].path
+    assert multipliers[last] == 1.0 and multipliers[first] == pytest.approx(0.5**9)
+    assert layer_lr_multipliers(model, 1.0) == {}
+
+
+def test_discriminative_rates_scale_each_variable_step():
+    a, b = keras.Variable(np.zeros(3, "float32"), name="a"), keras.Variable(np.zeros(3, "float32"), name="b")
+    optimizer = make_optimizer(TrainConfig(optimizer="sgd"), 0.1, 10, {b.path: 0.25})
+    optimizer.apply([np.ones(3, "float32"), np.ones(3, "float32")], [a, b])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(b) / keras.ops.convert_to_numpy(a), 0.25, rtol=1e-5)
+
+
+def test_lr_find_suggests_a_rate_and_plots(colours, tmp_path):
+    result = CliRunner().invoke(app, ["-q", "lr-find", str(colours), "--image-size", "16", "--batch-size", "8",
+                                      "--steps", "40", "--out", str(tmp_path / "lr")])
+    assert result.exit_code == 0, result.output
+    assert "suggested learning rate" in result.output
+    saved = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
+    assert 1e-7 <= saved["suggested"] <= saved["minimum"] / 10 * (1 + 1e-9)
+    assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 0
+
+
+def test_lr_find_suggestion_on_a_synthetic_curve():
+    rates = list(np.logspace(-6, 0, 60))
+    losses = [2.0 if r < 1e-4 else (2.0 - 1.5 * (np.log10(r) + 4) / 2 if r < 1e-2 else 0.5 + (np.log10(r) + 2) * 3)
+              for r in rates]
+    found = _suggest(rates, losses)
+    assert 1e-4 <= found.steepest <= 1e-2 and found.suggested <= found.minimum / 10 * (1 + 1e-9)
+
+
+def test_lr_auto_runs_the_range_test_first(colours, tmp_path):
+    result = cnnkit.train(colours, tmp_path / "run", image_size=16, epochs=1, batch_size=8, learning_rate="auto")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["config"]["train"]["learning_rate"] == "auto"
+    assert result.history["learning_rate"][0] == pytest.approx(record["learning_rate_found"], rel=1e-5)
+
+
+def test_toml_with_every_flag_and_run_json_reproduces_the_run(colours, tmp_path):
+    (tmp_path / "train.toml").write_text(
+        '[data]\nimage_size = [16, 16]\nval_split = 0.25\nseed = 7\n'
+        '[model]\nname = "simple"\n'
+        '[train]\nepochs = 1\nbatch_size = 8\nlearning_rate = 0.002\naugment = "light"\npatience = 2\n'
+        'optimizer = "adamw"\nweight_decay = 0.001\nschedule = "cosine"\nlabel_smoothing = 0.05\n'
+        'class_weight = "auto"\nmixed_precision = false\n')
+    runner = CliRunner()
+    first = runner.invoke(app, ["-q", "train", str(colours), "--config", str(tmp_path / "train.toml"),
+                                "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["-q", "train", str(colours), "--config", str(tmp_path / "a" / "run.json"),
+                                "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    a, b = (json.loads((tmp_path / r / "run.json").read_text()) for r in "ab")
+    assert a["config"] == b["config"] and a["config"]["train"]["optimizer"] == "adamw"
+    assert a["augmentation"]["preset"] == "light" and a["augmentation"]["layers"][0]["layer"] == "RandomFlip"
+    assert a["metrics"]["val_loss"] == pytest.approx(b["metrics"]["val_loss"], rel=1e-4)
+
+
+def test_cli_errors_for_bad_options_name_the_fix(colours, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(colours), "--schedule", "linear", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "schedule must be one of" in result.output
+    result = runner.invoke(app, ["train", str(colours), "--model", "mobilenetv2", "--fine-tune-epochs", "2",
+                                 "--epochs", "0", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--force" in result.output
+    result = runner.invoke(app, ["train", str(colours), "--lr", "fast", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "'auto'" in result.output
+
+
+# ---- diagnostics: each fires on a run built to trigger it and stays silent on a healthy one ----
+
+def _lr_hints(result):
+    return [w for w in result.warnings if "learning rate" in w and "loss" in w]
+
+
+def test_learning_rate_too_low_is_named(colours, tmp_path):
+    result = cnnkit.train(colours, tmp_path / "run", image_size=16, epochs=3, batch_size=8, learning_rate=1e-7)
+    assert any("too low" in w for w in _lr_hints(result)), result.warnings
+
+
+def test_learning_rate_too_high_is_named(colours, tmp_path):
+    result = cnnkit.train(colours, tmp_path / "run", image_size=16, epochs=3, batch_size=8, learning_rate=9.0,
+                          optimizer="sgd", patience=5)
+    assert any("too high" in w for w in _lr_hints(result)), result.warnings
+
+
+def test_learning_rate_hints_silent_on_a_healthy_run(colours, tmp_path):
+    result = cnnkit.train(colours, tmp_path / "run", image_size=16, epochs=3, batch_size=8, learning_rate=3e-3)
+    assert _lr_hints(result) == [] and result.metrics["val_accuracy"] > 0.8
+
+
+def test_plain_keras_model_without_scaling_or_softmax_is_flagged(tmp_path):
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Flatten()(inputs)
+    bad = keras.Model(inputs, keras.layers.Dense(3)(x))
+    bad.save(tmp_path / "bad.keras")
+    _, meta = load_model(tmp_path / "bad.keras")
+    messages = " ".join(meta.extra["warnings"])
+    assert "no Rescaling" in messages and "not softmax" in messages
+    scaled = keras.layers.Rescaling(1 / 255)(inputs)
+    good = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(scaled)))
+    good.save(tmp_path / "good.keras")
+    assert load_model(tmp_path / "good.keras")[1].extra["warnings"] == []
