@@ -357,13 +357,14 @@ def review(
     data_dir: Annotated[Path, typer.Argument(help="Labelled folder to review (e.g. the training folder).")],
     top: Annotated[int, typer.Option(help="How many images to list.")] = 100,
     held_out_only: Annotated[bool, typer.Option("--held-out-only", help="Only images the run did not train on.")] = False,
+    folds: Annotated[Optional[int], typer.Option(help="Score out-of-fold: retrain K models with the run's config.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default RUN/review/<name>).")] = None,
 ) -> None:
     """Likely-mislabelled images (confident disagreements) as CSV and an HTML gallery; changes no file."""
     _import_keras_quietly()
     from cnnkit.review import review as run_review
 
-    queue = run_review(run, data_dir, top=top, held_out_only=held_out_only, out=out)
+    queue = run_review(run, data_dir, top=top, held_out_only=held_out_only, folds=folds, out=out)
     for n, item in enumerate(queue.items[:10]):
         typer.echo(f"{n + 1:>3} {item.path}\tfolder {item.given} ({item.p_given:.1%})\tmodel {item.predicted} "
                    f"({item.p_predicted:.1%})\t{item.split}")

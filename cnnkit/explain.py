@@ -201,6 +201,7 @@ def explain(
     Example:
         >>> [h.path for h in cnnkit.explain("runs/first", ["cat.jpg"])]
     """
+    from cnnkit.data.decode import DecodeError
     from cnnkit.data.scan import SkippedFile, expand_inputs
     from cnnkit.errors import DataError
     from cnnkit.models.saving import resolve_model_path
@@ -222,12 +223,11 @@ def explain(
     paths, missing = expand_inputs(list(images))
     decoded, sources = [], []
     for path in paths:
-        image, error = predictor._decode(path)
-        if error is None:
-            decoded.append(image)
+        try:
+            decoded.append(predictor.load(path))
             sources.append(path)
-        else:
-            missing.append(SkippedFile(path, error))
+        except DecodeError as exc:
+            missing.append(SkippedFile(path, exc.reason))
     for skipped in missing:
         warn(f"cannot explain '{skipped.path}': {skipped.reason}")
     if not decoded:
