@@ -39,6 +39,7 @@ def write_corner_folder(root: Path, per_class: int = 40, size: int = 32, seed: i
     return root
 
 
+@pytest.mark.filterwarnings("ignore:The structure of `inputs`")
 @pytest.mark.parametrize("name", available_models())
 def test_every_zoo_model_splits_at_a_feature_map(name):
     model = build_model(name, 3, (32, 32))
