@@ -322,13 +322,13 @@ def _calibrate_run(run: Path, data: Path | None = None, min_confidence: float | 
 
 
 def _print_calibration(result) -> None:
-    typer.echo(f"temperature {result.temperature:.4f} (fitted on {result.num_images} validation images): "
+    typer.echo(f"temperature {result.temperature:.4f} (fitted on {result.num_images} held-out images): "
                f"ECE {result.ece_before:.4f} -> {result.ece_after:.4f}, log-loss {result.loss_before:.4f} -> "
                f"{result.loss_after:.4f}")
     if result.min_confidence is not None:
         precision = "n/a" if result.precision_at_threshold is None else f"{result.precision_at_threshold:.2%}"
         typer.echo(f"abstain below confidence {result.min_confidence:.4f}: answers {result.coverage:.1%} of "
-                   f"validation images with precision {precision}; the rest come back as 'unknown'")
+                   f"those images with precision {precision}; the rest come back as 'unknown'")
     typer.echo(f"reliability diagram: {result.plot}")
 
 
