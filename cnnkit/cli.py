@@ -608,13 +608,13 @@ def _calibrate_run(run: Path, data: Path | None = None, min_confidence: float | 
 
 
 def _print_calibration(result) -> None:
-    typer.echo(f"temperature {result.temperature:.4f} (fitted on {result.num_images} validation images): "
+    typer.echo(f"temperature {result.temperature:.4f} (fitted on {result.num_images} held-out images): "
                f"ECE {result.ece_before:.4f} -> {result.ece_after:.4f}, log-loss {result.loss_before:.4f} -> "
                f"{result.loss_after:.4f}")
     if result.min_confidence is not None:
         precision = "n/a" if result.precision_at_threshold is None else f"{result.precision_at_threshold:.2%}"
         typer.echo(f"abstain below confidence {result.min_confidence:.4f}: answers {result.coverage:.1%} of "
-                   f"validation images with precision {precision}; the rest come back as 'unknown'")
+                   f"those images with precision {precision}; the rest come back as 'unknown'")
     typer.echo(f"reliability diagram: {result.plot}")
 
 
@@ -643,13 +643,14 @@ def review(
     data_dir: Annotated[Path, typer.Argument(help="Labelled folder to review (e.g. the training folder).")],
     top: Annotated[int, typer.Option(help="How many images to list.")] = 100,
     held_out_only: Annotated[bool, typer.Option("--held-out-only", help="Only images the run did not train on.")] = False,
+    folds: Annotated[Optional[int], typer.Option(help="Score out-of-fold: retrain K models with the run's config.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default RUN/review/<name>).")] = None,
 ) -> None:
     """Likely-mislabelled images (confident disagreements) as CSV and an HTML gallery; changes no file."""
     _import_keras_quietly()
     from cnnkit.review import review as run_review
 
-    queue = run_review(run, data_dir, top=top, held_out_only=held_out_only, out=out)
+    queue = run_review(run, data_dir, top=top, held_out_only=held_out_only, folds=folds, out=out)
     for n, item in enumerate(queue.items[:10]):
         typer.echo(f"{n + 1:>3} {item.path}\tfolder {item.given} ({item.p_given:.1%})\tmodel {item.predicted} "
                    f"({item.p_predicted:.1%})\t{item.split}")

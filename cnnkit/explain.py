@@ -14,6 +14,7 @@ The model is split at that layer into ``body`` (images -> feature maps) and ``he
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +124,8 @@ def split_model(model: keras.Model, layer_name: str | None = None) -> tuple[kera
 
 
 def gradcam(model: keras.Model, images: np.ndarray, class_indices: np.ndarray | None = None,
-            layer: str | None = None, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, str]:
+            layer: str | None = None, batch_size: int = 32,
+            on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Grad-CAM heatmaps for raw uint8 images.
 
     Args:
@@ -131,6 +133,7 @@ def gradcam(model: keras.Model, images: np.ndarray, class_indices: np.ndarray | 
         images: (N, height, width, channels) uint8.
         class_indices: (N,) class to explain per image; None explains the predicted class.
         layer: the feature-map layer (default: ``find_gradcam_layer``).
+        on_batch: called with the number of images after each batch (a progress bar's advance).
 
     Returns:
         ``(heatmaps, probabilities, layer_name)``: heatmaps (N, height, width) float32 in [0, 1],
@@ -148,6 +151,8 @@ def gradcam(model: keras.Model, images: np.ndarray, class_indices: np.ndarray | 
             grads = gradients(head, features, wanted)
             maps.append(_cam(features, grads, images.shape[1:3]))
             all_probs.append(probs)
+            if on_batch is not None:
+                on_batch(len(batch))
     return np.concatenate(maps), np.concatenate(all_probs), name
 
 
@@ -236,12 +241,13 @@ def explain(
         raise DataError(f"No image to explain ({reasons}). Pass image files, folders or glob patterns.")
     pixels = np.stack(decoded)
     wanted = None if target is None else np.full(len(pixels), target)
-    heatmaps, probs, used = gradcam(predictor.model, pixels, wanted, layer)
+    with progress_task("Grad-CAM", len(pixels)) as advance:
+        heatmaps, probs, used = gradcam(predictor.model, pixels, wanted, layer, on_batch=advance)
     out_dir = Path(out) if out else (run if run.is_dir() else resolve_model_path(run).parent) / "explain"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     stems = [Path(src).stem for src in sources]
-    with progress_task("Writing Grad-CAM", len(pixels)) as advance:
+    with progress_task("Writing PNGs", len(pixels)) as advance:
         for i, (image, heat, p, src) in enumerate(zip(pixels, heatmaps, probs, sources)):
             index = int(p.argmax()) if target is None else target
             h = Heatmap(image, heat, index, names[index], float(p[index]), names[int(p.argmax())], used, str(src))

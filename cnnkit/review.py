@@ -5,6 +5,9 @@ folder (the given label) the model most confidently disagrees with: margin = p(p
 p(given). Each row says which split of the run the image was in (from ``split.csv``): the model
 has seen its training images and may have memorised a wrong label, so disagreement on a *held-out*
 image (validation, test or not in the run) is the stronger signal; ``held_out_only`` keeps only those.
+With ``folds=K`` every image is scored out-of-fold instead: K models are trained with the run's
+config, each on the other K-1 folds (symlinks in a temporary folder; the originals are untouched),
+so no image is judged by a model that saw it.
 
 Writes ``<run>/review/<name>/queue.csv`` and ``gallery.html`` (the images as the model saw them,
 embedded, with given and predicted class) atomically.
@@ -74,6 +77,7 @@ def review(
     *,
     top: int = 100,
     held_out_only: bool = False,
+    folds: int | None = None,
     name: str | None = None,
     out: str | Path | None = None,
     batch_size: int = 256,
@@ -86,6 +90,7 @@ def review(
         data_dir: a labelled folder (class folders, or train/validation/test folders: all are reviewed).
         top: how many images to list (the CSV and the gallery).
         held_out_only: only images the run did not train on (see the module docstring).
+        folds: score out-of-fold with this many retrained models (K >= 2; costs K trainings).
         name, out: the output folder (default ``<run>/review/<data folder name>``).
 
     Returns:
@@ -103,6 +108,8 @@ def review(
 
     if top < 1:
         raise ConfigError(f"--top must be >= 1. Received: top={top}")
+    if folds is not None and folds < 2:
+        raise ConfigError(f"--folds must be >= 2 (each model leaves one fold out). Received: folds={folds}")
     run, data_dir = Path(run), Path(data_dir)
     predictor = Predictor(run, batch_size=batch_size)
     names = predictor.class_names
@@ -116,6 +123,9 @@ def review(
     labelled = predict_labelled(predictor, files, cache_root=cache_root, description="Reviewing")
     splits = _run_splits(run)
     probs, labels = labelled.probs, labelled.labels
+    if folds:
+        probs = _out_of_fold(run, labelled, names, folds, cache_root)
+        splits = {str(Path(p).resolve()): "out-of-fold" for p in labelled.paths}
     predicted = probs.argmax(axis=1)
     p_given = probs[np.arange(len(labels)), labels]
     p_pred = probs.max(axis=1)
@@ -134,6 +144,42 @@ def review(
     say(f"{queue.disagreements} of {queue.num_images} images disagree with their folder; top {len(items)} "
         f"-> {out_dir / 'queue.csv'} and gallery.html (no file was changed)")
     return queue
+
+
+def _out_of_fold(run: Path, labelled, names: list[str], folds: int, cache_root: Path | None) -> np.ndarray:
+    """Probabilities of each image from a model trained (with the run's config) without its fold."""
+    import os
+
+    from sklearn.model_selection import StratifiedKFold
+
+    from cnnkit.config import load_config
+    from cnnkit.errors import ConfigError, DataError
+    from cnnkit.predict import Predictor
+    from cnnkit.train import train
+
+    if not (run / "run.json").exists():
+        raise DataError(f"--folds retrains with the run's config, but '{run}' has no run.json. Pass a run directory.")
+    counts = np.bincount(labelled.labels, minlength=len(names))
+    if counts.min() < folds:
+        raise ConfigError(f"--folds {folds} needs at least {folds} images of every class the model knows; "
+                          f"'{names[int(counts.argmin())]}' has {int(counts.min())}. Use fewer folds. Received: folds={folds}")
+    config = load_config(run / "run.json", {"data.test_split": 0.0})
+    out = np.zeros((len(labelled.labels), len(names)), np.float32)
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=config.data.seed)
+    with tempfile.TemporaryDirectory(prefix="cnnkit-folds-") as tmp:
+        for k, (train_idx, held_idx) in enumerate(splitter.split(np.zeros(len(out)), labelled.labels)):
+            root = Path(tmp) / f"fold{k + 1}" / "data"
+            for i in train_idx:
+                path = Path(labelled.paths[i]).resolve()
+                (root / names[labelled.labels[i]]).mkdir(parents=True, exist_ok=True)
+                os.symlink(path, root / names[labelled.labels[i]] / f"{i:07d}{path.suffix}")
+            say(f"[bold]fold {k + 1}/{folds}[/]: training on {len(train_idx)} images, scoring {len(held_idx)}")
+            result = train(root, Path(tmp) / f"fold{k + 1}" / "run", config, cache_root=cache_root)
+            predictor = Predictor(result.run_dir)
+            for start in range(0, len(held_idx), 256):  # streamed from the uint8 cache, one batch at a time
+                chunk = held_idx[start : start + 256]
+                out[chunk] = predictor.predict_arrays(np.asarray(labelled.images[labelled.rows[chunk]]))
+    return out
 
 
 def _png_b64(image: np.ndarray) -> str:

@@ -312,6 +312,11 @@ def test_cli_explain_writes_side_by_side_pngs_and_refuses_unknown_class(run, tmp
         assert img.size[0] > 2.2 * img.size[1]
     proc = runner.invoke(app, ["explain", str(result.run_dir), str(image), "--class", "rde"])
     assert proc.exit_code == 2 and "Did you mean 'red'" in proc.output
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    proc = runner.invoke(app, ["explain", str(result.run_dir), str(tmp_path / "broken.jpg")])
+    assert proc.exit_code == 2 and "No image to explain" in proc.output and "broken.jpg" in proc.output
+    proc = runner.invoke(app, ["explain", str(result.run_dir), str(image), "--layer", "predictions"])
+    assert proc.exit_code == 2 and "Choose a convolutional layer" in proc.output
 
 
 def test_evaluation_holds_one_batch_of_floats_not_the_dataset(run, tmp_path):
@@ -342,3 +347,18 @@ def test_cli_train_with_calibrate_stores_the_temperature(image_folder, tmp_path)
     assert proc.exit_code == 0, proc.output
     assert "temperature" in proc.output and "ECE" in proc.output
     assert "temperature" in read_meta(tmp_path / "r" / "model.keras").extra
+
+
+def test_review_out_of_fold_scores_every_image_with_a_model_that_did_not_see_it(run, tmp_path):
+    base, result = run
+    dirty = tmp_path / "dirty"
+    shutil.copytree(base / "data" / "train", dirty)
+    for i in range(3):  # three red training images filed under green
+        (dirty / "red" / f"red_{i:03d}.png").rename(dirty / "green" / f"wrong_{i}.png")
+    before = _digests(dirty)
+    queue = review(result.run_dir, dirty, folds=2, top=5, cache_root=base / "cache")
+    assert _digests(dirty) == before
+    assert {item.path.split("/")[-1] for item in queue.items[:3]} == {"wrong_0.png", "wrong_1.png", "wrong_2.png"}
+    assert all(item.split == "out-of-fold" for item in queue.items)
+    with pytest.raises(ConfigError, match="Use fewer folds"):
+        review(result.run_dir, dirty, folds=100, cache_root=base / "cache")

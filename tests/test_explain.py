@@ -1,4 +1,5 @@
-"""Grad-CAM: the layer is found for every model in the zoo, and the heatmap looks where the class is decided."""
+"""Grad-CAM: the layer is found for every model in the zoo (on every installed backend), and the heatmap
+looks where the class is decided."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def write_corner_folder(root: Path, per_class: int = 40, size: int = 32, seed: i
     return root
 
 
+@pytest.mark.filterwarnings("ignore:The structure of `inputs`")
 @pytest.mark.parametrize("name", available_models())
 def test_every_zoo_model_splits_at_a_feature_map(name):
     # 64x64: backbones reduce 32x32 to a 1x1 map, where there is nothing to localise
@@ -107,8 +109,12 @@ LOCALISE = textwrap.dedent("""
             inside = (peak[0] < 16 and peak[1] < 16) if name == "top_left" else (peak[0] >= 16 and peak[1] >= 16)
             hits.append(bool(inside))
             margins.append(float(tl - br) if name == "top_left" else float(br - tl))
+    from cnnkit.explain import gradcam
+    from cnnkit.models import available_models, build_model
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    zoo = {name: list(gradcam(build_model(name, 2, (32, 32)), pixels)[0].shape) for name in available_models()}
     print(json.dumps({"backend": keras.backend.backend(), "hits": float(np.mean(hits)),
-                      "margin": float(np.mean(margins))}))
+                      "margin": float(np.mean(margins)), "zoo": zoo}))
 """)
 
 
@@ -126,6 +132,7 @@ def test_gradcam_peaks_where_the_class_is_decided(backend, module, tmp_path):
     assert result["backend"] == backend
     assert result["hits"] >= 0.8, result  # the hottest pixel lies in the square's quadrant
     assert result["margin"] > 0.2, result  # and that quadrant is much hotter than the opposite one
+    assert result["zoo"] and all(shape == [2, 32, 32] for shape in result["zoo"].values()), result["zoo"]
     pngs = list((tmp_path / "run" / "explain").glob("*.png"))
     assert len(pngs) == 20
     with Image.open(pngs[0]) as img:
