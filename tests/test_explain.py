@@ -111,8 +111,9 @@ LOCALISE = textwrap.dedent("""
             margins.append(float(tl - br) if name == "top_left" else float(br - tl))
     from cnnkit.explain import gradcam
     from cnnkit.models import available_models, build_model
-    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
-    zoo = {name: list(gradcam(build_model(name, 2, (32, 32)), pixels)[0].shape) for name in available_models()}
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
+    zoo = {name: list(gradcam(build_model(name, 2, (64, 64), weights="none"), pixels)[0].shape)
+           for name in available_models()}
     print(json.dumps({"backend": keras.backend.backend(), "hits": float(np.mean(hits)),
                       "margin": float(np.mean(margins)), "zoo": zoo}))
 """)
@@ -132,7 +133,7 @@ def test_gradcam_peaks_where_the_class_is_decided(backend, module, tmp_path):
     assert result["backend"] == backend
     assert result["hits"] >= 0.8, result  # the hottest pixel lies in the square's quadrant
     assert result["margin"] > 0.2, result  # and that quadrant is much hotter than the opposite one
-    assert result["zoo"] and all(shape == [2, 32, 32] for shape in result["zoo"].values()), result["zoo"]
+    assert result["zoo"] and all(shape == [2, 64, 64] for shape in result["zoo"].values()), result["zoo"]
     pngs = list((tmp_path / "run" / "explain").glob("*.png"))
     assert len(pngs) == 20
     with Image.open(pngs[0]) as img:
