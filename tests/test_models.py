@@ -5,7 +5,6 @@ from cnnkit.errors import ModelError
 from cnnkit.models import available_models, build_model, get_spec
 from cnnkit.models.saving import ModelMeta, load_model, save_model
 
-
 FROM_SCRATCH = [name for name in available_models() if not get_spec(name).is_backbone]
 
 

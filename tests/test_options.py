@@ -10,13 +10,18 @@ from typer.testing import CliRunner
 
 import cnnkit
 from cnnkit.cli import app
+from cnnkit.config import TrainConfig
 from cnnkit.lr_find import _suggest
 from cnnkit.models import build_model
 from cnnkit.models.augment import AUGMENT_PRESETS, augment_config
 from cnnkit.models.saving import load_model
-from cnnkit.config import TrainConfig
-from cnnkit.optim import (SmoothedSparseCrossentropy, balanced_class_weight, layer_lr_multipliers, make_optimizer,
-                          make_schedule)
+from cnnkit.optim import (
+    SmoothedSparseCrossentropy,
+    balanced_class_weight,
+    layer_lr_multipliers,
+    make_optimizer,
+    make_schedule,
+)
 from tests.conftest import write_class_folder
 
 
