@@ -56,7 +56,7 @@ def test_raw_pixels_match_reference_preprocess_input_then_backbone(name):
 def test_grayscale_input_is_copied_to_three_channels():
     model = build_model("mobilenetv2", num_classes=2, image_size=(32, 32), channels=1, weights="none")
     gray = _pixels(1, 32)[..., :1]
-    to_rgb = keras.Model(model.inputs, model.get_layer("gray_to_rgb").output)
+    to_rgb = keras.Model(model.input, model.get_layer("gray_to_rgb").output)
     np.testing.assert_array_equal(np.asarray(to_rgb(gray)), np.repeat(gray, 3, axis=-1))
     assert np.asarray(model(gray)).shape == (1, 2)
 
