@@ -413,7 +413,12 @@ def _write_history(history: dict[str, list[float]], path: Path) -> None:
 
     keys = list(history)
     epochs = len(history.get("loss", []))
-    rows = [[epoch + 1] + [history[k][epoch] if epoch < len(history[k]) else "" for k in keys] for epoch in range(epochs)]
+    def cell(key: str, epoch: int) -> Any:
+        if epoch >= len(history[key]):
+            return ""
+        return int(history[key][epoch]) if key == "phase" else history[key][epoch]
+
+    rows = [[epoch + 1] + [cell(k, epoch) for k in keys] for epoch in range(epochs)]
     atomic_write_rows(path, ["epoch", *keys], rows)
 
 
