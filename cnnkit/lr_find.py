@@ -149,8 +149,9 @@ def lr_find(data_dir: str | Path, out: str | Path | None = None, config: Any = N
     """
     from cnnkit._rundir import write_json
     from cnnkit.data.dataset import load_image_folder
+    from cnnkit.fitting import build_for_training, make_batches, precision_policy
     from cnnkit.models import get_spec
-    from cnnkit.train import _batches, _build, precision_policy, resolve_config
+    from cnnkit.train import resolve_config
 
     cfg = resolve_config(config, **options)
     if cfg.data.image_size is None:
@@ -158,8 +159,8 @@ def lr_find(data_dir: str | Path, out: str | Path | None = None, config: Any = N
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
     data = load_image_folder(Path(data_dir), cfg.data, cache_root=cache_root)
     keras.utils.set_random_seed(cfg.data.seed)
-    train_ds, _ = _batches(data, cfg)
-    model = _build(cfg, len(data.class_names), precision_policy(cfg.train.mixed_precision))
+    train_ds, _ = make_batches(data, cfg)
+    model = build_for_training(cfg, len(data.class_names), precision_policy(cfg.train.mixed_precision))
     result = find_learning_rate(model, train_ds, cfg.train, steps=steps)
     if out is not None:
         out = Path(out)

@@ -15,14 +15,12 @@ Ctrl-C stops training early but still writes the run (best checkpoint, ``status:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import datetime as _dt
 import platform
 import shutil
 import time
-import warnings as pywarnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +32,15 @@ import numpy as np
 from cnnkit._progress import esc, progress_task, say, warn
 from cnnkit._rundir import RunDirectory, read_json, write_json
 from cnnkit._version import __version__
-from cnnkit.callbacks import HistoryRecorder, LastCheckpoint, RichEpochs
 from cnnkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, config_from_dict
 from cnnkit.data.batches import ArrayBatches
 from cnnkit.data.dataset import LoadedData, load_image_folder, write_skipped_csv, write_split_csv
 from cnnkit.errors import ConfigError, DataError, ModelError, RunNotFoundError
-from cnnkit.models import build_model, get_spec
+from cnnkit.fitting import Fitter, Phase, build_for_training, make_batches, plan_phases, precision_policy
+from cnnkit.lr_find import find_learning_rate
+from cnnkit.models import get_spec
 from cnnkit.models.saving import ModelMeta, save_model
-from cnnkit.models.transfer import set_backbone_frozen, unfreeze_top
-from cnnkit.optim import balanced_class_weight, layer_lr_multipliers, make_loss, make_optimizer
+from cnnkit.optim import balanced_class_weight
 
 # Classes with fewer training images than this get a warning: below ~10 per class, validation
 # accuracy swings by 10 points or more from one image, and the model cannot learn the class.
@@ -164,10 +162,6 @@ def train(
         raise
 
 
-def _is_pretrained(cfg: RunConfig) -> bool:
-    return get_spec(cfg.model.name).is_backbone and cfg.model.weights != "none"
-
-
 def _check_plan(cfg: RunConfig, spec: Any) -> None:
     if not cfg.train.fine_tune_epochs:
         return
@@ -183,28 +177,12 @@ def _check_plan(cfg: RunConfig, spec: Any) -> None:
             f"Received: weights='none', fine_tune_epochs={cfg.train.fine_tune_epochs}")
 
 
-@dataclass(frozen=True)
-class _Phase:
-    """One ``fit`` call: phase 1 (head on a frozen backbone, or a whole model) or 2 (fine-tuning)."""
-
-    number: int
-    epochs: int
-    learning_rate: float | None  # None: keep the compiled optimizer (a resumed phase)
-
-
 @dataclass
 class _ResumePoint:
     model: keras.Model
     history: dict[str, list[float]]
-    plan: list[_Phase]
+    plan: list[Phase]
     resumed_from: dict[str, Any]
-
-
-def _plan(cfg: RunConfig, learning_rate: float) -> list[_Phase]:
-    phases = [_Phase(1, cfg.train.epochs, learning_rate)] if cfg.train.epochs else []
-    if cfg.train.fine_tune_epochs:
-        phases.append(_Phase(2, cfg.train.fine_tune_epochs, cfg.train.phase2_learning_rate or learning_rate / 10))
-    return phases
 
 
 def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None,
@@ -216,7 +194,7 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     warnings = _report_data(data, run.final)
 
     keras.utils.set_random_seed(cfg.data.seed)
-    train_ds, val_ds = _batches(data, cfg)
+    train_ds, val_ds = make_batches(data, cfg)
     monitor = "val_loss" if val_ds is not None else "loss"
     if val_ds is None:
         warnings.append(_warn("No validation images: EarlyStopping and the checkpoint follow the training loss, "
@@ -226,18 +204,20 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     if resume is not None:
         model, plan, extra["resumed_from"] = resume.model, resume.plan, resume.resumed_from
     else:
-        model = _build(cfg, len(data.class_names), policy)
+        model = build_for_training(cfg, len(data.class_names), policy)
         learning_rate = cfg.train.learning_rate
         if learning_rate == "auto":
-            learning_rate = _auto_learning_rate(cfg, data, train_ds, policy)
+            probe = build_for_training(cfg, len(data.class_names), policy)  # a throw-away copy
+            learning_rate = find_learning_rate(probe, train_ds, cfg.train).suggested
+            say(f"learning rate (range test): [bold]{learning_rate:.2g}[/]")
             extra["learning_rate_found"] = learning_rate
-        plan = _plan(cfg, learning_rate)
+        plan = plan_phases(cfg, learning_rate)
     class_weight = None
     if cfg.train.class_weight == "auto":
         class_weight = balanced_class_weight(data.split_rows("train")[1], len(data.class_names))
         extra["class_weight"] = {data.class_names[c]: round(w, 4) for c, w in class_weight.items()}
 
-    fitter = _Fitter(model, cfg, run.path, train_ds, val_ds, monitor, class_weight, extra_callbacks,
+    fitter = Fitter(model, cfg, run.path, train_ds, val_ds, monitor, class_weight, extra_callbacks,
                      resume.history if resume else None, total_epochs=sum(p.epochs for p in plan))
     status = "completed"
     for phase in plan:
@@ -270,140 +250,6 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     return TrainResult(run_dir, model, data.class_names, history, metrics, data.data_hash, warnings, status)
 
 
-def _batches(data: LoadedData, cfg: RunConfig) -> tuple[ArrayBatches, ArrayBatches | None]:
-    train_rows, train_labels = data.split_rows("train")
-    val_rows, val_labels = data.split_rows("validation")
-    images = data.cache.images
-    train_ds = ArrayBatches(images, train_rows, train_labels, cfg.train.batch_size, shuffle=True, seed=cfg.data.seed)
-    val_ds = ArrayBatches(images, val_rows, val_labels, cfg.train.batch_size) if len(val_rows) else None
-    return train_ds, val_ds
-
-
-def precision_policy(mixed_precision: bool) -> str:
-    """The dtype policy: float32, or mixed_float16 on a GPU and mixed_bfloat16 on a CPU.
-
-    float16 is the fast path on NVIDIA tensor cores; CPUs have no fast float16 but recent ones
-    (AVX512-BF16, AMX) run bfloat16 through oneDNN, and bfloat16 needs no loss scaling.
-    """
-    if not mixed_precision:
-        return "float32"
-    gpu = any(d.lower().startswith(("gpu", "cuda")) for d in keras.distribution.list_devices())
-    return "mixed_float16" if gpu else "mixed_bfloat16"
-
-
-@contextlib.contextmanager
-def _dtype_policy(policy: str):
-    """Build layers under ``policy``, then restore the global one (it would leak into later models)."""
-    saved = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(saved)
-
-
-def _build(cfg: RunConfig, num_classes: int, policy: str) -> keras.Model:
-    with _dtype_policy(policy):
-        model = build_model(cfg.model.name, num_classes, cfg.data.image_size, cfg.data.channels,
-                            augment=cfg.train.augment, seed=cfg.data.seed, weights=cfg.model.weights,
-                            head_width=cfg.model.head_width, dropout=cfg.model.dropout,
-                            upscale_size=cfg.model.upscale_size)
-    if _is_pretrained(cfg):
-        set_backbone_frozen(model)
-    return model
-
-
-def _auto_learning_rate(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy: str) -> float:
-    from cnnkit.lr_find import find_learning_rate
-
-    probe = _build(cfg, len(data.class_names), policy)
-    found = find_learning_rate(probe, train_ds, cfg.train)
-    say(f"learning rate (range test): [bold]{found.suggested:.2g}[/]")
-    return found.suggested
-
-
-class _Fitter:
-    """Runs the phases of one training run on one model, sharing history and checkpoints."""
-
-    def __init__(self, model: keras.Model, cfg: RunConfig, run_path: Path, train_ds: ArrayBatches,
-                 val_ds: ArrayBatches | None, monitor: str, class_weight: dict[int, float] | None,
-                 extra_callbacks: list[keras.callbacks.Callback], history: dict[str, list[float]] | None,
-                 total_epochs: int) -> None:
-        self.model, self.cfg, self.train_ds, self.val_ds = model, cfg, train_ds, val_ds
-        self.monitor, self.class_weight, self.extra_callbacks = monitor, class_weight, extra_callbacks
-        self.recorder = HistoryRecorder(history)
-        self.total_epochs = self.recorder.epochs + total_epochs
-        self.best_path = run_path / "best.weights.h5"
-        self.last_path = run_path / "last.keras"
-        earlier = (history or {}).get(monitor)
-        # One best-weights checkpoint across phases and resumes: its threshold is the best so far.
-        self.best = keras.callbacks.ModelCheckpoint(
-            str(self.best_path), monitor=monitor, save_best_only=True, save_weights_only=True,
-            initial_value_threshold=min(earlier) if earlier else None)
-        self.phases: list[dict[str, Any]] = []
-
-    def fit(self, phase: _Phase) -> str:
-        """Fit one phase; "completed" or "interrupted" (Ctrl-C)."""
-        train_cfg = self.cfg.train
-        info: dict[str, Any] = {"phase": phase.number, "first_epoch": self.recorder.epochs + 1}
-        if phase.number == 2 and phase.learning_rate is not None:
-            self._restore(self.best_path)  # fine-tune from the best head, not the last epoch's
-            unfrozen = unfreeze_top(self.model, train_cfg.fine_tune_layers)
-            info["fine_tune_layers"] = train_cfg.fine_tune_layers
-            info["unfrozen_layers"] = len(unfrozen)  # BatchNorm layers among the top ones stay frozen
-            say(f"[bold]phase 2[/]: fine-tuning the top {len(unfrozen)} backbone layers (BatchNorm frozen) at "
-                f"learning rate {phase.learning_rate:.2g}")
-        if phase.learning_rate is not None:
-            multipliers = layer_lr_multipliers(self.model, train_cfg.layer_lr_decay) if phase.number == 2 else {}
-            optimizer = make_optimizer(train_cfg, phase.learning_rate, len(self.train_ds) * phase.epochs, multipliers)
-            self.model.compile(optimizer=optimizer, loss=make_loss(train_cfg.label_smoothing), metrics=["accuracy"])
-            info["learning_rate"] = phase.learning_rate
-        info["trainable_weights"] = len(self.model.trainable_weights)
-        self.recorder.phase = phase.number
-        start = self.recorder.epochs
-        callbacks = [
-            self.recorder,
-            keras.callbacks.EarlyStopping(monitor=self.monitor, patience=train_cfg.patience, restore_best_weights=True),
-            self.best,
-            LastCheckpoint(self.last_path),
-        ]
-        if train_cfg.schedule == "plateau":
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(
-                monitor=self.monitor, factor=0.5, patience=max(1, train_cfg.patience // 2), min_lr=1e-7))
-        label = f"phase {phase.number}: " if self.cfg.train.fine_tune_epochs else ""
-        callbacks += [RichEpochs(self.total_epochs, len(self.train_ds), label), *self.extra_callbacks]
-        status = "completed"
-        try:
-            self.model.fit(self.train_ds, validation_data=self.val_ds, initial_epoch=start,
-                           epochs=start + phase.epochs, class_weight=self.class_weight, callbacks=callbacks, verbose=0)
-        except KeyboardInterrupt:
-            status = "interrupted"
-            warn("Interrupted: keeping the best checkpoint so far.")
-        info["epochs_run"] = self.recorder.epochs - start
-        self.phases.append(info)
-        return status
-
-    def head_not_trained(self, num_classes: int) -> str | None:
-        """Why phase 2 must not start (the head is still at chance), or None."""
-        key = "val_accuracy" if "val_accuracy" in self.recorder.history else "accuracy"
-        accuracy = max(self.recorder.history.get(key, [0.0]))
-        chance = 1.0 / num_classes
-        if accuracy < chance + 0.5 * (1 - chance) * 0.2:
-            return (f"Fine-tuning skipped: after phase 1 the head's best {key} is {accuracy:.1%} (chance {chance:.1%}), "
-                    "so unfreezing now would push random gradients into the pre-trained backbone. Train the head "
-                    "longer (--epochs), check the data, or pass --force to fine-tune anyway.")
-        return None
-
-    def restore_best(self) -> None:
-        self._restore(self.best_path)
-
-    def _restore(self, path: Path) -> None:
-        if path.exists():
-            with pywarnings.catch_warnings():  # the saved optimizer state is not wanted here, only the weights
-                pywarnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-                self.model.load_weights(path)
-
-
 def _resume(run_dir: Path, data_dir: str | Path | None, out: str | Path | None, cache_root: Path | None,
             extra_callbacks: list[keras.callbacks.Callback], options: dict[str, Any]) -> TrainResult:
     """Continue ``run_dir`` from its ``last.keras`` (model + optimizer state) with its own config."""
@@ -424,9 +270,9 @@ def _resume(run_dir: Path, data_dir: str | Path | None, out: str | Path | None, 
     planned = cfg.train.epochs if phase == 1 else cfg.train.fine_tune_epochs
     interrupted = record.get("status") == "interrupted"
     more = options.get("epochs") or (planned - done if interrupted else 0)
-    plan = [_Phase(phase, more, None)] if more > 0 else []
+    plan = [Phase(phase, more, None)] if more > 0 else []
     if phase == 1 and interrupted and cfg.train.fine_tune_epochs:
-        plan.append(_Phase(2, cfg.train.fine_tune_epochs, cfg.train.phase2_learning_rate))
+        plan.append(Phase(2, cfg.train.fine_tune_epochs, cfg.train.phase2_learning_rate))
     if not plan:
         raise ConfigError(f"Run '{run_dir}' completed its {len(history.get('loss', []))} epochs; pass --epochs N to "
                           "train N more. Received: epochs=None")
@@ -592,7 +438,12 @@ def _write_history(history: dict[str, list[float]], path: Path) -> None:
 
     keys = list(history)
     epochs = len(history.get("loss", []))
-    rows = [[epoch + 1] + [history[k][epoch] if epoch < len(history[k]) else "" for k in keys] for epoch in range(epochs)]
+    def cell(key: str, epoch: int) -> Any:
+        if epoch >= len(history[key]):
+            return ""
+        return int(history[key][epoch]) if key == "phase" else history[key][epoch]
+
+    rows = [[epoch + 1] + [cell(k, epoch) for k in keys] for epoch in range(epochs)]
     atomic_write_rows(path, ["epoch", *keys], rows)
 
 

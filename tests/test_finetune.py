@@ -121,3 +121,21 @@ def test_resume_an_interrupted_run_finishes_its_epochs(tmp_path):
     assert first.status == "interrupted"
     resumed = cnnkit.train(resume=tmp_path / "run")
     assert resumed.status == "completed" and len(resumed.history["loss"]) == 3
+
+
+def test_cli_resume_needs_no_data_dir(tmp_path):
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+
+    data = write_class_folder(tmp_path / "data", per_class=12)
+    runner = CliRunner()
+    first = runner.invoke(app, ["-q", "train", str(data), "--image-size", "16", "--epochs", "1", "--out",
+                                str(tmp_path / "run")])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["-q", "train", "--resume", str(tmp_path / "run"), "--epochs", "1"])
+    assert again.exit_code == 0, again.output
+    with open(tmp_path / "run" / "history.csv") as fh:
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2"]
+    missing = runner.invoke(app, ["train", "--resume", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "--resume takes a run directory" in missing.output
