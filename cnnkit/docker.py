@@ -22,7 +22,7 @@ from cnnkit.errors import CnnkitError
 
 # The image's Python packages: cnnkit's dependencies for serving (no JAX/torch, no test tools).
 _REQUIREMENTS = ["keras", "tensorflow-cpu", "numpy", "pillow", "scikit-learn", "matplotlib", "typer", "rich",
-                 "sqlalchemy", "alembic", "psycopg[binary]", "fastapi", "uvicorn", "python-multipart",
+                 "sqlalchemy", "alembic", "psycopg[binary]", "fastapi", "uvicorn[standard]", "python-multipart",
                  "prometheus-client"]
 _PORT = 8501
 
