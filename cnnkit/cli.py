@@ -491,6 +491,7 @@ def docker(
     registry_url: _RegistryUrl = None,
 ) -> None:
     """Write a Docker build context serving a model (and build it when Docker is available)."""
+    _import_keras_quietly()
     from cnnkit.docker import build_image, write_build_context
 
     context = write_build_context(source, out, tag=tag, registry_url=registry_url)

@@ -27,7 +27,6 @@ _REQUIREMENTS = ["keras", "tensorflow-cpu", "numpy", "pillow", "scikit-learn", "
 _PORT = 8501
 
 DOCKERFILE = """\
-# syntax=docker/dockerfile:1
 # A cnnkit model server: TensorFlow Serving's REST API on port {port} (cnnkit serve).
 #   docker build -t {tag} .            (BASE defaults to python:3.11-slim)
 #   docker run -p 127.0.0.1:{port}:{port} {tag}
@@ -38,12 +37,12 @@ FROM ${{BASE}} AS build
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt /tmp/requirements.txt
+COPY cnnkit-src /tmp/cnnkit-src
 # An optional CA bundle for networks that intercept TLS, as a BuildKit secret (never in a layer).
 RUN --mount=type=secret,id=extra_ca,required=false \\
-    PIP_CERT=$( [ -s /run/secrets/extra_ca ] && echo /run/secrets/extra_ca ) \\
-    pip install --no-cache-dir -r /tmp/requirements.txt
-COPY cnnkit-src /tmp/cnnkit-src
-RUN pip install --no-cache-dir --no-deps /tmp/cnnkit-src
+    export PIP_CERT=$( [ -s /run/secrets/extra_ca ] && echo /run/secrets/extra_ca ); \\
+    pip install --no-cache-dir "setuptools>=68" -r /tmp/requirements.txt \\
+    && pip install --no-cache-dir --no-deps --no-build-isolation /tmp/cnnkit-src
 
 FROM ${{BASE}}
 RUN useradd --create-home --uid 10001 cnnkit
