@@ -184,7 +184,7 @@ def train(
 
         with Registry(registry_url) as registry:
             version = registry.add(result.run_dir, register)
-        _progress.say(f"registered [bold]{version.ref}[/] in {registry._where()}")
+        _progress.say(f"registered [bold]{version.ref}[/] in {registry.location}")
 
 
 @app.command()
