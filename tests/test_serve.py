@@ -264,12 +264,27 @@ def test_batching_off_gives_the_same_answer(run_dir, images):
         assert _batch_count(c) == 0
 
 
+def _set_meta_extra(path: Path, extra: dict) -> None:
+    """Store calibration in the model's own metadata member, as `cnnkit calibrate` does."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    meta = json.loads(members["cnnkit.json"])
+    meta["extra"] = {**meta.get("extra", {}), **extra}
+    members["cnnkit.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
 def test_calibration_stored_with_the_run_is_applied(run_dir, images, tmp_path):
     calibrated = tmp_path / "calibrated"
     shutil.copytree(run_dir, calibrated)
     info = json.loads((calibrated / "run.json").read_text())
     info["calibration"] = {"temperature": 2.5, "min_confidence": 0.99}
     (calibrated / "run.json").write_text(json.dumps(info))
+    _set_meta_extra(calibrated / "model.keras", {"temperature": 2.5, "min_confidence": 0.99})
     plain = expected_probs(run_dir, images[:1])
     with TestClient(create_app(calibrated)) as c:
         got = c.post("/v1/models/calibrated:predict", json={"instances": [b64(images[0])]}).json()
