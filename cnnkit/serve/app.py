@@ -7,7 +7,7 @@ Routes (``{name}`` is the served model's name, ``{v}`` its version):
     POST /v1/models/{name}:predict          {"instances": [...]} or {"inputs": ...} -> {"predictions"} / {"outputs"}
     POST /v1/models/{name}/versions/{v}:predict
     POST /v1/models/{name}:classify         -> {"results": [[[label, score], ...], ...]} (top-k, best first)
-    POST /v1/models/{name}:explain          501 until Grad-CAM (cnnkit.explain) is available
+    POST /v1/models/{name}:explain          Grad-CAM PNGs (base64) via cnnkit.explain; 501 where it is absent
     POST /predict                           multipart image files (?top_k=) -> label, confidence, top-k
     GET  /healthz  /readyz  /metrics  /docs
 
