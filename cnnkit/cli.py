@@ -231,7 +231,7 @@ def train(
 
         with Registry(registry_url) as registry:
             version = registry.add(result.run_dir, register)
-        _progress.say(f"registered [bold]{version.ref}[/] in {registry._where()}")
+        _progress.say(f"registered [bold]{version.ref}[/] in {registry.location}")
 
 
 @app.command("lr-find")
@@ -571,6 +571,7 @@ def docker(
     registry_url: _RegistryUrl = None,
 ) -> None:
     """Write a Docker build context serving a model (and build it when Docker is available)."""
+    _import_keras_quietly()
     from cnnkit.docker import build_image, write_build_context
 
     context = write_build_context(source, out, tag=tag, registry_url=registry_url)

@@ -20,14 +20,19 @@ from pathlib import Path
 from cnnkit._rundir import make_public, replace_directory
 from cnnkit.errors import CnnkitError
 
-# The image's Python packages: cnnkit's dependencies for serving (no JAX/torch, no test tools).
-_REQUIREMENTS = ["keras", "tensorflow-cpu", "numpy", "pillow", "scikit-learn", "matplotlib", "typer", "rich",
-                 "sqlalchemy", "alembic", "psycopg[binary]", "fastapi", "uvicorn", "python-multipart",
-                 "prometheus-client"]
+# The image installs cnnkit's own requirements plus these extras (no JAX/torch, no test tools), with
+# environment markers evaluated for the image: Linux, CPython 3.11.
+_IMAGE_EXTRAS = ("serve", "postgres")
+_IMAGE_ENV = {"platform_system": "Linux", "sys_platform": "linux", "os_name": "posix", "platform_machine": "x86_64",
+              "python_version": "3.11", "python_full_version": "3.11.2", "implementation_name": "cpython",
+              "platform_python_implementation": "CPython"}
+# Used only when cnnkit runs from a source tree that was never pip-installed (no metadata to read).
+_FALLBACK = ["keras", "tensorflow-cpu", "numpy", "pillow", "scikit-learn", "matplotlib", "typer", "rich",
+             "sqlalchemy", "alembic", "psycopg[binary]", "fastapi", "uvicorn[standard]", "python-multipart",
+             "prometheus-client"]
 _PORT = 8501
 
 DOCKERFILE = """\
-# syntax=docker/dockerfile:1
 # A cnnkit model server: TensorFlow Serving's REST API on port {port} (cnnkit serve).
 #   docker build -t {tag} .            (BASE defaults to python:3.11-slim)
 #   docker run -p 127.0.0.1:{port}:{port} {tag}
@@ -38,12 +43,12 @@ FROM ${{BASE}} AS build
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt /tmp/requirements.txt
+COPY cnnkit-src /tmp/cnnkit-src
 # An optional CA bundle for networks that intercept TLS, as a BuildKit secret (never in a layer).
 RUN --mount=type=secret,id=extra_ca,required=false \\
-    PIP_CERT=$( [ -s /run/secrets/extra_ca ] && echo /run/secrets/extra_ca ) \\
-    pip install --no-cache-dir -r /tmp/requirements.txt
-COPY cnnkit-src /tmp/cnnkit-src
-RUN pip install --no-cache-dir --no-deps /tmp/cnnkit-src
+    export PIP_CERT=$( [ -s /run/secrets/extra_ca ] && echo /run/secrets/extra_ca ); \\
+    pip install --no-cache-dir "setuptools>=68" -r /tmp/requirements.txt \\
+    && pip install --no-cache-dir --no-deps --no-build-isolation /tmp/cnnkit-src
 
 FROM ${{BASE}}
 RUN useradd --create-home --uid 10001 cnnkit
@@ -73,10 +78,30 @@ class BuildContext:
         return ["docker", "build", "-t", self.tag, str(self.path)]
 
 
+def image_requirements() -> list[str]:
+    """cnnkit's requirements for a Linux serving image: core + ``serve`` (+ ``postgres``) extras, as names."""
+    from packaging.requirements import Requirement
+
+    try:
+        declared = importlib.metadata.requires("cnnkit") or []
+    except importlib.metadata.PackageNotFoundError:
+        return list(_FALLBACK)
+    names: dict[str, str] = {}
+    for text in declared:
+        req = Requirement(text)
+        if req.name == "cnnkit":  # the test extra's self-reference
+            continue
+        wanted = req.marker is None or any(req.marker.evaluate({**_IMAGE_ENV, "extra": extra})
+                                           for extra in ("", *_IMAGE_EXTRAS))
+        if wanted:
+            names[req.name] = req.name + (f"[{','.join(sorted(req.extras))}]" if req.extras else "")
+    return list(names.values())
+
+
 def pinned_requirements() -> list[str]:
-    """``package==version`` for each serving dependency installed here (unpinned when absent)."""
+    """``package==version`` for each image requirement, pinned to the version installed here."""
     lines = []
-    for requirement in _REQUIREMENTS:
+    for requirement in image_requirements():
         dist = requirement.split("[")[0]
         try:
             lines.append(f"{requirement}=={importlib.metadata.version(dist)}")

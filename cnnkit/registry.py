@@ -154,6 +154,11 @@ class Registry:
         self._migrate()
         self._table = _table()
 
+    @property
+    def location(self) -> str:
+        """The database URL, password hidden (for messages)."""
+        return self._where()
+
     def close(self) -> None:
         self._engine.dispose()
 

@@ -44,6 +44,9 @@ def test_build_context_files(run_dir, tmp_path):
     requirements = (context.path / "requirements.txt").read_text().split()
     assert all("==" in line for line in requirements) and any(r.startswith("tensorflow-cpu==") for r in requirements)
     assert requirements == pinned_requirements()
+    names = {r.split("==")[0].split("[")[0] for r in requirements}
+    assert {"keras", "fastapi", "uvicorn", "sqlalchemy", "alembic"} <= names  # core + the serve extra
+    assert not names & {"jax", "torch", "pytest", "tf2onnx"}  # no other backends or test tools
     model = cnnkit.Predictor(context.path / "model")
     assert model.class_names == ["blue", "green", "red"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -191,7 +192,14 @@ def test_limits_and_routing_errors(run_dir, images):
         assert version.status_code == 404 and "version 1" in version.json()["error"]
         assert c.get("/v1/models/nope").status_code == 404
         explain = c.post("/v1/models/colours:explain", json={"instances": [b64(images[0])]})
-        assert explain.status_code == 501 and "Grad-CAM" in explain.json()["error"]
+        if importlib.util.find_spec("cnnkit.explain") is None:
+            assert explain.status_code == 501 and "Grad-CAM" in explain.json()["error"]
+        else:
+            assert explain.status_code == 200, explain.text
+            found = explain.json()["explanations"][0]
+            heatmap = Image.open(io.BytesIO(base64.b64decode(found["heatmap_png_b64"])))
+            assert heatmap.size == (16, 16) and found["class_name"] in ("blue", "green", "red")
+            assert Image.open(io.BytesIO(base64.b64decode(found["overlay_png_b64"]))).mode == "RGB"
         assert c.get("/nowhere").json() == {"error": "Not Found"}
         assert c.get("/v1/models/colours:predict").status_code == 404  # GET matches the status route
     with TestClient(create_app(run_dir, max_pixels=1_000_000)) as c:
@@ -264,12 +272,27 @@ def test_batching_off_gives_the_same_answer(run_dir, images):
         assert _batch_count(c) == 0
 
 
+def _set_meta_extra(path: Path, extra: dict) -> None:
+    """Store calibration in the model's own metadata member, as `cnnkit calibrate` does."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    meta = json.loads(members["cnnkit.json"])
+    meta["extra"] = {**meta.get("extra", {}), **extra}
+    members["cnnkit.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
 def test_calibration_stored_with_the_run_is_applied(run_dir, images, tmp_path):
     calibrated = tmp_path / "calibrated"
     shutil.copytree(run_dir, calibrated)
     info = json.loads((calibrated / "run.json").read_text())
     info["calibration"] = {"temperature": 2.5, "min_confidence": 0.99}
     (calibrated / "run.json").write_text(json.dumps(info))
+    _set_meta_extra(calibrated / "model.keras", {"temperature": 2.5, "min_confidence": 0.99})
     plain = expected_probs(run_dir, images[:1])
     with TestClient(create_app(calibrated)) as c:
         got = c.post("/v1/models/calibrated:predict", json={"instances": [b64(images[0])]}).json()

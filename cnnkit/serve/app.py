@@ -7,7 +7,7 @@ Routes (``{name}`` is the served model's name, ``{v}`` its version):
     POST /v1/models/{name}:predict          {"instances": [...]} or {"inputs": ...} -> {"predictions"} / {"outputs"}
     POST /v1/models/{name}/versions/{v}:predict
     POST /v1/models/{name}:classify         -> {"results": [[[label, score], ...], ...]} (top-k, best first)
-    POST /v1/models/{name}:explain          501 until Grad-CAM (cnnkit.explain) is available
+    POST /v1/models/{name}:explain          Grad-CAM PNGs (base64) via cnnkit.explain; 501 where it is absent
     POST /predict                           multipart image files (?top_k=) -> label, confidence, top-k
     GET  /healthz  /readyz  /metrics  /docs
 
@@ -132,8 +132,13 @@ def _url_name(text: str) -> str:
 
 
 def _calibration(meta_extra: dict[str, Any], run_dir: Path | None) -> tuple[float, float | None]:
-    """(temperature, abstain threshold) stored with the run by calibration, else (1.0, None)."""
-    found = dict(meta_extra.get("calibration") or {})
+    """(temperature, abstain threshold) stored with the run by calibration, else (1.0, None).
+
+    Looked up in the model's metadata (``extra["temperature"]``, ``extra["min_confidence"]``), then in
+    ``run.json``'s ``calibration`` section.
+    """
+    found = {k: meta_extra[k] for k in ("temperature", "min_confidence") if meta_extra.get(k) is not None}
+    found = found or dict(meta_extra.get("calibration") or {})
     if not found and run_dir is not None and (run_dir / "run.json").exists():
         found = dict(json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("calibration") or {})
     temperature = float(found.get("temperature") or 1.0)
@@ -163,7 +168,12 @@ class _Served:
             meta = dataclasses.replace(meta, max_pixels=min(meta.max_pixels, settings.max_pixels))
         self.source, self.settings = source, settings
         self.predictor = Predictor.from_model(model, meta, batch_size=max(settings.max_batch_size, 1))
-        self.temperature, self.min_confidence = _calibration(meta.extra, source.run_dir)
+        if hasattr(self.predictor, "temperature"):  # a Predictor that calibrates its own outputs
+            self.temperature, self.min_confidence = self.predictor.temperature, self.predictor.min_confidence
+            self._apply_temperature = False
+        else:
+            self.temperature, self.min_confidence = _calibration(meta.extra, source.run_dir)
+            self._apply_temperature = True
         self.batcher: MicroBatcher | None = None
         self.ready = False
 
@@ -177,7 +187,7 @@ class _Served:
             probs = await self.batcher.predict(images)
         else:
             probs = await run_in_threadpool(self.predictor.predict_arrays, images)
-        return apply_temperature(probs, self.temperature)
+        return apply_temperature(probs, self.temperature) if self._apply_temperature else probs
 
 
 def create_app(

@@ -8,6 +8,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from cnnkit.serve.app import ModelSource, ServeSettings, _Metrics, check_content_type, decode_all, read_body
 from cnnkit.serve.inputs import RequestError, decode_instance, parse_body
@@ -70,7 +71,7 @@ def add_routes(app: FastAPI, source: ModelSource, settings: ServeSettings, metri
             raise RequestError(404, f"Servable not found: '{name}' has no version {version} here; this server "
                                     f"serves version {source.version}.")
 
-    async def predict_probs(request: Request) -> tuple[Any, np.ndarray]:
+    async def decode_request(request: Request) -> tuple[Any, np.ndarray]:
         state = served(request)
         # curl -d sends application/x-www-form-urlencoded: TF Serving's documented curl examples must work.
         check_content_type(request, ("application/json", "text/plain", "application/x-www-form-urlencoded"),
@@ -79,7 +80,11 @@ def add_routes(app: FastAPI, source: ModelSource, settings: ServeSettings, metri
         images = await decode_all(parsed.instances,
                                   lambda item, i: decode_instance(item, i, state.predictor, parsed.input_scale))
         metrics.images.inc(len(images))
-        return parsed, await state.predict(images)
+        return parsed, images
+
+    async def predict_probs(request: Request) -> tuple[Any, np.ndarray]:
+        parsed, images = await decode_request(request)
+        return parsed, await served(request).predict(images)
 
     def status_body(name: str) -> dict[str, Any]:
         return {"model_version_status": [{"version": source.version, "state": "AVAILABLE",
@@ -158,12 +163,27 @@ def add_routes(app: FastAPI, source: ModelSource, settings: ServeSettings, metri
         ranked = served(request).predictor.top_k(probs, parsed.top_k or settings.top_k)
         return JSONResponse({"results": [[[label, score] for label, score in row] for row in ranked]})
 
-    @app.post("/v1/models/{name}:explain", tags=["TensorFlow Serving"])
+    @app.post("/v1/models/{name}:explain", tags=["TensorFlow Serving"], openapi_extra=_BODY_DOC)
     async def model_explain(name: str, request: Request) -> JSONResponse:
-        """Grad-CAM heatmap of an image (PNG, base64): needs cnnkit.explain."""
+        """Grad-CAM of the predicted class per image: heatmap and overlay as base64 PNGs (needs cnnkit.explain)."""
         check_model(name)
-        raise RequestError(501, "':explain' needs Grad-CAM (cnnkit.explain), which this cnnkit version does not "
-                                "include yet. Use ':predict' or ':classify'.")
+        try:
+            from cnnkit.explain import gradcam, overlay
+        except ImportError:
+            raise RequestError(501, "':explain' needs Grad-CAM (cnnkit.explain), which this cnnkit installation does "
+                                    "not include. Use ':predict' or ':classify'.") from None
+        state = served(request)
+        _, images = await decode_request(request)
+        probs = await state.predict(images)
+        best = probs.argmax(axis=1)
+        heatmaps, _, layer = await run_in_threadpool(gradcam, state.predictor.model, images, best)
+        results = []
+        for image, heatmap, index, row in zip(images, heatmaps, best, probs):
+            results.append({"class_name": state.predictor.class_names[int(index)], "class_index": int(index),
+                            "probability": float(row[index]), "layer": layer,
+                            "heatmap_png_b64": _png_b64((heatmap * 255).round().astype(np.uint8)),
+                            "overlay_png_b64": _png_b64(overlay(image, heatmap))})
+        return JSONResponse({"explanations": results})
 
     @app.post("/predict", tags=["friendly"], response_model=FriendlyResponse)
     async def predict_files(request: Request,
@@ -199,6 +219,17 @@ def add_routes(app: FastAPI, source: ModelSource, settings: ServeSettings, metri
         if state is None or not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ready", "model": source.name, "version": source.version})
+
+
+def _png_b64(pixels: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 async def _uploaded_files(request: Request, max_files: int) -> list[tuple[str, bytes]]:
