@@ -280,8 +280,9 @@ def evaluate(
         return
     from rich.table import Table
 
-    table = Table(title=f"{report.num_images} images - accuracy {report.accuracy:.2%}, top-{report.k} "
-                        f"{report.top_k_accuracy:.2%}, loss {report.loss:.4f}")
+    typer.echo(f"{report.num_images} images - accuracy {report.accuracy:.2%}, top-{report.k} "
+               f"{report.top_k_accuracy:.2%}, loss {report.loss:.4f}")
+    table = Table()
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="right" if column != "class" else "left")
     for cls, row in report.per_class.items():
