@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +72,49 @@ def replace_directory(src: Path, dst: Path) -> None:
         os.rename(src, dst)
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON via a temporary file and rename."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write; renamed onto ``path`` if the block succeeds, else removed.
+
+    ``suffix`` keeps the extension writers infer the format from (".keras", ".png").
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     make_public(tmp)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.write("\n")
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary sibling folder to fill; it replaces ``path`` if the block succeeds, else is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    make_public(tmp, directory=True)
+    try:
+        yield tmp
+        replace_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temporary file + rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

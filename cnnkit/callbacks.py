@@ -9,15 +9,13 @@ so ``cnnkit train --resume RUN`` can continue with the same optimizer step.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import keras
 
 from cnnkit._progress import progress_task
-from cnnkit._rundir import make_public
+from cnnkit._rundir import atomic_path
 from cnnkit.optim import current_learning_rate
 
 
@@ -57,15 +55,8 @@ class LastCheckpoint(keras.callbacks.Callback):
         self.path = Path(path)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".keras", dir=self.path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(self.path, suffix=".keras") as tmp:
             self.model.save(tmp)
-            make_public(tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 class RichEpochs(keras.callbacks.Callback):

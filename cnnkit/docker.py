@@ -13,11 +13,10 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnkit._rundir import make_public, replace_directory
+from cnnkit._rundir import atomic_directory
 from cnnkit.errors import CnnkitError
 
 # The image installs cnnkit's own requirements plus these extras (no JAX/torch, no test tools), with
@@ -135,10 +134,7 @@ def write_build_context(source: str | Path, out: str | Path, tag: str | None = N
     if out.exists() and not (out / "Dockerfile").exists() and any(out.iterdir()):
         raise CnnkitError(f"'{out}' exists and is not a cnnkit build context (no Dockerfile); choose another --out.")
     tag = tag or f"cnnkit-{resolved.name.lower()}:{resolved.version}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    make_public(work, directory=True)
-    try:
+    with atomic_directory(out) as work:
         (work / "model").mkdir()
         shutil.copy2(resolved.path, work / "model" / "model.keras")
         if resolved.run_dir is not None and (resolved.run_dir / "run.json").exists():
@@ -147,10 +143,6 @@ def write_build_context(source: str | Path, out: str | Path, tag: str | None = N
         _copy_cnnkit_source(work / "cnnkit-src")
         (work / "Dockerfile").write_text(DOCKERFILE.format(port=_PORT, tag=tag, name=resolved.name), encoding="utf-8")
         (work / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n", encoding="utf-8")
-        replace_directory(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return BuildContext(out, tag, resolved.name)
 
 

@@ -17,8 +17,6 @@ crops averaged in probability space), and computes every metric with scikit-lear
 from __future__ import annotations
 
 import csv
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cnnkit._progress import esc, progress_task, say, warn
-from cnnkit._rundir import make_public, replace_directory, write_json
+from cnnkit._rundir import atomic_directory, write_json
 from cnnkit.calibration import apply_temperature, reliability_bins
 from cnnkit.data.cache import build_cache
 from cnnkit.data.dataset import atomic_write_rows, describe_skipped
@@ -362,10 +360,7 @@ def _write_report(report: EvalReport, out_dir: Path, labelled: LabelledPredictio
     from cnnkit.plots import plot_confusion_matrix, plot_mistakes, plot_per_class, plot_reliability
     from cnnkit.report import write_html_report
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    make_public(tmp, directory=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         names, labels, paths = report.class_names, labelled.labels, labelled.paths
         predicted = probs.argmax(axis=1)
         confidence = probs.max(axis=1)
@@ -398,10 +393,6 @@ def _write_report(report: EvalReport, out_dir: Path, labelled: LabelledPredictio
             write_html_report(tmp / "report.html", report, run=run, mistakes=mistakes, most_confused=confused,
                               gradcam=heatmaps is not None)
             advance(1)
-        replace_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
-from cnnkit._rundir import make_public, replace_directory
+from cnnkit._rundir import atomic_directory
 from cnnkit.errors import ConfigError, ModelError
 from cnnkit.models.saving import ModelMeta, load_model, resolve_model_path
 
@@ -58,16 +57,9 @@ def export(run: str | Path, format: str, out: str | Path | None = None) -> Expor
     path = resolve_model_path(run)
     model, meta = load_model(path)
     out_dir = Path(out) if out is not None else path.parent / "export" / format
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    make_public(work, directory=True)
-    try:
+    with atomic_directory(out_dir) as work:
         files = {"savedmodel": _savedmodel, "onnx": _onnx, "tflite": _tflite}[format](model, work)
         (work / "cnnkit.json").write_text(json.dumps(dataclasses.asdict(meta), indent=2), encoding="utf-8")
-        replace_directory(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return ExportResult(format, out_dir, [out_dir / f.relative_to(work) for f in files])
 
 

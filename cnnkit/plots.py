@@ -5,13 +5,11 @@ matplotlib is imported here only, with the non-interactive Agg backend, so nothi
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from cnnkit._rundir import make_public
+from cnnkit._rundir import atomic_path
 
 
 def _pyplot():
@@ -25,15 +23,9 @@ def _pyplot():
 
 def _save(fig, path: Path, dpi: int = 100) -> Path:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    make_public(tmp)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
         _pyplot().close(fig)
     return path

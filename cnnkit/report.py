@@ -12,12 +12,10 @@ import base64
 import csv
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from cnnkit._rundir import make_public
+from cnnkit._rundir import write_text
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
@@ -175,13 +173,4 @@ def write_html_report(path: Path, report, *, run: Path, mistakes: list[dict[str,
 
 
 def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    make_public(tmp)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, text)

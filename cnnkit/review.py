@@ -19,7 +19,6 @@ import base64
 import csv
 import html
 import io
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cnnkit._progress import say
-from cnnkit._rundir import make_public, replace_directory
+from cnnkit._rundir import atomic_directory
 from cnnkit.data.dataset import atomic_write_rows
 from cnnkit.data.scan import SkippedFile
 
@@ -193,10 +192,7 @@ def _png_b64(image: np.ndarray) -> str:
 def _write(queue: ReviewQueue, thumbs: list[np.ndarray], out_dir: Path, run: Path) -> Path:
     from cnnkit.report import _write_text
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    make_public(tmp, directory=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         atomic_write_rows(tmp / "queue.csv", _COLUMNS, [item.row(n + 1) for n, item in enumerate(queue.items)])
         cards = []
         for n, (item, thumb) in enumerate(zip(queue.items, thumbs)):
@@ -219,10 +215,6 @@ def _write(queue: ReviewQueue, thumbs: list[np.ndarray], out_dir: Path, run: Pat
             f"changed: check each one and fix the folder by hand.</p><div class=\"g\">{''.join(cards)}</div>"
             "</body></html>\n")
         _write_text(tmp / "gallery.html", page)
-        replace_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

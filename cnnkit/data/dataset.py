@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cnnkit._rundir import make_public
+from cnnkit._rundir import atomic_path
 from cnnkit.config import DataConfig
 from cnnkit.data.cache import ImageCache, build_cache
 from cnnkit.data.scan import ImageFile, ImageFolder, SkippedFile, scan_folder
@@ -126,15 +124,7 @@ def write_split_csv(data: LoadedData, path: Path) -> None:
 
 def atomic_write_rows(path: Path, header: list[str], rows: list[list[object]]) -> None:
     """Write a CSV via a temporary file and rename, so no reader ever sees half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    make_public(tmp)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)

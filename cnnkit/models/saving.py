@@ -9,8 +9,6 @@ renamed, so a crash never leaves half a model.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import keras
 
 from cnnkit._progress import warn
-from cnnkit._rundir import make_public
+from cnnkit._rundir import atomic_path
 from cnnkit._version import __version__
 from cnnkit.errors import ModelError, RunNotFoundError
 
@@ -61,17 +59,10 @@ class ModelMeta:
 def save_model(model: keras.Model, path: str | Path, meta: ModelMeta) -> Path:
     """Save ``model`` with ``meta`` inside the archive, atomically (temp file + rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
-    os.close(fd)
-    make_public(tmp)
-    try:
+    with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as archive:
             archive.writestr(META_MEMBER, json.dumps(asdict(meta), indent=2))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -192,19 +183,12 @@ def update_meta(path: str | Path, **extra: Any) -> ModelMeta:
         raise ModelError(f"'{path}' has no cnnkit metadata (not written by 'cnnkit train'); cannot store {sorted(extra)}.")
     merged = {**meta.extra, **extra}
     meta = ModelMeta.from_dict({**asdict(meta), "extra": {k: v for k, v in merged.items() if v is not None}})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
-    os.close(fd)
-    make_public(tmp)
-    try:
-        with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
-            for item in src.infolist():
-                if item.filename != META_MEMBER:
-                    with src.open(item) as member, dst.open(item, "w") as copy:
-                        while chunk := member.read(1 << 20):
-                            copy.write(chunk)
-            dst.writestr(META_MEMBER, json.dumps(asdict(meta), indent=2))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".keras") as tmp, zipfile.ZipFile(path) as src, \
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if item.filename != META_MEMBER:
+                with src.open(item) as member, dst.open(item, "w") as copy:
+                    while chunk := member.read(1 << 20):
+                        copy.write(chunk)
+        dst.writestr(META_MEMBER, json.dumps(asdict(meta), indent=2))
     return meta
