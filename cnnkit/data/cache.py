@@ -42,7 +42,9 @@ from cnnkit.errors import CnnkitError
 # cache is never opened by a newer cnnkit (it is rebuilt instead).
 CACHE_FORMAT = 2
 _CHUNK = 256  # images per worker task: big enough to amortise IPC, small enough for a smooth bar
-_MIN_FOR_PROCESSES = 1000  # below this, starting worker processes costs more than it saves
+# Below this many files and bytes, starting worker processes costs more than it saves.
+_MIN_FOR_PROCESSES = 1000
+_MIN_BYTES_FOR_PROCESSES = 32 * 1024**2
 
 
 @dataclass
@@ -263,6 +265,16 @@ def _reuse(root: Path, names: list[str], class_keys: list[str], digests: list[st
     return cache, rows, digests
 
 
+def _total_bytes(paths: list[str]) -> int:
+    total = 0
+    for path in paths:
+        try:
+            total += os.path.getsize(path)
+        except OSError:
+            pass  # reported by the decoder
+    return total
+
+
 def _decode_all(
     images_file: str, paths: list[str], settings: tuple, workers: int | None,
 ) -> list[tuple[int, str, str | None]]:
@@ -270,7 +282,7 @@ def _decode_all(
     chunks = [list(range(s, min(s + _CHUNK, len(paths)))) for s in range(0, len(paths), _CHUNK)]
     results: list[tuple[int, str, str | None]] = []
     with progress_task("Decoding images", len(paths)) as advance:
-        if workers == 1 or len(paths) < _MIN_FOR_PROCESSES:
+        if workers == 1 or (len(paths) < _MIN_FOR_PROCESSES and _total_bytes(paths) < _MIN_BYTES_FOR_PROCESSES):
             for rows in chunks:
                 results += _decode_rows(images_file, rows, [paths[r] for r in rows], *settings)
                 advance(len(rows))
