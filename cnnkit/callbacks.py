@@ -60,17 +60,24 @@ class LastCheckpoint(keras.callbacks.Callback):
 
 
 class RichEpochs(keras.callbacks.Callback):
-    """One Rich progress bar per epoch: steps done, loss and accuracy so far."""
+    """One Rich progress bar per epoch: steps done, loss and accuracy so far.
 
-    def __init__(self, epochs: int, steps: int, phase_label: str = "") -> None:
+    ``epochs`` None (a time budget decides): the title shows the budget's time left instead.
+    """
+
+    def __init__(self, epochs: int | None, steps: int, phase_label: str = "", budget=None) -> None:
         super().__init__()
-        self.epochs, self.steps, self.phase_label = epochs, steps, phase_label
+        self.epochs, self.steps, self.phase_label, self.budget = epochs, steps, phase_label, budget
         self._stack: contextlib.ExitStack | None = None
         self._advance = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._stack = contextlib.ExitStack()
-        title = f"{self.phase_label}Epoch {epoch + 1}/{self.epochs}"
+        if self.epochs is None and self.budget is not None:
+            left = int(self.budget.remaining())
+            title = f"{self.phase_label}Epoch {epoch + 1} (budget: {left // 60}:{left % 60:02d} left)"
+        else:
+            title = f"{self.phase_label}Epoch {epoch + 1}/{self.epochs}"
         self._advance = self._stack.enter_context(progress_task(title, self.steps))
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:

@@ -144,8 +144,26 @@ _REGISTRY_URL_HELP = "SQLAlchemy URL of the model registry (default: SQLite at $
 
 def _model_help() -> str:
     # Listing names needs the registry (and so Keras); keep --help fast with a static list.
-    return ("Architecture: simple (the tutorials' small CNN, default), vgg (the BatchNorm CNN), or a pre-trained "
-            "backbone: mobilenetv2, efficientnetb0, resnet50 (224x224 by default).")
+    return ("Architecture: fast (cnnkit's fast BatchNorm CNN with its one-cycle recipe; the default up to 64 px), "
+            "simple (the tutorials' small CNN; the default above 64 px), vgg (the tutorials' BatchNorm CNN), or a "
+            "pre-trained backbone: mobilenetv2, efficientnetb0, resnet50 (224x224 by default).")
+
+
+def _parse_duration(text: str | None) -> float | None:
+    """'10m', '600s', '1h', '1h30m' or a bare number of minutes -> seconds."""
+    if text is None:
+        return None
+    import re
+
+    cleaned = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", cleaned):
+        return float(cleaned) * 60
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|min|m|s)", cleaned)
+    if not parts or "".join(n + u for n, u in parts) != cleaned:
+        raise ConfigError(f"--time-budget takes a duration such as 10m, 600s, 1h or 1h30m (a bare number is minutes). "
+                          f"Received: time_budget={text!r}")
+    unit = {"h": 3600, "min": 60, "m": 60, "s": 1}
+    return sum(float(n) * unit[u] for n, u in parts)
 
 
 def _parse_rate(text: str | None, option: str = "--learning-rate") -> float | str | None:
@@ -166,6 +184,7 @@ def train(
     head_width: Annotated[Optional[int], typer.Option(help="Backbones: units of a hidden Dense layer in the head (0 = none).")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Backbones: dropout before the classifier (default 0.2).")] = None,
     upscale_size: Annotated[Optional[int], typer.Option(help="Backbones: upscale smaller inputs to this size inside the model (min 32).")] = None,
+    width: Annotated[Optional[str], typer.Option(help="fast only: small, medium, large, or auto (medium; under --time-budget, what the budget affords).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (phase 1: backbone frozen). With --resume: how many more.")] = None,
     fine_tune_epochs: Annotated[Optional[int], typer.Option(help="Phase 2 epochs: unfreeze the backbone's top layers and train on.")] = None,
     fine_tune_layers: Annotated[Optional[str], typer.Option(help="How many backbone layers to unfreeze in phase 2, or 'all'.")] = None,
@@ -180,12 +199,13 @@ def train(
     label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing, e.g. 0.1 (default 0).")] = None,
     class_weight: Annotated[Optional[str], typer.Option(help="auto (balanced, for imbalanced classes) or none.")] = None,
     mixed_precision: Annotated[Optional[bool], typer.Option("--mixed-precision/--no-mixed-precision", help="float16 on GPU, bfloat16 on CPU.")] = None,
+    time_budget: Annotated[Optional[str], typer.Option(help="Fit the schedule to a wall-clock budget for the whole run, e.g. 10m, 600s, 1h (replaces --epochs).")] = None,
     image_size: Annotated[Optional[str], typer.Option(help="N or HxW; default per model (32 for simple/vgg, 224 for backbones).")] = None,
     color_mode: Annotated[Optional[str], typer.Option(help="rgb or grayscale.")] = None,
     resize_mode: Annotated[Optional[str], typer.Option(help="stretch, pad (keep aspect, letterbox) or crop (centre).")] = None,
     val_split: Annotated[Optional[float], typer.Option(help="Validation fraction per class, when there is no validation/ folder.")] = None,
     test_split: Annotated[Optional[float], typer.Option(help="Test fraction per class, when there is no test/ folder.")] = None,
-    augment: Annotated[Optional[str], typer.Option(help="none, light, standard, strong or screens (screenshots/documents: no flips).")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="none, light, standard, strong, screens (screenshots/documents: no flips) or flip-translate (on whole batches in the loader; --model fast's default).")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Epochs without val_loss improvement before stopping a phase.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split, shuffle and initialisation.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decode processes (default: every core).")] = None,
@@ -208,13 +228,13 @@ def train(
             raise ConfigError("cnnkit train needs DATA_DIR (or --resume RUN).")
         cfg = load_config(config, {
             "model.name": model, "model.weights": weights, "model.head_width": head_width, "model.dropout": dropout,
-            "model.upscale_size": upscale_size,
+            "model.upscale_size": upscale_size, "model.width": width,
             "train.epochs": epochs, "train.batch_size": batch_size, "train.learning_rate": _parse_rate(learning_rate),
             "train.fine_tune_epochs": fine_tune_epochs, "train.fine_tune_layers": fine_tune_layers,
             "train.fine_tune_lr": fine_tune_lr, "train.layer_lr_decay": layer_lr_decay, "train.force": force,
             "train.optimizer": optimizer, "train.weight_decay": weight_decay, "train.schedule": schedule,
             "train.label_smoothing": label_smoothing, "train.class_weight": class_weight,
-            "train.mixed_precision": mixed_precision,
+            "train.mixed_precision": mixed_precision, "train.time_budget": _parse_duration(time_budget),
             "train.augment": augment, "train.patience": patience, "data.image_size": _parse_image_size(image_size),
             "data.color_mode": color_mode, "data.resize_mode": resize_mode, "data.val_split": val_split,
             "data.test_split": test_split, "data.seed": seed, "data.workers": workers,

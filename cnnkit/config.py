@@ -25,9 +25,10 @@ from cnnkit.errors import ConfigError
 
 ColorMode = Literal["rgb", "grayscale"]
 ResizeMode = Literal["stretch", "pad", "crop"]
-AugmentName = Literal["none", "light", "standard", "strong", "screens"]
+AugmentName = Literal["none", "light", "standard", "strong", "screens", "flip-translate"]
 OptimizerName = Literal["adam", "sgd", "adamw"]
 ScheduleName = Literal["plateau", "cosine", "onecycle"]
+FastWidth = Literal["auto", "small", "medium", "large"]
 ClassWeightName = Literal["none", "auto"]
 
 # Pillow refuses images over ~179 M pixels by default with a warning first; we refuse earlier:
@@ -77,7 +78,7 @@ class DataConfig:
         resize_mode: "stretch" (ignore aspect ratio, as Keras does), "pad" (keep aspect, pad with
             black to a square) or "crop" (keep aspect, centre-crop).
         val_split: fraction of each class held out for validation when the folder has no
-            validation/ (or val/) folder.
+            validation/ (or val/) folder; ``None`` (default): 20%, at most 5,000 images.
         test_split: fraction of each class held out for testing when the folder has no test/ folder.
         seed: seed of the split and of the per-epoch shuffle.
         workers: decode processes; ``None`` uses every core.
@@ -87,7 +88,7 @@ class DataConfig:
     image_size: tuple[int, int] | None = None
     color_mode: ColorMode = "rgb"
     resize_mode: ResizeMode = "stretch"
-    val_split: float = 0.2
+    val_split: float | None = None
     test_split: float = 0.0
     seed: int = 1337
     workers: int | None = None
@@ -104,9 +105,10 @@ class DataConfig:
             object.__setattr__(self, "image_size", size)
         _check_choice("data", "color_mode", self.color_mode, ColorMode)
         _check_choice("data", "resize_mode", self.resize_mode, ResizeMode)
-        _check_fraction("data", "val_split", self.val_split)
+        if self.val_split is not None:
+            _check_fraction("data", "val_split", self.val_split)
         _check_fraction("data", "test_split", self.test_split)
-        if self.val_split + self.test_split >= 0.9:
+        if (0.2 if self.val_split is None else self.val_split) + self.test_split >= 0.9:
             raise ConfigError(
                 "[data] val_split + test_split leaves under 10% of the images for training. "
                 f"Received: val_split={self.val_split}, test_split={self.test_split}"
@@ -132,6 +134,9 @@ class ModelConfig:
             directory (offline pre-trained weights); ``None`` means "imagenet" for backbones.
         head_width: backbones only: units of a hidden Dense(relu) layer in the head; 0 = none.
         dropout: backbones only: dropout rate before the classifier.
+        width: fast only: "small" (stem 24, blocks 32-64-128), "medium" (32, 48-96-192), "large"
+            (32, 64-128-256) or "auto": medium, or under a time budget the width that budget
+            affords (``cnnkit.models.fast.width_for_budget``).
         upscale_size: backbones only: inputs smaller than this (in pixels, per side) are upscaled
             inside the model; they always are to the backbone's minimum of 32. ``None`` = 32.
     """
@@ -141,8 +146,13 @@ class ModelConfig:
     head_width: int = 0
     dropout: float = 0.2
     upscale_size: int | None = None
+    width: FastWidth = "auto"
 
     def __post_init__(self) -> None:
+        _check_choice("model", "width", self.width, FastWidth)
+        if self.width != "auto" and self.name != "fast":
+            raise ConfigError(f"[model] width applies to the fast model only, not to '{self.name}'. "
+                              f"Received: width={self.width!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"[model] name must be a model name. Received: name={self.name!r}")
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
@@ -186,7 +196,11 @@ class TrainConfig:
         class_weight: "auto" weights the loss by inverse class frequency (balanced), for
             imbalanced folders; "none" weights every image the same.
         mixed_precision: compute in float16 on a GPU (mixed_float16) or bfloat16 on a CPU
-            (mixed_bfloat16); variables and the output layer stay float32.
+            (mixed_bfloat16, only where the CPU has bfloat16 instructions: AVX512-BF16 or AMX;
+            float32 elsewhere); variables and the output layer stay float32.
+        time_budget: seconds for the whole run (decoding, training, final evaluation): the
+            one-cycle schedule follows the fraction of the budget used and training stops when
+            it is spent; ``epochs`` is then not used. ``None``: train for ``epochs``.
     """
 
     epochs: int = 10
@@ -206,6 +220,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weight: ClassWeightName = "none"
     mixed_precision: bool = False
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or (self.epochs == 0 and not self.fine_tune_epochs):
@@ -225,6 +240,19 @@ class TrainConfig:
         _check_fraction("train", "label_smoothing", self.label_smoothing)
         if not 0.0 <= self.weight_decay < 1.0:
             raise ConfigError(f"[train] weight_decay must be in [0, 1). Received: weight_decay={self.weight_decay}")
+        if self.time_budget is not None:
+            if isinstance(self.time_budget, bool) or not isinstance(self.time_budget, (int, float)) \
+                    or self.time_budget < 10:
+                raise ConfigError("[train] time_budget must be a number of seconds >= 10 (on the command line: "
+                                  f"--time-budget 10m, 600s or 1h). Received: time_budget={self.time_budget!r}")
+            if self.fine_tune_epochs:
+                raise ConfigError("[train] time_budget fits one schedule to the budget; it does not combine with "
+                                  "fine_tune_epochs (two phases). Received: time_budget="
+                                  f"{self.time_budget}, fine_tune_epochs={self.fine_tune_epochs}")
+            if self.schedule != "onecycle":
+                raise ConfigError("[train] time_budget fits the onecycle schedule to the budget; use schedule = "
+                                  f"'onecycle'. Received: schedule={self.schedule!r}")
+            object.__setattr__(self, "time_budget", float(self.time_budget))
 
     def _check_fine_tuning(self) -> None:
         if self.fine_tune_epochs < 0:
@@ -275,6 +303,29 @@ class RunConfig:
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
+# A model's own training recipe: the defaults of every key the user does not set, when that
+# model is chosen. ``fast`` (cnnkit.models.fast) is the fast CIFAR-style recipe, tuned by
+# bench/time_to_accuracy.py on a 2-core CPU.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "fast": {
+        "train": {
+            "epochs": 10, "batch_size": 512, "optimizer": "sgd", "learning_rate": 1.2, "weight_decay": 5e-4,
+            "schedule": "onecycle", "label_smoothing": 0.2, "augment": "flip-translate", "mixed_precision": True,
+        },
+    },
+}
+
+# Without --model: "fast" for images up to this size (per side), "simple" above it.
+FAST_MAX_SIZE = 64
+
+
+def default_model(image_size: Any) -> str:
+    """The model used when none is named: ``fast`` for small images (the default 32 px included)."""
+    if image_size is None:
+        return "fast"
+    size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    return "fast" if max(size) <= FAST_MAX_SIZE else "simple"
+
 
 def _unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
     near = difflib.get_close_matches(key, valid, n=1)
@@ -312,6 +363,10 @@ def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = Non
             continue
         name, _, key = dotted.partition(".")
         sections[name][key] = value
+    if "name" not in sections["model"]:
+        sections["model"]["name"] = default_model(sections["data"].get("image_size"))
+    for name, defaults in RECIPES.get(sections["model"]["name"], {}).items():
+        sections[name] = {**defaults, **sections[name]}
     return RunConfig(**{name: _build_section(name, values) for name, values in sections.items()})
 
 

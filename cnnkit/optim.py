@@ -24,22 +24,28 @@ ONECYCLE_START_DIVISOR = 25.0  # fastai's div
 
 
 def make_optimizer(cfg: TrainConfig, learning_rate: float, total_steps: int,
-                   lr_multipliers: dict[str, float] | None = None) -> keras.optimizers.Optimizer:
+                   lr_multipliers: dict[str, float] | None = None, schedule: str | None = None,
+                   ) -> keras.optimizers.Optimizer:
     """The optimizer ``cfg.optimizer`` with ``cfg.schedule`` over ``total_steps`` steps.
 
     ``lr_multipliers`` (variable path -> factor, see ``layer_lr_multipliers``) gives discriminative
-    rates: those variables learn at ``factor`` times the scheduled rate. Mixed float16 needs loss
+    rates: those variables learn at ``factor`` times the scheduled rate. ``schedule`` overrides
+    ``cfg.schedule`` ("plateau" = a constant rate that callbacks may change). Mixed float16 needs loss
     scaling; Keras's ``compile`` wraps the optimizer in a ``LossScaleOptimizer`` itself.
     """
-    rate = make_schedule(cfg.schedule, learning_rate, total_steps)
+    rate = make_schedule(schedule or cfg.schedule, learning_rate, total_steps)
     kwargs: dict = {"lr_multipliers": lr_multipliers} if lr_multipliers else {}
     classes = _LAYERWISE if kwargs else {"sgd": keras.optimizers.SGD, "adamw": keras.optimizers.AdamW,
                                          "adam": keras.optimizers.Adam}
     if cfg.optimizer == "sgd":
-        return classes["sgd"](rate, momentum=0.9, nesterov=True, **kwargs)
-    if cfg.optimizer == "adamw":
-        return classes["adamw"](rate, weight_decay=cfg.weight_decay, **kwargs)
-    return classes["adam"](rate, **kwargs)
+        optimizer = classes["sgd"](rate, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay or None, **kwargs)
+    elif cfg.optimizer == "adamw":
+        optimizer = classes["adamw"](rate, weight_decay=cfg.weight_decay, **kwargs)
+    else:
+        return classes["adam"](rate, **kwargs)
+    # Decay the kernels only: BatchNorm's beta/gamma and biases are shifts and scales, not capacity.
+    optimizer.exclude_from_weight_decay(var_names=["beta", "gamma", "bias"])
+    return optimizer
 
 
 def layer_lr_multipliers(model: keras.Model, decay: float, blocks: int = 10) -> dict[str, float]:
@@ -102,6 +108,16 @@ class LayerwiseSGD(_LayerwiseRates, keras.optimizers.SGD):
 
 
 _LAYERWISE = {"adam": LayerwiseAdam, "adamw": LayerwiseAdamW, "sgd": LayerwiseSGD}
+
+
+def onecycle_rate(progress: float, learning_rate: float) -> float:
+    """The onecycle rate at ``progress`` in [0, 1] of the run (the shape ``make_schedule`` builds)."""
+    progress = min(max(progress, 0.0), 1.0)
+    start = learning_rate / ONECYCLE_START_DIVISOR
+    if progress < ONECYCLE_WARMUP:
+        return start + (learning_rate - start) * progress / ONECYCLE_WARMUP
+    decay = (progress - ONECYCLE_WARMUP) / (1 - ONECYCLE_WARMUP)
+    return learning_rate * 0.5 * (1 + float(np.cos(np.pi * decay)))
 
 
 def make_schedule(schedule: str, learning_rate: float, total_steps: int):

@@ -36,10 +36,19 @@ from cnnkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, confi
 from cnnkit.data.batches import ArrayBatches
 from cnnkit.data.dataset import LoadedData, load_image_folder, write_skipped_csv, write_split_csv
 from cnnkit.errors import ConfigError, DataError, ModelError, RunNotFoundError
-from cnnkit.fitting import Fitter, Phase, build_for_training, make_batches, plan_phases, precision_policy
+from cnnkit.fitting import (
+    Fitter,
+    Phase,
+    TimeBudget,
+    build_for_training,
+    make_batches,
+    plan_phases,
+    precision_policy,
+    reestimate_batchnorm,
+)
 from cnnkit.lr_find import find_learning_rate
 from cnnkit.models import get_spec
-from cnnkit.models.saving import ModelMeta, save_model
+from cnnkit.models.saving import ModelMeta, as_float32, save_model
 from cnnkit.optim import balanced_class_weight
 
 # Classes with fewer training images than this get a warning: below ~10 per class, validation
@@ -188,11 +197,14 @@ class _ResumePoint:
 def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None,
                 extra_callbacks: list[keras.callbacks.Callback], resume: _ResumePoint | None = None) -> TrainResult:
     started = time.time()
+    deadline = time.monotonic() + cfg.train.time_budget if cfg.train.time_budget else None
     data = load_image_folder(data_dir, cfg.data, cache_root=cache_root)
     write_skipped_csv(data.skipped, run.path / "skipped.csv")
     write_split_csv(data, run.path / "split.csv")
     warnings = _report_data(data, run.final)
 
+    if cfg.model.name == "fast" and cfg.model.width == "auto" and resume is None:
+        cfg = _resolve_fast_width(cfg, data, deadline)
     keras.utils.set_random_seed(cfg.data.seed)
     train_ds, val_ds = make_batches(data, cfg)
     monitor = "val_loss" if val_ds is not None else "loss"
@@ -217,8 +229,14 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         class_weight = balanced_class_weight(data.split_rows("train")[1], len(data.class_names))
         extra["class_weight"] = {data.class_names[c]: round(w, 4) for c, w in class_weight.items()}
 
+    if deadline is not None:
+        plan = [Phase(1, _BUDGET_MAX_EPOCHS, plan[0].learning_rate)]
     fitter = Fitter(model, cfg, run.path, train_ds, val_ds, monitor, class_weight, extra_callbacks,
                      resume.history if resume else None, total_epochs=sum(p.epochs for p in plan))
+    if deadline is not None:
+        fitter.budget = _time_budget(deadline, plan[0].learning_rate, data, cfg)
+        say(f"time budget {_clock(cfg.train.time_budget)}: {_clock(fitter.budget.remaining())} left for training "
+            f"after decoding")
     status = "completed"
     for phase in plan:
         if phase.number == 2 and phase.learning_rate is not None:
@@ -230,8 +248,16 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         if status != "completed":
             break
     fitter.restore_best()
+    if status == "completed":
+        # Moving statistics lag behind fast-moving weights: recompute them for the final model.
+        extra["batchnorm_reestimated_on"] = reestimate_batchnorm(model, _plain_train_batches(data, cfg))
+    model = as_float32(model)  # the saved model computes in float32 on any machine
     history = fitter.recorder.history
     extra["phases"] = fitter.phases
+    if fitter.budget is not None:
+        extra["time_budget"] = {"seconds": cfg.train.time_budget, "training_seconds": round(
+            time.monotonic() - fitter.budget.started, 1) if fitter.budget.started else 0.0,
+            "steps": fitter.budget.steps}
     metrics = _final_metrics(model, data, cfg, history, monitor)
     warnings += [_warn(m) for m in diagnose_history(history, len(data.class_names), cfg.train.overfit_gap)]
     meta = ModelMeta(data.class_names, cfg.data.image_size, cfg.data.color_mode, cfg.data.resize_mode,
@@ -264,6 +290,10 @@ def _resume(run_dir: Path, data_dir: str | Path | None, out: str | Path | None, 
                           f"Received: {', '.join(unexpected)}")
     record = read_json(run_dir / "run.json")
     cfg = config_from_dict(record["config"])
+    if cfg.train.time_budget:
+        raise ConfigError(f"Run '{run_dir}' was trained to a time budget, whose schedule cannot be continued: start a "
+                          "new run (--time-budget) instead. Received: resume with time_budget="
+                          f"{cfg.train.time_budget:g}")
     history = read_history(run_dir / "history.csv")
     phase = int(history["phase"][-1]) if history.get("phase") else 1
     done = sum(1 for p in history.get("phase", [1] * len(history.get("loss", []))) if int(p) == phase)
@@ -294,6 +324,57 @@ def _resume(run_dir: Path, data_dir: str | Path | None, out: str | Path | None, 
     except BaseException:
         run.discard()
         raise
+
+
+# Under a time budget, epochs are not planned: training stops when the budget is spent.
+_BUDGET_MAX_EPOCHS = 100_000
+_BATCHNORM_IMAGES = 10_000
+
+
+def _resolve_fast_width(cfg: RunConfig, data: LoadedData, deadline: float | None) -> RunConfig:
+    """``fast``'s width: medium, or what the time left after decoding affords per training image."""
+    from cnnkit.models.fast import DEFAULT_WIDTH, width_for_budget
+
+    width = DEFAULT_WIDTH
+    if deadline is not None:
+        width = width_for_budget(deadline - time.monotonic(), len(data.split_rows("train")[0]), cfg.data.image_size)
+        say(f"model width for this budget: [bold]{width}[/] (--width to choose)")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width))
+
+
+def _plain_train_batches(data: LoadedData, cfg: RunConfig) -> ArrayBatches:
+    """Shuffled training batches without augmentation (for the BatchNorm statistics)."""
+    rows, labels = data.split_rows("train")
+    return ArrayBatches(data.cache.images, rows, labels, max(cfg.train.batch_size, 256), shuffle=True,
+                        seed=cfg.data.seed + 1)
+
+
+def _time_budget(deadline: float, learning_rate: float, data: LoadedData, cfg: RunConfig) -> TimeBudget:
+    """The budget callback; what runs after training is estimated from the first validation pass."""
+    views = 2 if _flip_tta(cfg) else 1
+    held_out = sum(len(data.split_rows(s)[0]) for s in ("validation", "test"))
+    after = held_out * views + min(_BATCHNORM_IMAGES, len(data.split_rows("train")[0]))
+    budget = TimeBudget(deadline, learning_rate, reserve=0.05 * cfg.train.time_budget + 5, after_training_images=after,
+                        validation_images=len(data.split_rows("validation")[0]))
+    if budget.remaining() < 0.2 * cfg.train.time_budget:
+        raise ConfigError(
+            f"--time-budget {_clock(cfg.train.time_budget)} is spent before training starts (decoding took "
+            f"{_clock(cfg.train.time_budget - (deadline - time.monotonic()))}): give a larger budget. The decoded images "
+            f"are cached, so a second run starts sooner. Received: time_budget={cfg.train.time_budget:g}")
+    return budget
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _flip_tta(cfg: RunConfig) -> bool:
+    """Flip test-time augmentation is reported when training flipped the images."""
+    from cnnkit.models.augment import augment_config
+
+    return any(step.get("layer") == "RandomFlip" or step.get("flip") not in (None, "none")
+               for step in augment_config(cfg.train.augment))
 
 
 def _warn(message: str) -> str:
@@ -344,17 +425,6 @@ def _cross_split_copies(data: LoadedData) -> list[tuple[Path, Path]]:
     """(held-out file, training file) pairs with the same bytes."""
     training = {d: f.path for f, d in zip(data.files, data.digests) if f.split == "train"}
     return [(f.path, training[d]) for f, d in zip(data.files, data.digests) if f.split != "train" and d in training]
-
-
-class _BatchProgress(keras.callbacks.Callback):
-    """Advances a progress bar per evaluation batch."""
-
-    def __init__(self, advance) -> None:
-        super().__init__()
-        self._advance = advance
-
-    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self._advance(1)
 
 
 def diagnose_history(history: dict[str, list[float]], num_classes: int, overfit_gap: float = 0.15) -> list[str]:
@@ -419,18 +489,48 @@ def _final_metrics(model: keras.Model, data: LoadedData, cfg: RunConfig, history
         metrics["epochs_run"] = len(history[monitor])
         metrics["train_accuracy"] = history["accuracy"][best]
         metrics["train_loss"] = history["loss"][best]
+    tta = _flip_tta(cfg)
     for split, prefix in (("validation", "val_"), ("test", "test_")):
         rows, labels = data.split_rows(split)
         if len(rows):
             ds = ArrayBatches(data.cache.images, rows, labels, max(cfg.train.batch_size, 256))
-            with progress_task(f"Evaluating {split}", len(ds)) as advance:
-                values = model.evaluate(ds, verbose=0, return_dict=True, callbacks=[_BatchProgress(advance)])
-            metrics[f"{prefix}loss"] = float(values["loss"])
-            metrics[f"{prefix}accuracy"] = float(values["accuracy"])
+            probs, flipped = _predict_batches(model, ds, f"Evaluating {split}", tta)
+            metrics[f"{prefix}loss"] = _cross_entropy(probs, labels)
+            metrics[f"{prefix}accuracy"] = float(np.mean(probs.argmax(axis=1) == labels))
+            if flipped is not None:
+                averaged = (probs + flipped) / 2
+                metrics[f"{prefix}accuracy_tta"] = float(np.mean(averaged.argmax(axis=1) == labels))
     if "val_accuracy" in metrics:
-        say(f"[bold green]validation accuracy {metrics['val_accuracy']:.2%}[/]"
-            + (f", test accuracy {metrics['test_accuracy']:.2%}" if "test_accuracy" in metrics else ""))
+        def shown(prefix: str) -> str:
+            text = f"{metrics[prefix + 'accuracy']:.2%}"
+            return text + (f" ({metrics[prefix + 'accuracy_tta']:.2%} with flip TTA)" if prefix + "accuracy_tta" in metrics
+                           else "")
+
+        say(f"[bold green]validation accuracy {shown('val_')}[/]"
+            + (f", test accuracy {shown('test_')}" if "test_accuracy" in metrics else ""))
     return metrics
+
+
+def _predict_batches(model: keras.Model, batches: ArrayBatches, title: str,
+                     flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities of every batch (and of its mirror image when ``flip``)."""
+    plain, mirrored = [], []
+    with progress_task(title + (" (and mirrored)" if flip else ""), len(batches)) as advance:
+        for index in range(len(batches)):
+            images = batches[index][0]
+            plain.append(np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(images)), dtype=np.float64))
+            if flip:
+                mirror = np.ascontiguousarray(images[:, :, ::-1])
+                mirrored.append(np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(mirror)),
+                                           dtype=np.float64))
+            advance(1)
+    return np.concatenate(plain), (np.concatenate(mirrored) if flip else None)
+
+
+def _cross_entropy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of the true classes (no label smoothing: what the model really scores)."""
+    picked = probs[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
 
 
 def _write_history(history: dict[str, list[float]], path: Path) -> None:

@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("report")
     write_class_folder(base / "data" / "train", per_class=30, seed=3)
     write_class_folder(base / "data" / "test", per_class=10, seed=4)
-    result = cnnkit.train(base / "data", base / "run", epochs=4, image_size=16, batch_size=16, learning_rate=3e-3,
+    result = cnnkit.train(base / "data", base / "run", model="simple", epochs=4, image_size=16, batch_size=16, learning_rate=3e-3,
                           cache_root=base / "cache")
     return base, result
 
@@ -54,7 +54,7 @@ def weak(tmp_path_factory):
     colours = {"red": (125, 110, 110), "green": (110, 125, 110), "blue": (110, 110, 125)}
     write_class_folder(base / "data" / "train", per_class=30, seed=3, classes=colours)
     write_class_folder(base / "data" / "test", per_class=20, seed=4, classes=colours)
-    result = cnnkit.train(base / "data", base / "run", epochs=5, image_size=16, batch_size=16, learning_rate=3e-3,
+    result = cnnkit.train(base / "data", base / "run", model="simple", epochs=5, image_size=16, batch_size=16, learning_rate=3e-3,
                           cache_root=base / "cache")
     return base, result
 
@@ -286,7 +286,7 @@ def test_review_puts_mislabelled_images_first_and_changes_nothing(run, tmp_path)
 
 def test_compare_runs_side_by_side(run, tmp_path):
     base, result = run
-    other = cnnkit.train(base / "data", tmp_path / "short", epochs=1, image_size=16, batch_size=16,
+    other = cnnkit.train(base / "data", tmp_path / "short", model="simple", epochs=1, image_size=16, batch_size=16,
                          cache_root=base / "cache")
     cnnkit.evaluate(result.run_dir, base / "data" / "test", name="same", cache_root=base / "cache")
     cnnkit.evaluate(other.run_dir, base / "data" / "test", name="same", cache_root=base / "cache")

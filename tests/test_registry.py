@@ -60,7 +60,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("registry-run")
     data = write_class_folder(root / "data", per_class=8)
     run = root / "run"
-    cnnkit.train(data, run, epochs=1, image_size=16, cache_root=root / "cache")
+    cnnkit.train(data, run, model="simple", epochs=1, image_size=16, cache_root=root / "cache")
     cnnkit.evaluate(run, data, name="holdout")
     return run
 

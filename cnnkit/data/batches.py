@@ -4,14 +4,56 @@ One pipeline for every backend: a ``keras.utils.PyDataset`` over the memory-mapp
 epoch is reshuffled from the run's seed; within a batch, rows are read in ascending order so the
 memmap is read sequentially where possible. Pixels stay uint8 (raw 0-255): scaling is a layer
 inside the model.
+
+``BatchAugment`` is augmentation done here, on whole uint8 batches with numpy, instead of by
+layers in the model (the ``flip-translate`` preset): a batch of 512 CIFAR images takes about a
+millisecond, against some 10% of a training step for Keras's augmentation layers on a CPU.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import keras
 import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """Horizontal flip + translation of whole uint8 batches.
+
+    Attributes:
+        flip: "alternating" (random in the first epoch, then each image flips every epoch, so it
+            is seen both ways in any two epochs: airbench's trick), "random" or "none".
+        translate: largest shift as a fraction of the side (1/16 = 2 px at 32 px); edges are
+            reflect-padded. 0 = none.
+    """
+
+    flip: str = "alternating"
+    translate: float = 1 / 16
+
+    def pad(self, height: int, width: int) -> int:
+        return max(1, round(min(height, width) * self.translate)) if self.translate > 0 else 0
+
+    def __call__(self, images: np.ndarray, flips: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Augmented copy of ``images`` (N, H, W, C); ``flips`` says which images to mirror."""
+        n, height, width = images.shape[:3]
+        pad = self.pad(height, width)
+        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect") if pad else images
+        shifts = 2 * pad + 1
+        dy = rng.integers(0, shifts, n)
+        dx = rng.integers(0, shifts, n)
+        # One slice per (flip, dy, dx) group: a few dozen copies instead of a per-pixel gather.
+        code = (flips.astype(np.int64) * shifts + dy) * shifts + dx
+        out = np.empty_like(images)
+        for value in np.unique(code):
+            idx = np.flatnonzero(code == value)
+            flip, rest = divmod(int(value), shifts * shifts)
+            y0, x0 = divmod(rest, shifts)
+            crop = padded[idx, y0 : y0 + height, x0 : x0 + width]
+            out[idx] = crop[:, :, ::-1] if flip else crop
+        return out
 
 
 class ArrayBatches(keras.utils.PyDataset):
@@ -23,12 +65,13 @@ class ArrayBatches(keras.utils.PyDataset):
         labels: class index per row (or ``None`` to yield images only).
         batch_size: images per batch; the last batch may be smaller.
         shuffle: reshuffle the order each epoch.
-        seed: seed of the shuffle.
+        seed: seed of the shuffle (and of the augmentation).
+        augment: batch augmentation (training only), or None.
     """
 
     def __init__(
         self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray | None, batch_size: int,
-        shuffle: bool = False, seed: int = 0,
+        shuffle: bool = False, seed: int = 0, augment: BatchAugment | None = None,
     ) -> None:
         super().__init__(workers=1, use_multiprocessing=False)
         self.images = images
@@ -36,10 +79,15 @@ class ArrayBatches(keras.utils.PyDataset):
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
+        self.augment = augment
         self._rng = np.random.default_rng(seed)
+        self._aug_rng = np.random.default_rng([seed, 1])
         self._order = np.arange(len(self.rows))
         if shuffle:
             self._order = self._rng.permutation(len(self.rows))
+        self._flips = np.zeros(len(self.rows), dtype=bool)
+        if augment is not None and augment.flip != "none":
+            self._flips = self._aug_rng.random(len(self.rows)) < 0.5
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
@@ -47,6 +95,8 @@ class ArrayBatches(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         pick = np.sort(self._order[index * self.batch_size : (index + 1) * self.batch_size])
         x = np.asarray(self.images[self.rows[pick]])
+        if self.augment is not None:
+            x = self.augment(x, self._flips[pick], self._aug_rng)
         if self.labels is None:
             return (x,)
         return x, self.labels[pick]
@@ -54,3 +104,7 @@ class ArrayBatches(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         if self.shuffle:
             self._order = self._rng.permutation(len(self.rows))
+        if self.augment is not None and self.augment.flip == "alternating":
+            self._flips = ~self._flips
+        elif self.augment is not None and self.augment.flip == "random":
+            self._flips = self._aug_rng.random(len(self.rows)) < 0.5

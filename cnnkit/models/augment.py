@@ -13,6 +13,10 @@ strong     standard's, wider (rotation +-36 deg, zoom +-20% = random crops and z
 screens    screenshots and documents: no flips or rotations (text and layout have a direction);
            zoom-in up to 15% (a random crop scaled back) or out 5%, translation +-5%, brightness
            and contrast +-20%
+flip-      the fast recipe's (``--model fast``): horizontal flip, alternating per epoch (each image
+translate  is seen mirrored every other epoch) and translation by up to 1/16 of the size (2 px at
+           32 px, reflect-padded), done on whole uint8 batches by the loader
+           (``cnnkit.data.batches``), not by layers: no cost inside the model, and nothing in it
 =========  ==========================================================================================
 
 Rotation factors are fractions of a full turn, as in Keras (0.05 = 18 degrees).
@@ -61,14 +65,24 @@ AUGMENT_PRESETS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 
 
+# Presets applied by the loader to whole batches (``cnnkit.data.batches.BatchAugment``), not layers.
+BATCH_PRESETS: dict[str, dict[str, Any]] = {
+    "flip-translate": {"flip": "alternating", "translate": 1 / 16, "fill_mode": "reflect"},
+}
+
+
 def augment_config(augment: str) -> list[dict[str, Any]]:
     """The preset as JSON-ready data, as stored in run.json: ``[{"layer": ..., **kwargs}, ...]``."""
+    if augment in BATCH_PRESETS:
+        return [{"loader": augment, **BATCH_PRESETS[augment]}]
     return [{"layer": cls, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
             for cls, kwargs in _preset(augment)]
 
 
 def augmentation_layers(augment: str, seed: int | None = None) -> list[keras.layers.Layer]:
     """The layers of preset ``augment``; they act only in training (identity at inference)."""
+    if augment in BATCH_PRESETS:
+        return []  # done by the loader
     return [getattr(layers, cls)(**kwargs, seed=seed) for cls, kwargs in _preset(augment)]
 
 
@@ -76,6 +90,7 @@ def _preset(augment: str) -> list[tuple[str, dict[str, Any]]]:
     if augment not in AUGMENT_PRESETS:
         from cnnkit.errors import ModelError
 
-        raise ModelError(f"Unknown augmentation preset '{augment}'. Available: {', '.join(AUGMENT_PRESETS)}. "
+        names = [*AUGMENT_PRESETS, *BATCH_PRESETS]
+        raise ModelError(f"Unknown augmentation preset '{augment}'. Available: {', '.join(names)}. "
                          f"Received: augment={augment!r}")
     return AUGMENT_PRESETS[augment]

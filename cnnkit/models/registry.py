@@ -35,6 +35,7 @@ class ModelSpec:
             Pre-trained backbones bring their own (``cnnkit.models.transfer``).
         is_backbone: True for pre-trained backbones: ``body`` then takes the options ``weights``,
             ``head_width`` and ``dropout``, and the model holds a layer named ``backbone``.
+        options: further keyword options ``body`` takes (``fast``: ``width``).
     """
 
     name: str
@@ -43,17 +44,19 @@ class ModelSpec:
     description: str
     preprocess: Callable[..., keras.KerasTensor] | None = None
     is_backbone: bool = False
+    options: tuple[str, ...] = ()
 
 
 _ARCHITECTURES: dict[str, ModelSpec] = {}
 
 
 def register(name: str, default_image_size: tuple[int, int], description: str,
-             preprocess: Callable[..., keras.KerasTensor] | None = None, is_backbone: bool = False):
+             preprocess: Callable[..., keras.KerasTensor] | None = None, is_backbone: bool = False,
+             options: tuple[str, ...] = ()):
     """Decorator adding a body builder ``fn(x, num_classes, **options) -> features`` to the zoo."""
 
     def wrap(fn: Callable[..., keras.KerasTensor]) -> Callable[..., keras.KerasTensor]:
-        _ARCHITECTURES[name] = ModelSpec(name, fn, default_image_size, description, preprocess, is_backbone)
+        _ARCHITECTURES[name] = ModelSpec(name, fn, default_image_size, description, preprocess, is_backbone, options)
         return fn
 
     return wrap
@@ -87,6 +90,7 @@ def build_model(
     head_width: int = 0,
     dropout: float = 0.2,
     upscale_size: int | None = None,
+    width: str = "auto",
 ) -> keras.Model:
     """Build an uncompiled classifier from the zoo.
 
@@ -103,6 +107,7 @@ def build_model(
         dropout: backbones only: dropout rate before the classifier.
         upscale_size: backbones only: upscale inputs smaller than this inside the model (at least
             to the backbone's minimum).
+        width: ``fast`` only: small, medium, large (or auto = medium).
 
     Returns:
         A ``keras.Model`` mapping raw 0-255 pixels (batch, height, width, channels) to class
@@ -117,8 +122,8 @@ def build_model(
     if not spec.is_backbone and weights not in (None, "none"):
         raise ModelError(f"--weights applies to pre-trained backbones (mobilenetv2, efficientnetb0, resnet50), "
                          f"not to '{name}', which trains from scratch. Received: weights={weights!r}")
-    height, width = image_size or spec.default_image_size
-    inputs = keras.Input(shape=(height, width, channels), name="image")
+    height, across = image_size or spec.default_image_size
+    inputs = keras.Input(shape=(height, across, channels), name="image")
     x = inputs
     for layer in augmentation_layers(augment, seed):
         x = layer(x)
@@ -127,6 +132,9 @@ def build_model(
         x = spec.body(x, num_classes=num_classes, weights=weights, head_width=head_width, dropout=dropout)
     else:
         x = layers.Rescaling(1.0 / 255, name="rescale_0_255")(x)
-        x = spec.body(x, num_classes=num_classes)
+        options = {"width": width} if "width" in spec.options else {}
+        if width != "auto" and not options:
+            raise ModelError(f"width applies to the fast model only, not to '{name}'. Received: width={width!r}")
+        x = spec.body(x, num_classes=num_classes, **options)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)

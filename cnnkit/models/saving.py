@@ -56,6 +56,38 @@ class ModelMeta:
         return cls(**known)
 
 
+def as_float32(model: keras.Model) -> keras.Model:
+    """``model`` with every layer computing in float32 (same weights); itself when it already does.
+
+    Mixed precision is a training speed-up: a saved model trained in mixed_bfloat16 would compute in
+    bfloat16 wherever it is loaded, slowly on CPUs without bfloat16 instructions, and ONNX/TFLite
+    exporters reject mixed bfloat16/float16 graphs. Variables are float32 under a mixed policy, so
+    the weights carry over exactly.
+    """
+    if not any(layer.dtype_policy.name.startswith("mixed") for layer in _layers(model)):
+        return model
+
+    def fix(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and str(node.get("config", {}).get("name", "")).startswith("mixed"):
+                return "float32"
+            return {key: fix(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [fix(value) for value in node]
+        return node
+
+    config = fix(model.get_config())
+    clone = model.__class__.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _layers(layer):
+    yield layer
+    for child in getattr(layer, "layers", []):
+        yield from _layers(child)
+
+
 def save_model(model: keras.Model, path: str | Path, meta: ModelMeta) -> Path:
     """Save ``model`` with ``meta`` inside the archive, atomically (temp file + rename)."""
     path = Path(path)

@@ -1,0 +1,73 @@
+"""The ``fast`` model: a small BatchNorm CNN built for the most accuracy per CPU second on small images.
+
+Its shape follows the fast CIFAR-10 line (the DAWNBench ResNet-9, hlb-CIFAR10, airbench) scaled
+down for a laptop CPU, written fresh in Keras 3:
+
+* a 3x3 stem convolution (``widths[0]`` channels) at full resolution;
+* three blocks of ``Conv3x3 -> MaxPool 2 -> BN -> GELU -> Conv3x3 -> BN -> GELU``: pooling right
+  after the first convolution of a block makes every later convolution four times cheaper;
+* global max pooling and the classifier (added by ``build_model``).
+
+BatchNorm has no scale (``gamma`` fixed at 1, as airbench: the following convolution rescales) and a
+low momentum so its moving statistics follow the weights within a short run; ``cnnkit.fitting``
+also re-estimates them on training batches after the last step, so a model trained for 2 epochs
+at batch 512 is right at test time. Convolutions have no bias (BatchNorm's ``beta`` is the bias).
+
+The recipe that goes with it (``FAST_RECIPE``: SGD with Nesterov momentum on a one-cycle
+schedule, label smoothing, flip + translate on whole batches, mixed bfloat16 where the CPU has it)
+is applied by ``cnnkit.config`` as the defaults of ``--model fast``.
+"""
+
+from __future__ import annotations
+
+from keras import layers
+
+from cnnkit.models.registry import register
+
+# Channel widths of the stem and the three blocks, by name (``--width``). On a 2-core AVX512-BF16
+# CPU (bfloat16) they train at about 1,350 / 800 / 560 CIFAR images per second.
+WIDTHS = {"small": (24, 32, 64, 128), "medium": (32, 48, 96, 192), "large": (32, 64, 128, 256)}
+DEFAULT_WIDTH = "medium"
+
+# Under a time budget, the width follows the budget per training image (measured on CIFAR-10:
+# with a 3-minute budget "small" beat "medium", which needs ~10 epochs to pay off).
+_SECONDS_PER_1000_IMAGES = {"small": 0.0, "medium": 6.0, "large": 30.0}
+
+# BatchNorm momentum (Keras convention: moving = momentum * moving + (1 - momentum) * batch).
+BN_MOMENTUM = 0.9
+ACTIVATION = "relu"  # GELU costs 25-40% of a training step on a CPU for no gain in a short run
+LOGIT_SCALE = 0.125
+
+
+def _conv_bn(x, filters: int, name: str, pool: bool = False):
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    if pool:
+        x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, scale=False, name=f"{name}_bn")(x)
+    return layers.Activation(ACTIVATION, name=f"{name}_act")(x)
+
+
+def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH]):
+    """The feature extractor; ``x`` is scaled to [0, 1]."""
+    x = layers.Rescaling(2.0, offset=-1.0, name="center")(x)  # [0, 1] -> [-1, 1]
+    x = _conv_bn(x, widths[0], "stem")
+    for index, filters in enumerate(widths[1:], start=1):
+        x = _conv_bn(x, filters, f"block{index}a", pool=True)
+        x = _conv_bn(x, filters, f"block{index}b")
+    x = layers.GlobalMaxPooling2D(name="global_pool")(x)
+    # Scaled-down logits (ResNet-9's 0.125) keep the softmax soft while the rate is high.
+    return layers.Rescaling(LOGIT_SCALE, name="logit_scale")(x)
+
+
+def width_for_budget(budget_seconds: float, train_images: int, image_size: tuple[int, int] = (32, 32)) -> str:
+    """The width a time budget affords: seconds per 1,000 training images (at 32x32) decide."""
+    pixels = image_size[0] * image_size[1] / (32 * 32)
+    per_1000 = budget_seconds / max(train_images * pixels / 1000, 1e-9)
+    return max((name for name, need in _SECONDS_PER_1000_IMAGES.items() if per_1000 >= need),
+               key=lambda name: _SECONDS_PER_1000_IMAGES[name])
+
+
+@register("fast", (32, 32), "cnnkit's fast BatchNorm CNN (stem 32, blocks 48-96-192) with its one-cycle recipe; "
+          "the default for images up to 64 px", options=("width",))
+def fast(x, num_classes: int, width: str = "auto"):
+    return fast_body(x, WIDTHS[DEFAULT_WIDTH if width == "auto" else width])

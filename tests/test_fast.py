@@ -1,0 +1,178 @@
+"""The fast recipe: model, batch augmentation, BatchNorm re-estimation, time budget, defaults."""
+
+import json
+import time
+
+import keras
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cnnkit
+from cnnkit.cli import _parse_duration, app
+from cnnkit.config import RECIPES, load_config
+from cnnkit.data.batches import ArrayBatches, BatchAugment
+from cnnkit.data.scan import AUTO_VAL_MAX_IMAGES, auto_val_split
+from cnnkit.errors import ConfigError
+from cnnkit.fitting import reestimate_batchnorm
+from cnnkit.models import build_model
+from cnnkit.optim import onecycle_rate
+from tests.conftest import write_class_folder
+
+
+def _crops(image: np.ndarray, pad: int, flip: bool) -> list[np.ndarray]:
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    h, w = image.shape[:2]
+    crops = [padded[y : y + h, x : x + w] for y in range(2 * pad + 1) for x in range(2 * pad + 1)]
+    return [c[:, ::-1] for c in crops] if flip else crops
+
+
+def test_batch_augment_output_is_a_shifted_and_flipped_crop():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    flips = rng.random(64) < 0.5
+    out = BatchAugment()(images, flips, np.random.default_rng(1))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    for i in range(64):
+        assert any(np.array_equal(out[i], c) for c in _crops(images[i], 2, bool(flips[i]))), i
+    assert not np.array_equal(out, images)  # something moved
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    batches = ArrayBatches(images, np.arange(40), np.zeros(40), 40, augment=BatchAugment(translate=0))
+    first = batches[0][0]
+    batches.on_epoch_end()
+    second = batches[0][0]
+    flipped = np.array([np.array_equal(a, b[:, ::-1]) for a, b in zip(first, second)])
+    assert flipped.all()  # every image is seen the other way round in the next epoch
+    mirrored = np.array([np.array_equal(a, i[:, ::-1]) for a, i in zip(first, images)])
+    assert 5 < mirrored.sum() < 35  # and the first epoch flips about half
+
+
+def test_fast_model_takes_raw_pixels_and_any_size():
+    model = build_model("fast", 4, (48, 40))
+    probs = keras.ops.convert_to_numpy(model(np.full((2, 48, 40, 3), 200, np.uint8)))
+    assert probs.shape == (2, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_batchnorm_statistics_are_reestimated_from_the_data():
+    inputs = keras.Input((4,))
+    norm = keras.layers.BatchNormalization(momentum=0.99)
+    model = keras.Model(inputs, norm(inputs))
+    rng = np.random.default_rng(0)
+    data = (rng.normal(5.0, 3.0, (2000, 4))).astype("float32")
+    # Moving statistics far from the data (what a short run at a high rate leaves behind).
+    norm.moving_mean.assign(np.full(4, -10.0, "float32"))
+    norm.moving_variance.assign(np.full(4, 100.0, "float32"))
+    batches = ArrayBatches(data, np.arange(2000), np.zeros(2000), 250, shuffle=True)
+    seen = reestimate_batchnorm(model, batches)
+    assert seen == 2000
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(norm.moving_mean), data.mean(axis=0), atol=0.05)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(norm.moving_variance), data.var(axis=0), rtol=0.05)
+    assert norm.momentum == 0.99  # restored
+
+
+def test_frozen_batchnorm_is_left_alone():
+    inputs = keras.Input((4,))
+    norm = keras.layers.BatchNormalization()
+    model = keras.Model(inputs, norm(inputs))
+    norm.trainable = False
+    data = np.ones((100, 4), "float32")
+    assert reestimate_batchnorm(model, ArrayBatches(data, np.arange(100), np.zeros(100), 50)) == 0
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(norm.moving_mean), np.zeros(4))
+
+
+def test_onecycle_rate_warms_up_then_anneals_to_zero():
+    rates = [onecycle_rate(p, 0.4) for p in np.linspace(0, 1, 101)]
+    assert rates[0] == pytest.approx(0.4 / 25)
+    assert max(rates) == pytest.approx(0.4) and int(np.argmax(rates)) == 30
+    assert rates[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a <= b for a, b in zip(rates[:30], rates[1:31])) and all(a >= b for a, b in zip(rates[30:], rates[31:]))
+
+
+def test_fast_is_the_default_for_small_images_with_its_recipe():
+    cfg = load_config(None, {})
+    assert cfg.model.name == "fast"
+    for key, value in RECIPES["fast"]["train"].items():
+        assert getattr(cfg.train, key) == value
+    # What the user sets wins over the recipe; other models keep the general defaults.
+    assert load_config(None, {"train.batch_size": 32}).train.batch_size == 32
+    assert load_config(None, {"model.name": "simple"}).train.optimizer == "adam"
+    assert load_config(None, {"data.image_size": (128, 128)}).model.name == "simple"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("10m", 600), ("600s", 600), ("1h30m", 5400), ("2", 120),
+                                               ("1.5h", 5400)])
+def test_durations(text, seconds):
+    assert _parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["ten minutes", "10x", "m", "-5m"])
+def test_bad_durations_say_what_is_expected(text):
+    with pytest.raises(ConfigError, match="10m, 600s"):
+        _parse_duration(text)
+
+
+def test_time_budget_is_validated():
+    with pytest.raises(ConfigError, match="time_budget"):
+        load_config(None, {"train.time_budget": 5})
+    with pytest.raises(ConfigError, match="onecycle"):
+        load_config(None, {"train.time_budget": 60, "train.schedule": "plateau"})
+
+
+def test_automatic_validation_split_is_capped():
+    assert auto_val_split(1000) == 0.2
+    assert auto_val_split(50_000) * 50_000 == pytest.approx(AUTO_VAL_MAX_IMAGES)
+
+
+def test_time_budget_run_stops_on_time_and_anneals(tmp_path):
+    data = write_class_folder(tmp_path / "data", per_class=40, size=32)
+    budget = 25.0
+    started = time.monotonic()
+    result = cnnkit.train(data, tmp_path / "run", time_budget=budget, batch_size=16)
+    elapsed = time.monotonic() - started
+    assert result.status == "completed"
+    assert elapsed < budget + 10  # the reserve is estimated, the deadline is kept (with startup slack)
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert record["time_budget"]["steps"] > 0
+    assert record["batchnorm_reestimated_on"] > 0
+    rates = result.history["learning_rate"]
+    assert rates[-1] < 0.3 * max(rates)  # the schedule was fitted to the budget: it annealed
+    assert result.metrics["val_accuracy"] > 0.8
+
+
+def test_fast_default_reports_flip_tta_and_short_runs_are_right(tmp_path):
+    """The trap: a BatchNorm CNN trained 2 epochs at a high rate scores near chance without re-estimation."""
+    data = write_class_folder(tmp_path / "data", per_class=60, size=32)
+    result = cnnkit.train(data, tmp_path / "run", epochs=2, batch_size=16, val_split=0.25, test_split=0.25)
+    assert "test_accuracy_tta" in result.metrics and "val_accuracy_tta" in result.metrics
+    assert result.metrics["test_accuracy"] > 0.55  # chance is 1/3; 14 steps at a high rate
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert record["config"]["model"]["name"] == "fast" and record["batchnorm_reestimated_on"] > 0
+
+
+def test_cli_time_budget_error_exits_2(tmp_path):
+    data = write_class_folder(tmp_path / "data", per_class=5)
+    outcome = CliRunner().invoke(app, ["train", str(data), "--time-budget", "soon"])
+    assert outcome.exit_code == 2
+    assert "--time-budget" in outcome.output
+
+
+def test_widths_and_what_a_budget_affords():
+    from cnnkit.models.fast import width_for_budget
+
+    params = [build_model("fast", 10, width=w).count_params() for w in ("small", "medium", "large")]
+    assert params == sorted(params) and len(set(params)) == 3
+    assert build_model("fast", 10).count_params() == params[1]  # auto = medium outside a budget
+    picks = [width_for_budget(seconds, 45_000) for seconds in (60, 600, 1800)]
+    assert picks == ["small", "medium", "large"]
+    assert width_for_budget(600, 45_000, (64, 64)) == "small"  # 4x the pixels per image
+
+
+def test_width_is_for_the_fast_model_only():
+    with pytest.raises(ConfigError, match="fast model only"):
+        load_config(None, {"model.name": "vgg", "model.width": "large"})
+    with pytest.raises(ConfigError, match="width"):
+        load_config(None, {"model.width": "huge"})
