@@ -141,7 +141,7 @@ def _resize(img: Image.Image, image_size: tuple[int, int], resize_mode: str) -> 
     return img.resize((width, height), resample)
 
 
-def _decode_jpeg_fast(data: bytes, image_size: tuple[int, int] | None, max_pixels: int) -> Image.Image | None:
+def _decode_jpeg_fast(data: bytes, image_size: tuple[int, int] | None, max_pixels: int) -> np.ndarray | None:
     """A small baseline JPEG decoded by simplejpeg; None means "take the Pillow path".
 
     simplejpeg gives exactly Pillow's pixels (both run libjpeg-turbo with the accurate DCT and
@@ -156,10 +156,8 @@ def _decode_jpeg_fast(data: bytes, image_size: tuple[int, int] | None, max_pixel
         if (colorspace not in ("YCbCr", "Gray") or height * width > max_pixels
                 or (image_size is not None and max(height, width) >= 2 * _DRAFT_MARGIN * max(image_size))):
             return None
-        if colorspace == "Gray":
-            return Image.fromarray(_simplejpeg.decode_jpeg(data, colorspace="GRAY", fastdct=False,
-                                                           fastupsample=False)[:, :, 0], "L")
-        return Image.fromarray(_simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False))
+        return _simplejpeg.decode_jpeg(data, colorspace="GRAY" if colorspace == "Gray" else "RGB", fastdct=False,
+                                       fastupsample=False)
     except (ValueError, RuntimeError):
         return None
 
@@ -192,7 +190,11 @@ def load_image(
         data, label = bytes(source), name or "<bytes>"
     else:
         data, label = _read_bytes(Path(source)), name or str(source)
-    img = _decode_jpeg_fast(data, image_size, max_pixels)
+    fast = _decode_jpeg_fast(data, image_size, max_pixels)
+    if fast is not None and fast.shape[2] == (3 if color_mode == "rgb" else 1) and (
+            image_size is None or fast.shape[:2] == tuple(image_size)):
+        return fast  # already what the Pillow path would return: no conversion, no resize
+    img = None if fast is None else (Image.fromarray(fast[:, :, 0], "L") if fast.shape[2] == 1 else Image.fromarray(fast))
     try:
         if img is None:
             img = _open(data, label, max_pixels)
