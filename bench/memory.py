@@ -2,7 +2,7 @@
 
   cifar:  ``cnnkit.train`` on the CIFAR-10 JPEG folders (50,000 train + 10,000 test images) with
           the defaults (``fast``), for one epoch (quick: a 60 s time budget), from a fresh cache.
-  large:  a uint8 cache of 200,000 images at 128x128 (9.8 GB on disk: more than many laptops' RAM)
+  large:  a uint8 cache of 200,000 images at 128x128 (9.8 GB = 9.2 GiB on disk: more than many laptops' RAM)
           written as cnnkit's memory-mapped .npy, trained through cnnkit's loader
           (``ArrayBatches``) and the ``fast`` model for a few shuffled steps: only the batches
           touched are paged in, so RSS stays far below the cache's size.
@@ -33,7 +33,7 @@ LIMIT_GB = 3.0
 
 
 def memory_status() -> dict[str, float]:
-    """VmHWM (peak RSS), VmRSS, RssAnon and RssFile of this process, in GB."""
+    """VmHWM (peak RSS), VmRSS, RssAnon and RssFile of this process, in GiB."""
     values = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -135,18 +135,18 @@ def main() -> None:
         if not args.keep:
             cache_path.unlink(missing_ok=True)
     rows = [
-        ("CIFAR-10 train (fast, " + ("60 s budget)" if args.quick else "1 epoch)"), "60,000 JPEGs, 0.17 GB cache",
+        ("CIFAR-10 train (fast, " + ("60 s budget)" if args.quick else "1 epoch)"), "60,000 JPEGs, 0.17 GiB cache",
          f"{cifar['VmHWM']:.2f}", f"{cifar['RssAnon']:.2f}", f"{cifar['RssFile']:.2f}"),
-        (f"large cache ({large['steps']} steps of 64)", f"{large['images']:,} x {args.side}px, {large['cache_gb']:.1f} GB",
+        (f"large cache ({large['steps']} steps of 64)", f"{large['images']:,} x {args.side}px, {large['cache_gb']:.1f} GiB",
          f"{large['VmHWM']:.2f}", f"{large['RssAnon']:.2f}", f"{large['RssFile']:.2f}"),
     ]
-    print_table(rows, ("case", "data", "peak RSS GB", "anon GB (end)", "file-backed GB (end)"))
+    print_table(rows, ("case", "data", "peak RSS GiB", "anon GiB (end)", "file-backed GiB (end)"))
     path = write_result("memory", {"cifar": cifar, "large": large, "large_cache_write_seconds": round(written, 1),
                                    "limit_gb": LIMIT_GB})
     print(f"results: {path}")
     worst = max(cifar["VmHWM"], large["VmHWM"])
-    print(f"headline: peak RSS {large['VmHWM']:.2f} GB training on a {large['cache_gb']:.1f} GB cache, "
-          f"{cifar['VmHWM']:.2f} GB on CIFAR-10; {worst / LIMIT_GB:.2f}x of the {LIMIT_GB:.0f} GB limit")
+    print(f"headline: peak RSS {large['VmHWM']:.2f} GiB training on a {large['cache_gb']:.1f} GiB cache, "
+          f"{cifar['VmHWM']:.2f} GiB on CIFAR-10; {worst / LIMIT_GB:.2f}x of the {LIMIT_GB:.0f} GB limit")
 
 
 if __name__ == "__main__":
