@@ -367,6 +367,8 @@ def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = Non
         sections["model"]["name"] = default_model(sections["data"].get("image_size"))
     for name, defaults in RECIPES.get(sections["model"]["name"], {}).items():
         sections[name] = {**defaults, **sections[name]}
+    if sections["train"].get("time_budget") is not None and "schedule" not in sections["train"]:
+        sections["train"]["schedule"] = "onecycle"  # a budget is fitted with the one-cycle schedule
     return RunConfig(**{name: _build_section(name, values) for name, values in sections.items()})
 
 

@@ -277,6 +277,8 @@ class TimeBudget(keras.callbacks.Callback):
         self.deadline, self.learning_rate, self.reserve = deadline, learning_rate, reserve
         self.after_training_images, self.validation_images = after_training_images, validation_images
         self.reserve_measured = False
+        # A first validation pass includes compiling: never let its estimate eat the budget.
+        self.max_reserve = max(reserve, 0.25 * (deadline - time.monotonic()))
         self.started: float | None = None
         self.steps = 0
         self._test_started = 0.0
@@ -299,6 +301,10 @@ class TimeBudget(keras.callbacks.Callback):
             self.started = time.monotonic()
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if keras.backend.backend() == "jax":
+            # JAX's trainer fetches variables only at an epoch's first step unless they were synced:
+            # sync so that the new rate (an optimizer variable) reaches this step.
+            self.model.jax_state_sync()
         self.model.optimizer.learning_rate = onecycle_rate(self.progress(), self.learning_rate)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -314,5 +320,5 @@ class TimeBudget(keras.callbacks.Callback):
             return
         seconds = time.monotonic() - self._test_started
         if self.validation_images and seconds > 0:
-            self.reserve = 3.0 + self.after_training_images * seconds / self.validation_images
+            self.reserve = min(self.max_reserve, 3.0 + self.after_training_images * seconds / self.validation_images)
             self.reserve_measured = True

@@ -37,6 +37,7 @@ from cnnkit.data.batches import ArrayBatches
 from cnnkit.data.dataset import LoadedData, load_image_folder, write_skipped_csv, write_split_csv
 from cnnkit.errors import ConfigError, DataError, ModelError, RunNotFoundError
 from cnnkit.fitting import (
+    DECAYING_SCHEDULES,
     Fitter,
     Phase,
     TimeBudget,
@@ -247,7 +248,8 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         status = fitter.fit(phase)
         if status != "completed":
             break
-    fitter.restore_best()
+    if status != "completed" or (cfg.train.schedule not in DECAYING_SCHEDULES and deadline is None):
+        fitter.restore_best()  # a run annealed to a rate of ~0 keeps its final weights
     if status == "completed":
         # Moving statistics lag behind fast-moving weights: recompute them for the final model.
         extra["batchnorm_reestimated_on"] = reestimate_batchnorm(model, _plain_train_batches(data, cfg))

@@ -176,3 +176,14 @@ def test_width_is_for_the_fast_model_only():
         load_config(None, {"model.name": "vgg", "model.width": "large"})
     with pytest.raises(ConfigError, match="width"):
         load_config(None, {"model.width": "huge"})
+
+
+def test_a_budget_brings_the_one_cycle_schedule_to_any_model():
+    cfg = load_config(None, {"model.name": "simple", "train.time_budget": 120})
+    assert cfg.train.schedule == "onecycle"
+
+
+def test_a_budget_spent_on_decoding_picks_the_smallest_width_not_a_crash():
+    from cnnkit.models.fast import width_for_budget
+
+    assert width_for_budget(-5, 45_000) == "small"

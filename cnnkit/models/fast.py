@@ -62,9 +62,9 @@ def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH]):
 def width_for_budget(budget_seconds: float, train_images: int, image_size: tuple[int, int] = (32, 32)) -> str:
     """The width a time budget affords: seconds per 1,000 training images (at 32x32) decide."""
     pixels = image_size[0] * image_size[1] / (32 * 32)
-    per_1000 = budget_seconds / max(train_images * pixels / 1000, 1e-9)
+    per_1000 = max(budget_seconds, 0.0) / max(train_images * pixels / 1000, 1e-9)
     return max((name for name, need in _SECONDS_PER_1000_IMAGES.items() if per_1000 >= need),
-               key=lambda name: _SECONDS_PER_1000_IMAGES[name])
+               key=lambda name: _SECONDS_PER_1000_IMAGES[name], default="small")
 
 
 @register("fast", (32, 32), "cnnkit's fast BatchNorm CNN (stem 32, blocks 48-96-192) with its one-cycle recipe; "
