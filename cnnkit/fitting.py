@@ -35,6 +35,7 @@ from cnnkit.config import RunConfig
 from cnnkit.data.batches import ArrayBatches, BatchAugment
 from cnnkit.data.dataset import LoadedData
 from cnnkit.models import build_model, get_spec
+from cnnkit.models.saving import all_layers
 from cnnkit.models.transfer import set_backbone_frozen, unfreeze_top
 from cnnkit.optim import layer_lr_multipliers, make_loss, make_optimizer, onecycle_rate
 
@@ -220,13 +221,6 @@ class Fitter:
                 self.model.load_weights(path)
 
 
-def _all_layers(layer: keras.layers.Layer):
-    """``layer`` and every layer nested in it (models inside models)."""
-    yield layer
-    for child in getattr(layer, "layers", []):
-        yield from _all_layers(child)
-
-
 def reestimate_batchnorm(model: keras.Model, batches: ArrayBatches, max_images: int = 10_000) -> int:
     """Recompute the moving statistics of the trainable BatchNorm layers on training batches.
 
@@ -235,7 +229,7 @@ def reestimate_batchnorm(model: keras.Model, batches: ArrayBatches, max_images: 
     on up to ``max_images`` images. Frozen BatchNorm layers (a pre-trained backbone's) are left as
     they are. Returns the number of images used (0 when the model has no trainable BatchNorm).
     """
-    norms = [layer for layer in _all_layers(model)
+    norms = [layer for layer in all_layers(model)
              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
     if not norms or not len(batches):
         return 0

@@ -64,7 +64,7 @@ def as_float32(model: keras.Model) -> keras.Model:
     exporters reject mixed bfloat16/float16 graphs. Variables are float32 under a mixed policy, so
     the weights carry over exactly.
     """
-    if not any(layer.dtype_policy.name.startswith("mixed") for layer in _layers(model)):
+    if not any(layer.dtype_policy.name.startswith("mixed") for layer in all_layers(model)):
         return model
 
     def fix(node):
@@ -82,10 +82,11 @@ def as_float32(model: keras.Model) -> keras.Model:
     return clone
 
 
-def _layers(layer):
+def all_layers(layer: keras.layers.Layer):
+    """``layer`` and every layer nested in it (models inside models)."""
     yield layer
     for child in getattr(layer, "layers", []):
-        yield from _layers(child)
+        yield from all_layers(child)
 
 
 def save_model(model: keras.Model, path: str | Path, meta: ModelMeta) -> Path:
