@@ -83,7 +83,8 @@ def child_large(cache_path: str, steps: int) -> dict:
     import numpy as np
 
     from cnnkit.data.batches import ArrayBatches
-    from cnnkit.fitting import batch_augment, precision_policy
+    from cnnkit.training.fitting import batch_augment
+    from cnnkit.training.precision import precision_policy
     from cnnkit.models import build_model
 
     images = np.load(cache_path, mmap_mode="r")

@@ -1,7 +1,16 @@
-"""cnnkit: a folder of images in; a trained, evaluated classifier out.
+"""cnnkit: a folder of images in; a trained, evaluated, explained, registered and served classifier out.
 
-The public API is exactly ``__all__``. Heavy modules (Keras and its backend) are imported on first
-use, so ``import cnnkit`` and ``cnnkit --help`` stay fast.
+The stages, in the order the data moves (each a subpackage or module importing only those before it)::
+
+    data -> models -> training -> predict -> evaluation / gradcam -> registry -> serve / deploy
+
+The public API is exactly ``__all__``. Heavy modules (Keras and its backend, SQLAlchemy, FastAPI)
+are imported on first use, so ``import cnnkit`` and ``cnnkit --help`` stay fast.
+
+Example:
+    >>> import cnnkit
+    >>> sorted(cnnkit.available_models())[:3]
+    ['efficientnetb0', 'fast', 'mobilenetv2']
 """
 
 from __future__ import annotations
@@ -11,56 +20,80 @@ from typing import TYPE_CHECKING, Any
 
 from cnnkit._version import __version__
 from cnnkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
-from cnnkit.errors import CnnkitError, ConfigError, DataError, ModelError, RunExistsError, RunNotFoundError
+from cnnkit.errors import (
+    CnnkitError,
+    ConfigError,
+    DataError,
+    ModelError,
+    RegistryError,
+    RunExistsError,
+    RunNotFoundError,
+    VersionNotFoundError,
+)
 
+# Public name -> the module that defines it (imported on first use).
 _LAZY = {
-    "train": "cnnkit.train",
-    "TrainResult": "cnnkit.train",
-    "evaluate": "cnnkit.evaluate",
-    "EvalReport": "cnnkit.evaluate",
-    "Predictor": "cnnkit.predict",
-    "Prediction": "cnnkit.predict",
+    "load_image": "cnnkit.data.decode",
+    "scan_folder": "cnnkit.data.scan",
+    "load_image_folder": "cnnkit.data.dataset",
+    "doctor": "cnnkit.data.checks",
+    "DoctorReport": "cnnkit.data.checks",
     "build_model": "cnnkit.models",
     "available_models": "cnnkit.models",
     "load_model": "cnnkit.models.saving",
-    "load_image": "cnnkit.data.decode",
-    "load_image_folder": "cnnkit.data.dataset",
-    "scan_folder": "cnnkit.data.scan",
-    "doctor": "cnnkit.data.doctor",
-    "DoctorReport": "cnnkit.data.doctor",
-    "explain": "cnnkit.explain",
-    "Heatmap": "cnnkit.explain",
-    "calibrate": "cnnkit.calibration",
-    "CalibrationResult": "cnnkit.calibration",
-    "review": "cnnkit.review",
-    "ReviewQueue": "cnnkit.review",
-    "compare": "cnnkit.compare",
-    "Comparison": "cnnkit.compare",
+    "train": "cnnkit.training",
+    "TrainResult": "cnnkit.training",
+    "lr_find": "cnnkit.training",
+    "LRFindResult": "cnnkit.training",
+    "Predictor": "cnnkit.predict",
+    "Prediction": "cnnkit.predict",
+    "explain": "cnnkit.gradcam",
+    "Heatmap": "cnnkit.gradcam",
+    "evaluate": "cnnkit.evaluation",
+    "EvalReport": "cnnkit.evaluation",
+    "calibrate": "cnnkit.evaluation",
+    "CalibrationResult": "cnnkit.evaluation",
+    "review": "cnnkit.evaluation",
+    "ReviewQueue": "cnnkit.evaluation",
+    "compare": "cnnkit.evaluation",
+    "Comparison": "cnnkit.evaluation",
+    "Registry": "cnnkit.registry",
+    "ModelVersion": "cnnkit.registry",
+    "export": "cnnkit.deploy",
+    "ExportResult": "cnnkit.deploy",
 }
 
 __all__ = [
-    "CnnkitError", "ConfigError", "DataConfig", "DataError", "DoctorReport", "EvalReport", "ModelConfig",
-    "ModelError", "Prediction", "Predictor", "RunConfig", "RunExistsError", "RunNotFoundError", "TrainConfig",
-    "TrainResult", "__version__", "available_models", "build_model", "doctor", "evaluate", "load_config",
-    "load_image", "load_image_folder", "load_model", "scan_folder", "train",
-    # issue 5
-    "CalibrationResult", "Comparison", "Heatmap", "ReviewQueue", "calibrate", "compare", "explain", "review",
+    "CalibrationResult", "CnnkitError", "Comparison", "ConfigError", "DataConfig", "DataError", "DoctorReport",
+    "EvalReport", "ExportResult", "Heatmap", "LRFindResult", "ModelConfig", "ModelError", "ModelVersion",
+    "Prediction", "Predictor", "Registry", "RegistryError", "ReviewQueue", "RunConfig", "RunExistsError",
+    "RunNotFoundError", "TrainConfig", "TrainResult", "VersionNotFoundError", "__version__", "available_models",
+    "build_model", "calibrate", "compare", "doctor", "evaluate", "explain", "export", "load_config", "load_image",
+    "load_image_folder", "load_model", "lr_find", "review", "scan_folder", "train",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cnnkit.calibration import CalibrationResult, calibrate
-    from cnnkit.compare import Comparison, compare
+    from cnnkit.data.checks import DoctorReport, doctor
     from cnnkit.data.dataset import load_image_folder
     from cnnkit.data.decode import load_image
-    from cnnkit.data.doctor import DoctorReport, doctor
     from cnnkit.data.scan import scan_folder
-    from cnnkit.evaluate import EvalReport, evaluate
-    from cnnkit.explain import Heatmap, explain
+    from cnnkit.deploy import ExportResult, export
+    from cnnkit.evaluation import (
+        CalibrationResult,
+        Comparison,
+        EvalReport,
+        ReviewQueue,
+        calibrate,
+        compare,
+        evaluate,
+        review,
+    )
+    from cnnkit.gradcam import Heatmap, explain
     from cnnkit.models import available_models, build_model
     from cnnkit.models.saving import load_model
     from cnnkit.predict import Prediction, Predictor
-    from cnnkit.review import ReviewQueue, review
-    from cnnkit.train import TrainResult, train
+    from cnnkit.registry import ModelVersion, Registry
+    from cnnkit.training import LRFindResult, TrainResult, lr_find, train
 
 
 def __getattr__(name: str) -> Any:
@@ -69,3 +102,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'cnnkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -13,9 +13,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 
 import csv
 import functools
+import inspect
 import io
 import json
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -140,13 +142,10 @@ def _parse_image_size(text: str | None) -> tuple[int, int] | None:
 
 
 _REGISTRY_URL_HELP = "SQLAlchemy URL of the model registry (default: SQLite at $CNNKIT_HOME/registry.db)."
-
-
-def _model_help() -> str:
-    # Listing names needs the registry (and so Keras); keep --help fast with a static list.
-    return ("Architecture: fast (cnnkit's fast BatchNorm CNN with its one-cycle recipe; the default up to 64 px), "
-            "simple (the tutorials' small CNN; the default above 64 px), vgg (the tutorials' BatchNorm CNN), or a "
-            "pre-trained backbone: mobilenetv2, efficientnetb0, resnet50 (224x224 by default).")
+# Listing names needs the zoo (and so Keras); keep --help fast with a static list.
+_MODEL_HELP = ("Architecture: fast (cnnkit's fast BatchNorm CNN with its one-cycle recipe; the default up to 64 px), "
+               "simple (the tutorials' small CNN; the default above 64 px), vgg (the tutorials' BatchNorm CNN), or a "
+               "pre-trained backbone: mobilenetv2, efficientnetb0, resnet50 (224x224 by default).")
 
 
 def _parse_duration(text: str | None) -> float | None:
@@ -166,79 +165,140 @@ def _parse_duration(text: str | None) -> float | None:
     return sum(float(n) * unit[u] for n, u in parts)
 
 
-def _parse_rate(text: str | None, option: str = "--learning-rate") -> float | str | None:
+def _parse_rate(text: str | None) -> float | str | None:
     if text is None or text == "auto":
         return text
     try:
         return float(text)
     except ValueError:
-        raise ConfigError(f"{option} takes a number (e.g. 1e-3) or 'auto'. Received: learning_rate={text!r}") from None
+        raise ConfigError(f"--learning-rate takes a number (e.g. 1e-3) or 'auto'. Received: learning_rate={text!r}") from None
+
+
+@dataclass(frozen=True)
+class TrainOption:
+    """One training option on the command line: a field of the run config (``cnnkit.config.OPTION_KEYS``).
+
+    Attributes:
+        name: the flat option name, which is the config field's name (``model`` for ``model.name``).
+        type: what the command line takes (before ``parse``).
+        help: the ``--help`` text.
+        flags: the flags, when not just ``--name-with-dashes``.
+        parse: turns the command-line value into the config value.
+    """
+
+    name: str
+    type: Any
+    help: str
+    flags: tuple[str, ...] = ()
+    parse: Callable[[Any], Any] | None = None
+
+    def parameter(self) -> inspect.Parameter:
+        flags = self.flags or (f"--{self.name.replace('_', '-')}",)
+        annotation = Annotated[Optional[self.type], typer.Option(*flags, help=self.help)]
+        return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+    def value(self, given: Any) -> Any:
+        return self.parse(given) if self.parse is not None and given is not None else given
+
+
+# Every training option, once: its flag, type and help. The config key it sets comes from
+# cnnkit.config.OPTION_KEYS (the same table the Python API uses), so the two cannot drift apart.
+TRAIN_OPTIONS: tuple[TrainOption, ...] = (
+    TrainOption("model", str, _MODEL_HELP, ("--model", "-m")),
+    TrainOption("weights", str, "Backbones: imagenet (download, default), none (random init) or PATH (.weights.h5, "
+                                ".keras backbone or a run directory)."),
+    TrainOption("head_width", int, "Backbones: units of a hidden Dense layer in the head (0 = none)."),
+    TrainOption("dropout", float, "Backbones: dropout before the classifier (default 0.2)."),
+    TrainOption("upscale_size", int, "Backbones: upscale smaller inputs to this size inside the model (min 32)."),
+    TrainOption("width", str, "fast only: small, medium, large, or auto (medium; under --time-budget, what the "
+                              "budget affords)."),
+    TrainOption("epochs", int, "Maximum epochs (phase 1: backbone frozen). With --resume: how many more."),
+    TrainOption("fine_tune_epochs", int, "Phase 2 epochs: unfreeze the backbone's top layers and train on."),
+    TrainOption("fine_tune_layers", str, "How many backbone layers to unfreeze in phase 2, or 'all'."),
+    TrainOption("fine_tune_lr", float, "Phase 2 learning rate (default: a tenth of --learning-rate)."),
+    TrainOption("layer_lr_decay", float, "Discriminative rates in phase 2: factor per earlier backbone block (1 = off)."),
+    TrainOption("force", bool, "Allow fine-tuning an untrained head or with a high --fine-tune-lr.",
+                ("--force/--no-force",)),
+    TrainOption("batch_size", int, "Images per step."),
+    TrainOption("learning_rate", str, "Initial rate, or 'auto' (range test first).", ("--learning-rate", "--lr"),
+                _parse_rate),
+    TrainOption("optimizer", str, "adam (default), sgd (Nesterov momentum) or adamw."),
+    TrainOption("weight_decay", float, "Weight decay of sgd and adamw, on kernels only (default 1e-4)."),
+    TrainOption("schedule", str, "plateau (default), cosine or onecycle."),
+    TrainOption("label_smoothing", float, "Label smoothing, e.g. 0.1 (default 0)."),
+    TrainOption("class_weight", str, "auto (balanced, for imbalanced classes) or none."),
+    TrainOption("mixed_precision", bool, "float16 on GPU, bfloat16 on CPU.", ("--mixed-precision/--no-mixed-precision",)),
+    TrainOption("time_budget", str, "Fit the schedule to a wall-clock budget for the whole run, e.g. 10m, 600s, 1h "
+                                    "(replaces --epochs).", parse=_parse_duration),
+    TrainOption("augment", str, "none, light, standard, strong, screens (screenshots/documents: no flips) or "
+                                "flip-translate (on whole batches in the loader; --model fast's default)."),
+    TrainOption("patience", int, "Epochs without val_loss improvement before stopping a phase."),
+    TrainOption("overfit_gap", float, "Train-minus-validation accuracy gap reported as overfitting (default 0.15)."),
+    TrainOption("image_size", str, "N or HxW; default per model (32 for fast/simple/vgg, 224 for backbones).",
+                parse=_parse_image_size),
+    TrainOption("color_mode", str, "rgb or grayscale."),
+    TrainOption("resize_mode", str, "stretch, pad (keep aspect, letterbox) or crop (centre)."),
+    TrainOption("val_split", float, "Validation fraction per class, when there is no validation/ folder."),
+    TrainOption("test_split", float, "Test fraction per class, when there is no test/ folder."),
+    TrainOption("seed", int, "Seed of the split, shuffle and initialisation."),
+    TrainOption("workers", int, "Decode processes (default: every core)."),
+    TrainOption("max_pixels", int, "Images with more pixels are skipped as decompression bombs (default 80 M)."),
+)
+_TRAIN_OPTION = {option.name: option for option in TRAIN_OPTIONS}
+
+
+def _with_train_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the named ``TRAIN_OPTIONS`` (all when none named) to a command's signature, after its own parameters.
+
+    The command receives them in ``**options`` as config values (parsed), None when not given.
+    """
+    chosen = [_TRAIN_OPTION[n] for n in names] if names else list(TRAIN_OPTIONS)
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            options = {o.name: o.value(kwargs.pop(o.name, None)) for o in chosen}
+            return fn(*args, **kwargs, **options)
+
+        command.__signature__ = inspect.Signature(own + [o.parameter() for o in chosen])  # type: ignore[attr-defined]
+        return command
+
+    return decorate
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in options.items() if value is not None}
 
 
 @app.command()
 @_handle_errors
+@_with_train_options()
 def train(
     data_dir: Annotated[Optional[Path], typer.Argument(help="root/<class>/*.jpg, or root/train/<class>/ (+ validation/, test/). Optional with --resume.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help=_model_help())] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Backbones: imagenet (download, default), none (random init) or PATH (.weights.h5, .keras backbone or a run directory).")] = None,
-    head_width: Annotated[Optional[int], typer.Option(help="Backbones: units of a hidden Dense layer in the head (0 = none).")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Backbones: dropout before the classifier (default 0.2).")] = None,
-    upscale_size: Annotated[Optional[int], typer.Option(help="Backbones: upscale smaller inputs to this size inside the model (min 32).")] = None,
-    width: Annotated[Optional[str], typer.Option(help="fast only: small, medium, large, or auto (medium; under --time-budget, what the budget affords).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (phase 1: backbone frozen). With --resume: how many more.")] = None,
-    fine_tune_epochs: Annotated[Optional[int], typer.Option(help="Phase 2 epochs: unfreeze the backbone's top layers and train on.")] = None,
-    fine_tune_layers: Annotated[Optional[str], typer.Option(help="How many backbone layers to unfreeze in phase 2, or 'all'.")] = None,
-    fine_tune_lr: Annotated[Optional[float], typer.Option(help="Phase 2 learning rate (default: a tenth of --learning-rate).")] = None,
-    layer_lr_decay: Annotated[Optional[float], typer.Option(help="Discriminative rates in phase 2: factor per earlier backbone block (1 = off).")] = None,
-    force: Annotated[Optional[bool], typer.Option("--force/--no-force", help="Allow fine-tuning an untrained head or with a high --fine-tune-lr.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
-    learning_rate: Annotated[Optional[str], typer.Option("--learning-rate", "--lr", help="Initial rate, or 'auto' (range test first).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam (default), sgd (Nesterov momentum) or adamw.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="adamw's weight decay (default 1e-4).")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="plateau (default), cosine or onecycle.")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing, e.g. 0.1 (default 0).")] = None,
-    class_weight: Annotated[Optional[str], typer.Option(help="auto (balanced, for imbalanced classes) or none.")] = None,
-    mixed_precision: Annotated[Optional[bool], typer.Option("--mixed-precision/--no-mixed-precision", help="float16 on GPU, bfloat16 on CPU.")] = None,
-    time_budget: Annotated[Optional[str], typer.Option(help="Fit the schedule to a wall-clock budget for the whole run, e.g. 10m, 600s, 1h (replaces --epochs).")] = None,
-    image_size: Annotated[Optional[str], typer.Option(help="N or HxW; default per model (32 for simple/vgg, 224 for backbones).")] = None,
-    color_mode: Annotated[Optional[str], typer.Option(help="rgb or grayscale.")] = None,
-    resize_mode: Annotated[Optional[str], typer.Option(help="stretch, pad (keep aspect, letterbox) or crop (centre).")] = None,
-    val_split: Annotated[Optional[float], typer.Option(help="Validation fraction per class, when there is no validation/ folder.")] = None,
-    test_split: Annotated[Optional[float], typer.Option(help="Test fraction per class, when there is no test/ folder.")] = None,
-    augment: Annotated[Optional[str], typer.Option(help="none, light, standard, strong, screens (screenshots/documents: no flips) or flip-translate (on whole batches in the loader; --model fast's default).")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Epochs without val_loss improvement before stopping a phase.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the split, shuffle and initialisation.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decode processes (default: every core).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<model>-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     config: Annotated[Optional[Path], typer.Option(help="TOML/JSON config (or a run's run.json); options override it.")] = None,
     register: Annotated[Optional[str], typer.Option(help="Register the run in the model registry under this name.")] = None,
     registry_url: Annotated[Optional[str], typer.Option(envvar="CNNKIT_REGISTRY_URL", help=_REGISTRY_URL_HELP)] = None,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit a temperature on the validation split after training.")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (optimizer state included).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (optimizer state included); only --epochs and --workers may be given with it.")] = None,
+    **options: Any,
 ) -> None:
     """Train a classifier on DATA_DIR and write a run directory."""
-    from cnnkit.config import load_config
-    from cnnkit.train import train as run_training
+    from cnnkit.config import load_config, overrides_from_options
+    from cnnkit.training import train as run_training
 
     if resume is not None:
-        result = run_training(data_dir, out, resume=resume, **({"epochs": epochs} if epochs else {}))
+        if config is not None:
+            raise ConfigError("--resume continues a run with its own config; --config cannot be combined with it. "
+                              f"Received: resume='{resume}', config='{config}'")
+        result = run_training(data_dir, out, resume=resume, **_given(options))
     else:
         if data_dir is None:
             raise ConfigError("cnnkit train needs DATA_DIR (or --resume RUN).")
-        cfg = load_config(config, {
-            "model.name": model, "model.weights": weights, "model.head_width": head_width, "model.dropout": dropout,
-            "model.upscale_size": upscale_size, "model.width": width,
-            "train.epochs": epochs, "train.batch_size": batch_size, "train.learning_rate": _parse_rate(learning_rate),
-            "train.fine_tune_epochs": fine_tune_epochs, "train.fine_tune_layers": fine_tune_layers,
-            "train.fine_tune_lr": fine_tune_lr, "train.layer_lr_decay": layer_lr_decay, "train.force": force,
-            "train.optimizer": optimizer, "train.weight_decay": weight_decay, "train.schedule": schedule,
-            "train.label_smoothing": label_smoothing, "train.class_weight": class_weight,
-            "train.mixed_precision": mixed_precision, "train.time_budget": _parse_duration(time_budget),
-            "train.augment": augment, "train.patience": patience, "data.image_size": _parse_image_size(image_size),
-            "data.color_mode": color_mode, "data.resize_mode": resize_mode, "data.val_split": val_split,
-            "data.test_split": test_split, "data.seed": seed, "data.workers": workers,
-        })
+        cfg = load_config(config, overrides_from_options(_given(options)))
         result = run_training(data_dir, out, cfg, overwrite=overwrite)
     _progress.say(f"run {'interrupted' if result.status != 'completed' else 'written'}: "
                   f"[bold]{_progress.esc(result.run_dir)}[/]")
@@ -256,23 +316,19 @@ def train(
 
 @app.command("lr-find")
 @_handle_errors
+@_with_train_options("model", "weights", "image_size", "batch_size", "optimizer", "mixed_precision")
 def lr_find(
     data_dir: Annotated[Path, typer.Argument(help="The image folder to train on.")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help=_model_help())] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Backbones: imagenet, none or PATH.")] = None,
-    image_size: Annotated[Optional[str], typer.Option(help="N or HxW; default per model.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam, sgd or adamw.")] = None,
     steps: Annotated[int, typer.Option(help="Most steps of the range test.")] = 200,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for lr_find.png and lr_find.json.")] = Path("lr-find"),
     config: Annotated[Optional[Path], typer.Option(help="TOML/JSON config (or a run's run.json).")] = None,
+    **options: Any,
 ) -> None:
     """Learning-rate range test: loss vs exponentially growing rate; prints a suggested rate."""
-    from cnnkit.config import load_config
-    from cnnkit.lr_find import lr_find as run_lr_find
+    from cnnkit.config import load_config, overrides_from_options
+    from cnnkit.training import lr_find as run_lr_find
 
-    cfg = load_config(config, {"model.name": model, "model.weights": weights, "train.batch_size": batch_size,
-                               "train.optimizer": optimizer, "data.image_size": _parse_image_size(image_size)})
+    cfg = load_config(config, overrides_from_options(_given(options)))
     result = run_lr_find(data_dir, out, cfg, steps=steps)
     typer.echo(f"suggested learning rate: {result.suggested:.2g} (steepest fall {result.steepest:.2g}, "
                f"minimum loss at {result.minimum:.2g}); plot: {out / 'lr_find.png'}")
@@ -291,7 +347,7 @@ def evaluate(
     tta_crop: Annotated[bool, typer.Option("--tta-crop", help="TTA with four shifted crops too (implies --tta).")] = False,
 ) -> None:
     """Evaluate a trained model on a labelled folder; write RUN/eval/<name>/ (metrics, plots, report.html)."""
-    from cnnkit.evaluate import evaluate as run_evaluation
+    from cnnkit.evaluation import evaluate as run_evaluation
 
     report = run_evaluation(run, data_dir, top_k=top_k, name=name, batch_size=batch_size,
                             tta="flip+crop" if tta_crop else tta)
@@ -369,8 +425,8 @@ def doctor(
     workers: Annotated[Optional[int], typer.Option(help="Processes reading images (default: every core).")] = None,
 ) -> None:
     """Report what is in DATA_DIR and what is wrong with it; never modifies a file."""
-    from cnnkit.data.doctor import doctor as run_doctor
-    from cnnkit.data.doctor import print_report
+    from cnnkit.data.checks import doctor as run_doctor
+    from cnnkit.data.checks import print_report
 
     report = run_doctor(data_dir, workers=workers)
     if output is ReportFormat.json:
@@ -386,7 +442,7 @@ def doctor(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's data and run.")] = Path("cnnkit-demo"),
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
-    model: Annotated[str, typer.Option("--model", "-m", help=_model_help())] = "simple",
+    model: Annotated[str, typer.Option("--model", "-m", help=_MODEL_HELP)] = "simple",
 ) -> None:
     """Train, evaluate and predict on the digits the package ships (no network)."""
     from cnnkit.demo import run_demo
@@ -575,7 +631,7 @@ def export_model(
 ) -> None:
     """Export a model as a SavedModel, ONNX or TFLite (raw 0-255 pixels in, probabilities out)."""
     _import_keras_quietly()
-    from cnnkit.export import export
+    from cnnkit.deploy import export
 
     result = export(run, format, out)
     for path in result.files:
@@ -593,7 +649,7 @@ def docker(
 ) -> None:
     """Write a Docker build context serving a model (and build it when Docker is available)."""
     _import_keras_quietly()
-    from cnnkit.docker import build_image, write_build_context
+    from cnnkit.deploy import build_image, write_build_context
 
     context = write_build_context(source, out, tag=tag, registry_url=registry_url)
     typer.echo(f"build context: {context.path} (model '{context.name}', tag {context.tag})")
@@ -616,7 +672,7 @@ def explain(
 ) -> None:
     """Grad-CAM: where the model looked. Writes image | heatmap | overlay PNGs."""
     _import_keras_quietly()
-    from cnnkit.explain import explain as run_explain
+    from cnnkit.gradcam import explain as run_explain
 
     for h in run_explain(run, images, class_name=class_name, layer=layer, out=out):
         typer.echo(f"{h.source}\tpredicted {h.predicted}\t{h.class_name} {h.probability:.1%}\t-> {h.path}")
@@ -624,7 +680,7 @@ def explain(
 
 def _calibrate_run(run: Path, data: Path | None = None, min_confidence: float | None = None,
                    target_precision: float | None = None):
-    from cnnkit.calibration import calibrate as run_calibration
+    from cnnkit.evaluation import calibrate as run_calibration
 
     return run_calibration(run, data, min_confidence=min_confidence, target_precision=target_precision)
 
@@ -670,7 +726,7 @@ def review(
 ) -> None:
     """Likely-mislabelled images (confident disagreements) as CSV and an HTML gallery; changes no file."""
     _import_keras_quietly()
-    from cnnkit.review import review as run_review
+    from cnnkit.evaluation import review as run_review
 
     queue = run_review(run, data_dir, top=top, held_out_only=held_out_only, folds=folds, out=out)
     for n, item in enumerate(queue.items[:10]):
@@ -687,7 +743,7 @@ def compare(
     output: Annotated[OutputFormat, typer.Option("--format", help="table or json on stdout.")] = OutputFormat.table,
 ) -> None:
     """Runs side by side: model, data hash, epochs, accuracy, top-k, per-class F1 deltas vs the first."""
-    from cnnkit.compare import compare as run_compare
+    from cnnkit.evaluation import compare as run_compare
 
     result = run_compare(list(runs), eval_name)
     if output is OutputFormat.json:

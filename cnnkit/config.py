@@ -38,9 +38,9 @@ DEFAULT_MAX_PIXELS = 80_000_000
 
 
 def cnnkit_home() -> Path:
-    """cnnkit's own folder (decode caches, registry): ``$CNNKIT_HOME``, default ``~/.cnnkit``.
+    """cnnkit's own folder (decode caches, registry, converted weights): ``$CNNKIT_HOME``, default ``~/.cnnkit``.
 
-    The one place outside the server that reads the environment, so every stage agrees on it.
+    The one resolver of ``CNNKIT_HOME``, so every stage agrees on it.
     """
     import os
 
@@ -327,7 +327,7 @@ def default_model(image_size: Any) -> str:
     return "fast" if max(size) <= FAST_MAX_SIZE else "simple"
 
 
-def _unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
+def unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
     near = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean '{near[0]}'?" if near else ""
     return ConfigError(f"Unknown config key '{key}' in {where}. Valid keys: {', '.join(sorted(valid))}.{hint}")
@@ -338,7 +338,7 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
     valid = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in valid:
-            raise _unknown_key(f"[{name}]", key, valid)
+            raise unknown_key(f"[{name}]", key, valid)
     values = dict(values)
     if name == "data" and values.get("image_size") is not None:
         size = values["image_size"]
@@ -354,7 +354,7 @@ def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = Non
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     for name, values in raw.items():
         if name not in _SECTIONS:
-            raise _unknown_key("the config file", name, list(_SECTIONS))
+            raise unknown_key("the config file", name, list(_SECTIONS))
         if not isinstance(values, dict):
             raise ConfigError(f"Config section [{name}] must be a table of keys. Received: {name}={values!r}")
         sections[name].update(values)
@@ -392,3 +392,39 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if "config" in raw and isinstance(raw["config"], dict):  # a run.json
             raw = raw["config"]
     return config_from_dict(raw, overrides)
+
+
+# Flat option names (``train(epochs=3)``, ``--epochs``) -> "section.field". Every field of every
+# section by its own name, and ``model`` for the model's name: the one mapping the Python API and
+# the CLI share.
+OPTION_KEYS: dict[str, str] = {
+    **{f.name: f"{section}.{f.name}" for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
+       if f.name != "name"},
+    "model": "model.name",
+}
+
+# Options a resumed run may change: how many more epochs, and how many decode processes. Every
+# other option is part of what was trained (and of its schedule), so it cannot change on resume.
+RESUMABLE_OPTIONS = ("epochs", "workers")
+
+
+def overrides_from_options(options: dict[str, Any], where: str = "train() options") -> dict[str, Any]:
+    """``{"epochs": 3, "model": "vgg"}`` -> ``{"train.epochs": 3, "model.name": "vgg"}`` (unknown names refused)."""
+    overrides: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in OPTION_KEYS:
+            raise unknown_key(where, key, list(OPTION_KEYS))
+        overrides[OPTION_KEYS[key]] = value
+    return overrides
+
+
+def resolve_config(config: RunConfig | dict | None = None, **options: Any) -> RunConfig:
+    """A RunConfig from a config object or nested dict plus flat options (``epochs=3``, ``model="vgg"``).
+
+    Example:
+        >>> resolve_config(None, model="vgg", epochs=3).train.epochs
+        3
+    """
+    if isinstance(config, RunConfig):
+        config = config.to_dict()
+    return config_from_dict(config or {}, overrides_from_options(options))

@@ -33,9 +33,9 @@ def run_demo(out: str | Path = "cnnkit-demo", epochs: int = 15, model: str = "si
 
     Returns a summary: run directory, validation and test accuracy, and sample predictions.
     """
-    from cnnkit.evaluate import evaluate
+    from cnnkit.evaluation import evaluate
     from cnnkit.predict import Predictor
-    from cnnkit.train import train
+    from cnnkit.training import train
 
     out = Path(out)
     data = extract_demo_data(out / "data")

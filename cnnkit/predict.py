@@ -1,9 +1,14 @@
-"""Prediction stage: a run directory or ``.keras`` file -> class names, confidences and top-k.
+"""Prediction stage: a run directory or ``.keras`` file + images -> class names, confidences and top-k.
+
+In: a model (``model.keras`` with its metadata) and image files, folders, globs, bytes or pixels.
+Out: ``Prediction`` per image (label, confidence, top-k, or the reason it could not be read).
 
 ``Predictor`` opens images only through ``cnnkit.data.load_image`` (the training code path, with
 the model's own image size, colour mode and resize mode), predicts in batches, and decodes the
 next batch on worker threads while the model runs on the current one. Unreadable inputs come back
-as per-file errors; the others are still predicted.
+as per-file errors; the others are still predicted. A calibrated model (``cnnkit calibrate``) has
+its temperature applied, and a prediction less confident than its ``min_confidence`` comes back as
+``unknown``: the same rule for one image, a folder, and the server.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import keras  # noqa: F401  (the model's backend)
 import numpy as np
 
 from cnnkit._progress import progress_task
-from cnnkit.calibration import UNKNOWN_LABEL, apply_temperature
 from cnnkit.data.decode import DecodeError, load_image
 from cnnkit.data.scan import IMAGE_EXTENSIONS, expand_inputs
 from cnnkit.errors import ConfigError, DataError
+from cnnkit.metrics import apply_temperature
 from cnnkit.models.saving import ModelMeta, load_model
+
+# The label of a prediction less confident than the calibrated abstain threshold.
+UNKNOWN_LABEL = "unknown"
 
 
 @dataclass
@@ -59,7 +67,7 @@ class Predictor:
 
     Example:
         >>> predictor = cnnkit.Predictor("runs/first")
-        >>> [p.label for p in predictor.predict(["cat.jpg", "more_images/"])]
+        >>> labels = [p.label for p in predictor.predict(["some.jpg", "other_folder/"])]
     """
 
     def __init__(self, source: str | Path, batch_size: int = 64, workers: int | None = None) -> None:
@@ -123,6 +131,14 @@ class Predictor:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[(self.class_names[j], float(p[j])) for j in row] for p, row in zip(probs, order)]
 
+    def abstains(self, confidence: float) -> bool:
+        """True when ``confidence`` is below the calibrated abstain threshold (the answer is ``unknown``)."""
+        return self.min_confidence is not None and confidence < self.min_confidence
+
+    def _prediction(self, name: str, ranked: list[tuple[str, float]]) -> Prediction:
+        label, confidence = ranked[0]
+        return Prediction(name, UNKNOWN_LABEL if self.abstains(confidence) else label, confidence, ranked)
+
     def predict_image(self, source: str | Path | bytes | np.ndarray, top_k: int = 3) -> Prediction:
         """One image (a path, encoded bytes, or raw uint8 pixels of ``input_shape``) -> Prediction.
 
@@ -131,8 +147,7 @@ class Predictor:
         """
         name = str(source) if isinstance(source, (str, Path)) else "<image>"
         pixels = source if isinstance(source, np.ndarray) else self.load(source, name=name)
-        ranked = self.top_k(self.predict_arrays(pixels), top_k)[0]
-        return Prediction(name, ranked[0][0], ranked[0][1], ranked)
+        return self._prediction(name, self.top_k(self.predict_arrays(pixels), top_k)[0])
 
     def predict(self, inputs: list[str | Path] | str | Path, top_k: int = 3) -> list[Prediction]:
         """Predict images named by files, folders (recursive) and glob patterns.
@@ -167,11 +182,7 @@ class Predictor:
                     if err is not None:
                         results.append(Prediction(str(path), error=err))
                     else:
-                        best = next(ranked)
-                        label = best[0][0]
-                        if self.min_confidence is not None and best[0][1] < self.min_confidence:
-                            label = UNKNOWN_LABEL  # abstain: less confident than the calibrated threshold
-                        results.append(Prediction(str(path), label, best[0][1], best))
+                        results.append(self._prediction(str(path), next(ranked)))
                 advance(len(batch_paths))
         return results
 

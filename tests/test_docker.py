@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cnnkit
-from cnnkit.docker import pinned_requirements, write_build_context
+from cnnkit.deploy.docker import pinned_requirements, write_build_context
 from cnnkit.errors import CnnkitError
 from tests.conftest import write_class_folder
 from tests.test_serve import free_port, wait_ready
@@ -34,8 +34,8 @@ def test_build_context_files(run_dir, tmp_path):
     assert context.tag == "cnnkit-colours:1" and context.name == "colours"
     names = {p.relative_to(context.path).as_posix() for p in context.path.rglob("*") if p.is_file()}
     for required in ("Dockerfile", "requirements.txt", ".dockerignore", "model/model.keras", "model/run.json",
-                     "cnnkit-src/pyproject.toml", "cnnkit-src/cnnkit/serve/app.py", "cnnkit-src/cnnkit/registry.py",
-                     "cnnkit-src/cnnkit/migrations/versions/0001_initial.py"):
+                     "cnnkit-src/pyproject.toml", "cnnkit-src/cnnkit/serve/app.py", "cnnkit-src/cnnkit/registry/store.py",
+                     "cnnkit-src/cnnkit/registry/migrations/versions/0001_initial.py"):
         assert required in names, required
     dockerfile = (context.path / "Dockerfile").read_text()
     assert "ARG BASE=python:3.11-slim" in dockerfile and "FROM ${BASE} AS build" in dockerfile

@@ -17,21 +17,22 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cnnkit
-from cnnkit.calibration import (
+from cnnkit.evaluation import calibrate
+from cnnkit.metrics import (
     apply_temperature,
-    calibrate,
     choose_min_confidence,
     expected_calibration_error,
     fit_temperature,
     reliability_bins,
 )
 from cnnkit.cli import app
-from cnnkit.compare import compare
+from cnnkit.evaluation import compare
 from cnnkit.errors import ConfigError, DataError
-from cnnkit.evaluate import compute_metrics, most_confused, tta_views
+from cnnkit.data.batches import tta_views
+from cnnkit.evaluation.scoring import compute_metrics, most_confused
 from cnnkit.models.saving import ModelMeta, read_meta
 from cnnkit.predict import Predictor
-from cnnkit.review import review
+from cnnkit.evaluation import review
 from tests.conftest import write_class_folder
 
 runner = CliRunner()
@@ -323,7 +324,7 @@ def test_evaluation_holds_one_batch_of_floats_not_the_dataset(run, tmp_path):
     """Streaming: peak numpy memory of the prediction pass stays far below the dataset as float32."""
     import tracemalloc
 
-    from cnnkit.evaluate import _predict_rows
+    from cnnkit.evaluation.labelled import _predict_rows
 
     _, result = run
     images = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8, shape=(4000, 16, 16, 3))

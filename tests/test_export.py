@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import cnnkit
 from cnnkit.errors import ConfigError
-from cnnkit.export import export, read_export_meta
+from cnnkit.deploy.formats import export, read_export_meta
 from tests.conftest import write_class_folder
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="exports need the TensorFlow backend")

@@ -14,9 +14,9 @@ from cnnkit.config import RECIPES, load_config
 from cnnkit.data.batches import ArrayBatches, BatchAugment
 from cnnkit.data.scan import AUTO_VAL_MAX_IMAGES, auto_val_split
 from cnnkit.errors import ConfigError
-from cnnkit.fitting import reestimate_batchnorm
+from cnnkit.training.fitting import reestimate_batchnorm
 from cnnkit.models import build_model
-from cnnkit.optim import onecycle_rate
+from cnnkit.training.optim import onecycle_rate
 from tests.conftest import write_class_folder
 
 

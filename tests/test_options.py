@@ -11,11 +11,12 @@ from typer.testing import CliRunner
 import cnnkit
 from cnnkit.cli import app
 from cnnkit.config import TrainConfig
-from cnnkit.lr_find import _suggest
+from cnnkit.training.range_test import _suggest
 from cnnkit.models import build_model
 from cnnkit.models.augment import AUGMENT_PRESETS, augment_config
 from cnnkit.models.saving import load_model
-from cnnkit.optim import (
+from cnnkit.training.precision import precision_policy
+from cnnkit.training.optim import (
     SmoothedSparseCrossentropy,
     balanced_class_weight,
     layer_lr_multipliers,
@@ -77,9 +78,18 @@ def test_onecycle_warms_up_then_decays():
 
 
 def test_mixed_precision_keeps_a_float32_output(colours, tmp_path):
-    result = cnnkit.train(colours, tmp_path / "run", model="simple", image_size=16, epochs=1, batch_size=8, mixed_precision=True)
+    policy = precision_policy(True)  # mixed where this machine has the hardware for it, float32 elsewhere
+    seen = {}
+
+    class ComputeDtype(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen["conv"] = next(layer for layer in self.model.layers if "conv" in layer.name).compute_dtype
+
+    result = cnnkit.train(colours, tmp_path / "run", model="simple", image_size=16, epochs=1, batch_size=8,
+                          mixed_precision=True, callbacks=[ComputeDtype()])
     record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["dtype_policy"] in ("mixed_bfloat16", "mixed_float16")
+    assert record["dtype_policy"] == policy
+    assert seen["conv"] == {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(policy, "float32")
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     # Mixed precision is for training: the saved model computes in float32 on any CPU (and exports).
     model, _ = load_model(tmp_path / "run")

@@ -24,7 +24,7 @@ from PIL import Image
 import cnnkit
 from cnnkit.errors import ConfigError, RegistryError, RunNotFoundError
 from cnnkit.serve import ServeSettings, create_app
-from cnnkit.serve.app import apply_temperature
+from cnnkit.metrics import apply_temperature
 from tests.conftest import COLORS, colour_image, write_class_folder
 
 

@@ -9,7 +9,7 @@ import pytest
 import cnnkit
 from cnnkit.errors import DataError, ModelError, RunExistsError
 from cnnkit.predict import Predictor
-from cnnkit.train import diagnose_history
+from cnnkit.training import diagnose_history
 from tests.conftest import add_bad_files, write_class_folder
 
 

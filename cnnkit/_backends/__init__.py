@@ -6,7 +6,7 @@ small module with the same function, picked by ``keras.backend.backend()``:
 
     gradients(head, features, class_indices) -> numpy (N, H', W', C)
 
-where ``head`` is a Keras model mapping the feature maps to class probabilities.
+where ``head`` is a Keras model mapping the feature maps to class scores (logits).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ _MODULES = {"tensorflow": "cnnkit._backends.tensorflow", "jax": "cnnkit._backend
 
 
 def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarray:
-    """d probability[class_indices[i]] / d features[i], for each image i, as float32 numpy.
+    """d score[class_indices[i]] / d features[i], for each image i, as float32 numpy.
 
     Args:
-        head: a Keras model from the feature maps to class probabilities (N, num_classes).
+        head: a Keras model from the feature maps to class scores (N, num_classes).
         features: (N, H', W', C) feature maps, as the layer produced them.
-        class_indices: (N,) the class whose probability is differentiated, per image.
+        class_indices: (N,) the class whose score is differentiated, per image.
 
     Raises:
         ModelError: the active Keras backend has no gradient shim (e.g. "numpy").

@@ -1,7 +1,12 @@
-"""Data stages: scan -> decode -> cache -> batches, and the doctor's report.
+"""Data stage: a folder of images -> scanned files -> decoded uint8 cache -> batches; the doctor's checks.
 
-Nothing in this package imports a deep-learning backend except ``batches`` (Keras's PyDataset),
-so decode workers start fast.
+In: a folder (``root/<class>/`` or ``root/train|validation|test/<class>/``), files, or image bytes.
+Out: ``ImageFolder`` (files, labels, splits, skipped files), ``load_image`` pixels (the one decoder),
+``ImageCache`` (memory-mapped uint8 images, keyed by the data hash), ``LoadedData`` (all of it,
+ready for batching), ``ArrayBatches`` (``cnnkit.data.batches``) and ``DoctorReport``.
+
+Imports nothing above it. Nothing here imports a deep-learning backend except ``batches``
+(Keras's PyDataset), so decode workers start fast.
 """
 
 from cnnkit.data.cache import ImageCache, build_cache

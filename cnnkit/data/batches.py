@@ -56,6 +56,27 @@ class BatchAugment:
         return out
 
 
+TTA_MODES = ("flip", "flip+crop")
+
+
+def tta_views(images: np.ndarray, mode: str | None) -> list[np.ndarray]:
+    """The test-time views of a uint8 batch (N, H, W, C): the images first, then their transforms.
+
+    ``flip``: + the horizontal mirror. ``flip+crop``: + four crops shifted by 1/16 of the size
+    (reflect-padded, so every view keeps the input size), the usual CIFAR-style translation.
+    ``None``: the images alone.
+    """
+    views = [images]
+    if mode in ("flip", "flip+crop"):
+        views.append(np.ascontiguousarray(images[:, :, ::-1]))
+    if mode == "flip+crop":
+        pad = max(1, round(min(images.shape[1:3]) / 16))
+        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        h, w = images.shape[1:3]
+        views += [padded[:, dy : dy + h, dx : dx + w] for dy in (0, 2 * pad) for dx in (0, 2 * pad)]
+    return views
+
+
 class ArrayBatches(keras.utils.PyDataset):
     """Batches of ``images[rows]`` with ``labels``, reshuffled every epoch when ``shuffle``.
 

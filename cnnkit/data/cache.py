@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit._progress import progress_task
-from cnnkit._rundir import make_public
 from cnnkit.config import cnnkit_home
 from cnnkit.data._pool import process_pool
 from cnnkit.data.decode import DECODER_VERSION, DecodeError, load_image
 from cnnkit.errors import CnnkitError
+from cnnkit.rundir import make_public
 
 # Bumped when the cache's files or meta.json change shape; part of the data hash, so an older
 # cache is never opened by a newer cnnkit (it is rebuilt instead).

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cnnkit._rundir import atomic_path
 from cnnkit.config import DataConfig
 from cnnkit.data.cache import ImageCache, build_cache
 from cnnkit.data.scan import ImageFile, ImageFolder, SkippedFile, scan_folder
 from cnnkit.errors import DataError
+from cnnkit.rundir import SplitRow, write_rows
 
 
 @dataclass
@@ -113,18 +112,9 @@ def _check_usable(data: LoadedData) -> None:
 
 def write_skipped_csv(skipped: list[SkippedFile], path: Path) -> None:
     """``path,reason`` per skipped file (header always written, so an empty file means none)."""
-    atomic_write_rows(path, ["path", "reason"], [[str(s.path.absolute()), s.reason] for s in skipped])
+    write_rows(path, ["path", "reason"], [[str(s.path.absolute()), s.reason] for s in skipped])
 
 
-def write_split_csv(data: LoadedData, path: Path) -> None:
-    """The split actually used: ``path,class,split,sha256`` per usable image."""
-    rows = [[str(f.path.absolute()), data.class_names[f.label], f.split, d] for f, d in zip(data.files, data.digests)]
-    atomic_write_rows(path, ["path", "class", "split", "sha256"], rows)
-
-
-def atomic_write_rows(path: Path, header: list[str], rows: list[list[object]]) -> None:
-    """Write a CSV via a temporary file and rename, so no reader ever sees half of it."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
+def split_rows(data: LoadedData) -> list[SplitRow]:
+    """The split actually used, one row per usable image (what ``split.csv`` holds)."""
+    return [SplitRow(f.path.absolute(), data.class_names[f.label], f.split, d) for f, d in zip(data.files, data.digests)]

@@ -79,6 +79,12 @@ def augment_config(augment: str) -> list[dict[str, Any]]:
             for cls, kwargs in _preset(augment)]
 
 
+def trains_with_flips(augment: str) -> bool:
+    """True when the preset mirrors images (then flip test-time augmentation is reported too)."""
+    return any(step.get("layer") == "RandomFlip" or step.get("flip") not in (None, "none")
+               for step in augment_config(augment))
+
+
 def augmentation_layers(augment: str, seed: int | None = None) -> list[keras.layers.Layer]:
     """The layers of preset ``augment``; they act only in training (identity at inference)."""
     if augment in BATCH_PRESETS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from keras import layers
 
-from cnnkit.models.registry import register
+from cnnkit.models.zoo import register
 
 
 @register("simple", (32, 32), "the tutorials' 3-block Conv/MaxPool CNN (32-64-128) with a Dense(128) + Dropout head")

@@ -9,11 +9,11 @@ down for a laptop CPU, written fresh in Keras 3:
 * global max pooling and the classifier (added by ``build_model``).
 
 BatchNorm has no scale (``gamma`` fixed at 1, as airbench: the following convolution rescales) and a
-low momentum so its moving statistics follow the weights within a short run; ``cnnkit.fitting``
+low momentum so its moving statistics follow the weights within a short run; ``cnnkit.training.fitting``
 also re-estimates them on training batches after the last step, so a model trained for 2 epochs
 at batch 512 is right at test time. Convolutions have no bias (BatchNorm's ``beta`` is the bias).
 
-The recipe that goes with it (``FAST_RECIPE``: SGD with Nesterov momentum on a one-cycle
+The recipe that goes with it (``cnnkit.config.RECIPES["fast"]``: SGD with Nesterov momentum on a one-cycle
 schedule, label smoothing, flip + translate on whole batches, mixed bfloat16 where the CPU has it)
 is applied by ``cnnkit.config`` as the defaults of ``--model fast``.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from keras import layers
 
-from cnnkit.models.registry import register
+from cnnkit.models.zoo import register
 
 # Channel widths of the stem and the three blocks, by name (``--width``). On a 2-core AVX512-BF16
 # CPU (bfloat16) they train at about 1,350 / 800 / 560 CIFAR images per second.

@@ -17,12 +17,9 @@ from typing import Any
 import keras
 
 from cnnkit._progress import warn
-from cnnkit._rundir import atomic_path
 from cnnkit._version import __version__
-from cnnkit.errors import ModelError, RunNotFoundError
-
-META_MEMBER = "cnnkit.json"
-
+from cnnkit.errors import ModelError
+from cnnkit.rundir import META_MEMBER, atomic_path, model_path, read_model_metadata
 
 @dataclass(frozen=True)
 class ModelMeta:
@@ -101,31 +98,8 @@ def save_model(model: keras.Model, path: str | Path, meta: ModelMeta) -> Path:
 
 def read_meta(path: str | Path) -> ModelMeta | None:
     """The cnnkit metadata inside a ``.keras`` file, or None for a plain Keras model."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if META_MEMBER not in archive.namelist():
-                return None
-            return ModelMeta.from_dict(json.loads(archive.read(META_MEMBER)))
-    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
-        raise ModelError(f"'{path}' is not a valid .keras model file ({exc}). Train one with 'cnnkit train'.") from exc
-
-
-def resolve_model_path(source: str | Path) -> Path:
-    """A run directory or a ``.keras`` file -> the ``.keras`` file."""
-    source = Path(source)
-    if source.is_dir():
-        candidate = source / "model.keras"
-        if not candidate.exists():
-            raise RunNotFoundError(
-                f"No model.keras in '{source}'. Pass a run directory written by 'cnnkit train' or a .keras file."
-            )
-        return candidate
-    if not source.exists():
-        raise RunNotFoundError(f"No run directory or model file at '{source}'.")
-    if source.suffix != ".keras":
-        raise ModelError(f"'{source}' is not a .keras model file. Pass a run directory or a .keras file.")
-    return source
-
+    raw = read_model_metadata(path)
+    return None if raw is None else ModelMeta.from_dict(raw)
 
 def load_model(source: str | Path) -> tuple[keras.Model, ModelMeta]:
     """Load a model and its metadata from a run directory or a ``.keras`` file.
@@ -137,7 +111,7 @@ def load_model(source: str | Path) -> tuple[keras.Model, ModelMeta]:
         RunNotFoundError: nothing at that path.
         ModelError: the file is not a loadable Keras model.
     """
-    path = resolve_model_path(source)
+    path = model_path(source)
     meta = read_meta(path)
     try:
         model = keras.saving.load_model(path, compile=False)

@@ -38,7 +38,7 @@ import numpy as np
 from keras import layers
 
 from cnnkit.errors import ModelError
-from cnnkit.models.registry import register
+from cnnkit.models.zoo import register
 
 # Keras refuses inputs below 32x32 for all three (``imagenet_utils.obtain_input_shape(min_size=32)``).
 MIN_IMAGE_SIZE = 32

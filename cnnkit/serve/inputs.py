@@ -1,4 +1,4 @@
-"""Request bodies -> uint8 images, with a 4xx ``RequestError`` for every way a request can be wrong.
+"""Serve stage: request bodies -> uint8 images, with a 4xx ``RequestError`` for every way a request can be wrong.
 
 A TensorFlow Serving ``:predict`` body is ``{"instances": [...]}`` (row format) or ``{"inputs": ...}``
 (columnar). Each instance is an image as ``{"b64": "<base64 of JPEG/PNG/... bytes>"}``, or a nested
@@ -13,6 +13,7 @@ answered with a confident wrong guess.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 
 from cnnkit.data.decode import DecodeError
 from cnnkit.predict import Predictor
@@ -161,3 +164,61 @@ def _pixels(rows: list, where: str, shape: tuple[int, int, int], input_scale: st
                                     "takes raw 0-255 pixels and scales them itself. Send the raw pixels, or state "
                                     "the scale with \"input_scale\": \"0-1\" in the request body.")
     return np.rint(arr).astype(np.uint8)  # the model was trained on uint8 pixels
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused with 413 past ``max_bytes`` (checked on Content-Length and while streaming)."""
+    declared = request.headers.get("content-length")
+    too_big = RequestError(413, f"The request body is over the server's limit of {max_bytes:,} bytes "
+                                "(max_body_bytes / CNNKIT_MAX_BODY_BYTES). Send smaller or fewer images.")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_big
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette re-reads the cached body in request.form()
+    return body
+
+
+def check_content_type(request: Request, allowed: tuple[str, ...], example: str) -> None:
+    """415 unless the request's content type is one of ``allowed`` (a missing type is let through)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind not in allowed:
+        raise RequestError(415, f"Content type '{kind}' is not accepted here; send {' or '.join(allowed[:1])}, "
+                                f"e.g. {example}.")
+
+
+async def decode_all(items: list[Any], decode) -> np.ndarray:
+    """Decode every item on worker threads (off the event loop); stack to (N, H, W, C) uint8."""
+    arrays = await asyncio.gather(*(run_in_threadpool(decode, item, i) for i, item in enumerate(items)))
+    return np.stack(arrays)
+
+
+async def uploaded_files(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of every file in a multipart form; 400 for a broken form, none, or too many."""
+    from starlette.datastructures import UploadFile
+
+    try:
+        form = await request.form(max_files=max_files + 1, max_fields=100)
+    except Exception as exc:  # python-multipart / Starlette raise several types for a broken form
+        raise RequestError(400, f"Cannot parse the multipart form ({exc}). Send e.g. "
+                                "curl -F file=@cat.jpg http://HOST/predict") from None
+    uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    if not uploads:
+        raise RequestError(400, "No image files in the form: send e.g. curl -F file=@cat.jpg http://HOST/predict")
+    if len(uploads) > max_files:
+        raise RequestError(400, f"Too many files in one request (max {max_files}). Split the request.")
+    return [(u.filename or f"file{i}", await u.read()) for i, u in enumerate(uploads)]
+
+
+def decode_file(item: tuple[str, bytes], predictor: Predictor) -> np.ndarray:
+    """An uploaded file -> uint8 pixels as the model was trained on; 400 naming the file when it is unusable."""
+    filename, data = item
+    try:
+        return predictor.load(data, name=filename)
+    except DecodeError as exc:
+        raise RequestError(400, f"'{filename}': cannot use the image: {exc.reason}.") from None

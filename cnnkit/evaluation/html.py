@@ -1,4 +1,4 @@
-"""The evaluation report as one self-contained HTML page (every image embedded as base64).
+"""Evaluation stage: the report as one self-contained HTML page (every image embedded as base64).
 
 ``write_html_report`` reads the PNGs already written next to ``report.html`` (confusion matrix,
 per-class bars, reliability diagram, mistakes with Grad-CAM) and the run directory (curves.png or
@@ -9,13 +9,13 @@ server, and can be mailed alone. Every text from the data (class names, paths) i
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 from pathlib import Path
 from typing import Any
 
-from cnnkit._rundir import write_text
+from cnnkit.plots import plot_curves
+from cnnkit.rundir import HISTORY_CSV, SKIPPED_CSV, read_history, read_run_json, write_text
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
@@ -79,14 +79,8 @@ def _headline(report) -> str:
 
 def _curves(run: Path, out_dir: Path) -> str:
     curves = run / "curves.png"
-    history = run / "history.csv"
-    if not curves.exists() and history.exists():
-        from cnnkit.plots import plot_curves
-
-        with open(history, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        values = {k: [float(r[k]) for r in rows if r.get(k)] for k in (rows[0] if rows else {}) if k != "epoch"}
-        curves = plot_curves(values, out_dir / "curves.png")
+    if not curves.exists() and (run / HISTORY_CSV).exists():
+        curves = plot_curves(read_history(run / HISTORY_CSV), out_dir / "curves.png")
     if not curves.exists():
         return '<p class="note">No training history in this run (history.csv).</p>'
     return _img(curves, "training curves")
@@ -121,7 +115,7 @@ def _data_summary(report, record: dict[str, Any], run: Path) -> str:
         parts.append(f"<p>Training data: <code>{html.escape(str(record.get('data_dir', '?')))}</code>, data hash "
                      f"<code>{html.escape(str(record.get('data_hash', ''))[:16])}</code>, "
                      f"{record.get('skipped', 0)} files skipped in training"
-                     + (" (see skipped.csv)" if (run / "skipped.csv").exists() else "") + ".</p>")
+                     + (" (see skipped.csv)" if (run / SKIPPED_CSV).exists() else "") + ".</p>")
     if report.skipped:
         shown = report.skipped[:20]
         parts.append("<h3>Skipped in this evaluation</h3>"
@@ -135,8 +129,7 @@ def write_html_report(path: Path, report, *, run: Path, mistakes: list[dict[str,
     """Write ``report.html`` for an EvalReport; the PNGs are read from the same folder."""
     out_dir = Path(path).parent
     run_dir = run if run.is_dir() else run.parent
-    record_path = run_dir / "run.json"
-    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.exists() else {}
+    record = read_run_json(run_dir)
     title = f"cnnkit evaluation: {run_dir.name}"
     config = {k: record[k] for k in ("config", "versions", "augmentation", "metrics", "calibration", "created",
                                      "status", "warnings") if k in record}
@@ -169,8 +162,4 @@ def write_html_report(path: Path, report, *, run: Path, mistakes: list[dict[str,
     ]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>\n")
-    return _write_text(Path(path), page)
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return write_text(path, text)
+    return write_text(Path(path), page)

@@ -1,4 +1,4 @@
-"""Training stage helper: the learning-rate range test (Smith 2015; fastai's ``lr_find``), which Keras lacks.
+"""Training stage: the learning-rate range test (Smith 2015; fastai's ``lr_find``), which Keras lacks.
 
 The rate grows exponentially from ``start_lr`` to ``end_lr`` over ``steps`` training steps of a
 throw-away copy of the model; the loss is recorded per step, smoothed (exponential moving
@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from cnnkit.config import TrainConfig
-from cnnkit.optim import make_loss, make_optimizer
+from cnnkit.training.optim import make_loss, make_optimizer
 
 SMOOTHING = 0.98
 DIVERGE_FACTOR = 4.0
@@ -120,38 +120,25 @@ def _suggest(rates: list[float], losses: list[float]) -> LRFindResult:
     return LRFindResult([float(r) for r in rates], [float(x) for x in losses], suggested, float(steepest), float(minimum))
 
 
-def plot_lr_find(result: LRFindResult, path: Path) -> Path:
-    """Smoothed loss vs learning rate (log axis), the suggestion marked."""
-    from cnnkit.plots import _pyplot, _save
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(result.learning_rates, result.losses)
-    ax.set_xscale("log")
-    ax.axvline(result.suggested, color="red", linestyle="--", label=f"suggested {result.suggested:.2g}")
-    ax.axvline(result.minimum, color="gray", linestyle=":", label=f"minimum {result.minimum:.2g}")
-    finite = [x for x in result.losses if math.isfinite(x)]
-    if finite:
-        ax.set_ylim(min(finite) * 0.95, min(max(finite), finite[0] * 2.0) * 1.05)
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss (smoothed)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
-
-
 def lr_find(data_dir: str | Path, out: str | Path | None = None, config: Any = None, *, steps: int = 200,
             cache_root: Path | None = None, **options: Any) -> LRFindResult:
-    """The range test for ``model`` on a folder; writes ``lr_find.png`` and ``lr_find.json`` to ``out``.
+    """The range test for a model (``model=`` and the other ``train`` options) on a folder.
+
+    Writes ``lr_find.png`` (loss against rate) and ``lr_find.json`` to ``out`` when given.
+
+    Returns:
+        An LRFindResult; ``suggested`` is the rate to train with.
 
     Example:
-        >>> cnnkit.lr_find.lr_find("dataset", out="runs/lr", model="simple").suggested
+        >>> rate = cnnkit.lr_find("dataset", out="runs/lr", model="simple", steps=20).suggested
     """
-    from cnnkit._rundir import write_json
+    from cnnkit.config import resolve_config
     from cnnkit.data.dataset import load_image_folder
-    from cnnkit.fitting import build_for_training, make_batches, precision_policy
     from cnnkit.models import get_spec
-    from cnnkit.train import resolve_config
+    from cnnkit.plots import plot_lr_find
+    from cnnkit.rundir import write_json
+    from cnnkit.training.fitting import build_for_training, make_batches
+    from cnnkit.training.precision import precision_policy
 
     cfg = resolve_config(config, **options)
     if cfg.data.image_size is None:
@@ -165,7 +152,7 @@ def lr_find(data_dir: str | Path, out: str | Path | None = None, config: Any = N
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        plot_lr_find(result, out / "lr_find.png")
+        plot_lr_find(result.learning_rates, result.losses, result.suggested, result.minimum, out / "lr_find.png")
         write_json(out / "lr_find.json", {"model": cfg.model.name, "config": cfg.to_dict(), **result.to_dict()})
     return result
 

@@ -1,4 +1,4 @@
-"""The doctor: what is in an image folder and what is wrong with it, before any training.
+"""The doctor's checks: what is in an image folder and what is wrong with it, before any training.
 
 ``doctor()`` reads every image once (in worker processes) and reports counts per class and split,
 class imbalance, image sizes, modes and formats, unreadable files with reasons, exact duplicates
@@ -21,6 +21,7 @@ import numpy as np
 from cnnkit._progress import console, esc, progress_task
 from cnnkit.data._pool import process_pool
 from cnnkit.data.decode import DecodeError, describe_image, load_image
+from cnnkit.data.rules import class_size_problems, imbalance_ratio
 from cnnkit.data.scan import ImageFolder, scan_folder
 
 # Hamming distance (of 64 bits) at or under which two dHashes count as near-duplicates: 0-3 bits
@@ -31,8 +32,6 @@ NEAR_DUPLICATE_BITS = 3
 # mean absolute difference (of 255): tiny or flat images (8x8 digits, blank scans) share dHashes
 # without being copies, while re-encoded or resized copies of one photo differ by a few levels.
 NEAR_DUPLICATE_MEAN_DIFF = 10.0
-MIN_IMAGES_PER_CLASS = 10
-IMBALANCE_RATIO = 5.0
 _BUCKET_LIMIT = 2000  # a band value shared by more images (blank images) is compared only within exact-hash groups
 
 
@@ -232,17 +231,8 @@ def _judge(report: DoctorReport) -> None:
         p.append(f"No class folders in '{report.root}': put one sub-folder per class, e.g. '{report.root}/cat/1.jpg'.")
     elif len(report.class_names) < 2:
         p.append(f"Only one class ('{report.class_names[0]}'): a classifier needs at least 2 class folders.")
-    for name, count in train.items():
-        if count == 0:
-            p.append(f"Class '{name}' has no readable training image: add images or remove the folder.")
-        elif count < MIN_IMAGES_PER_CLASS:
-            p.append(f"Class '{name}' has only {count} training images (fewer than {MIN_IMAGES_PER_CLASS}): add images.")
-    nonzero = [c for c in train.values() if c]
-    if nonzero:
-        report.imbalance_ratio = round(max(nonzero) / min(nonzero), 2)
-        if report.imbalance_ratio > IMBALANCE_RATIO:
-            p.append(f"Classes are imbalanced {report.imbalance_ratio}:1 in train: consider more images of the small "
-                     "classes or --class-weight auto; judge the model by per-class recall.")
+    report.imbalance_ratio = imbalance_ratio(train)
+    p += class_size_problems(train)
     if report.unreadable:
         p.append(f"{len(report.unreadable)} unreadable image files (training skips them): fix or remove them.")
     leaks = [d for d in report.exact_duplicates if len(d["splits"]) > 1]

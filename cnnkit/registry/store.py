@@ -1,4 +1,4 @@
-"""Registry stage: run directories -> numbered, staged model versions in a SQL database.
+"""Registry stage: the ``Registry``, numbered and staged model versions of run directories in a SQL database.
 
 ``Registry`` records, for each registered version of a model name: version number, creation
 time, the artifact (``model.keras``) path and its SHA-256, architecture, backend, Keras/cnnkit
@@ -9,7 +9,7 @@ hyper-parameters, metrics (validation, test, and every ``cnnkit evaluate`` repor
 The store is any SQLAlchemy URL: by default a SQLite file ``$CNNKIT_HOME/registry.db``
 (``CNNKIT_HOME`` defaults to ``~/.cnnkit``), or ``CNNKIT_REGISTRY_URL`` / ``url=`` (e.g.
 ``postgresql://user@host/db``; the psycopg 3 driver is used). The schema is created and upgraded
-by Alembic migrations (``cnnkit/migrations``) each time a registry is opened.
+by Alembic migrations (``cnnkit/registry/migrations``) each time a registry is opened.
 
 Concurrency: version numbers are ``max + 1`` under a unique (name, version) constraint; a writer
 that loses a race retries, so two processes registering the same name get distinct versions.
@@ -25,15 +25,15 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import hashlib
-import json
 import os
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnnkit.errors import RegistryError, VersionNotFoundError
+from cnnkit.config import cnnkit_home
+from cnnkit.errors import CnnkitError, RegistryError, RunNotFoundError, VersionNotFoundError
+from cnnkit.rundir import MODEL_FILE, RUN_JSON, read_json, read_model_metadata
 
 STAGES = ("none", "staging", "production", "archived")
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -103,8 +103,7 @@ def default_url() -> str:
     url = os.environ.get("CNNKIT_REGISTRY_URL")
     if url:
         return url
-    home = Path(os.environ.get("CNNKIT_HOME") or Path.home() / ".cnnkit")
-    return f"sqlite:///{home / 'registry.db'}"
+    return f"sqlite:///{cnnkit_home() / 'registry.db'}"
 
 
 def normalize_url(url: str) -> str:
@@ -144,8 +143,8 @@ class Registry:
     Example:
         >>> registry = cnnkit.Registry()
         >>> v = registry.add("runs/first", "flowers")
-        >>> registry.promote("flowers", v.version, "production")
-        >>> registry.get("flowers@production").artifact_path
+        >>> production = registry.promote("flowers", v.version, "production")
+        >>> path = registry.get("flowers@production").artifact_path
     """
 
     def __init__(self, url: str | None = None) -> None:
@@ -410,25 +409,21 @@ def _check_stage(stage: str) -> None:
                             + (f" Did you mean '{near[0]}'?" if near else "") + f" Received: stage={stage!r}")
 
 
-# The model's own metadata member inside model.keras (see cnnkit.models.saving.META_MEMBER); read
-# with zipfile here so the registry never imports Keras.
-_META_MEMBER = "cnnkit.json"
-
-
 def _record_from_run(run: Path) -> dict[str, Any]:
     """The columns describing a run directory (or a bare ``.keras`` file), from run.json and the model."""
-    from cnnkit.errors import RunNotFoundError
-
     if run.is_dir():
-        artifact, run_json = run / "model.keras", run / "run.json"
+        artifact, run_json = run / MODEL_FILE, run / RUN_JSON
         if not artifact.is_file():
             raise RunNotFoundError(f"No model.keras in '{run}'. Pass a run directory written by 'cnnkit train'.")
     elif run.is_file() and run.suffix == ".keras":
-        artifact, run_json = run, run.parent / "run.json"
+        artifact, run_json = run, run.parent / RUN_JSON
     else:
         raise RunNotFoundError(f"No run directory or .keras file at '{run}'. Pass a run written by 'cnnkit train'.")
-    meta = _read_model_meta(artifact)
-    info = json.loads(run_json.read_text(encoding="utf-8")) if run_json.is_file() else {}
+    try:
+        meta = read_model_metadata(artifact) or {}
+    except CnnkitError as exc:
+        raise RegistryError(f"{exc} Not registered.") from exc
+    info = read_json(run_json) if run_json.is_file() else {}
     config = info.get("config", {})
     versions = info.get("versions", {})
     return {
@@ -450,14 +445,6 @@ def _record_from_run(run: Path) -> dict[str, Any]:
     }
 
 
-def _read_model_meta(artifact: Path) -> dict[str, Any]:
-    try:
-        with zipfile.ZipFile(artifact) as archive:
-            if _META_MEMBER not in archive.namelist():
-                return {}
-            return json.loads(archive.read(_META_MEMBER))
-    except (zipfile.BadZipFile, ValueError) as exc:
-        raise RegistryError(f"'{artifact}' is not a valid .keras model file ({exc}); not registered.") from exc
 
 
 def _eval_metrics(run_dir: Path | None) -> dict[str, Any]:
@@ -466,6 +453,6 @@ def _eval_metrics(run_dir: Path | None) -> dict[str, Any]:
         return {}
     reports = {}
     for path in sorted((run_dir / "eval").glob("*/metrics.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
         reports[path.parent.name] = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {"eval": reports} if reports else {}

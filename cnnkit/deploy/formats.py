@@ -1,4 +1,4 @@
-"""Export stage: a run's ``model.keras`` -> SavedModel (TensorFlow Serving), ONNX or TFLite.
+"""Deploy stage: export. A run's ``model.keras`` -> SavedModel (TensorFlow Serving), ONNX or TFLite.
 
 Every format keeps the model's contract: raw 0-255 float pixels (N, height, width, channels) in,
 class probabilities out (the scaling layer is inside the graph). Files land in
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import keras
 
-from cnnkit._rundir import atomic_directory
 from cnnkit.errors import ConfigError, ModelError
-from cnnkit.models.saving import ModelMeta, load_model, resolve_model_path
+from cnnkit.models.saving import ModelMeta, load_model
+from cnnkit.rundir import META_MEMBER, atomic_directory, model_path
 
 FORMATS = ("savedmodel", "onnx", "tflite")
 
@@ -50,16 +50,16 @@ def export(run: str | Path, format: str, out: str | Path | None = None) -> Expor
         ConfigError: unknown format. ModelError: the backend or a converter is missing.
 
     Example:
-        >>> cnnkit.export.export("runs/first", "savedmodel").out_dir   # serve with TensorFlow Serving
+        >>> folder = cnnkit.export("runs/first", "savedmodel").out_dir   # serve it with TensorFlow Serving
     """
     if format not in FORMATS:
         raise ConfigError(f"Unknown export format '{format}'. Formats: {', '.join(FORMATS)}. Received: format={format!r}")
-    path = resolve_model_path(run)
+    path = model_path(run)
     model, meta = load_model(path)
     out_dir = Path(out) if out is not None else path.parent / "export" / format
     with atomic_directory(out_dir) as work:
         files = {"savedmodel": _savedmodel, "onnx": _onnx, "tflite": _tflite}[format](model, work)
-        (work / "cnnkit.json").write_text(json.dumps(dataclasses.asdict(meta), indent=2), encoding="utf-8")
+        (work / META_MEMBER).write_text(json.dumps(dataclasses.asdict(meta), indent=2), encoding="utf-8")
     return ExportResult(format, out_dir, [out_dir / f.relative_to(work) for f in files])
 
 
@@ -108,4 +108,4 @@ def _tflite(model: keras.Model, work: Path) -> list[Path]:
 
 def read_export_meta(out_dir: str | Path) -> ModelMeta:
     """The ``cnnkit.json`` written beside exported files."""
-    return ModelMeta.from_dict(json.loads((Path(out_dir) / "cnnkit.json").read_text(encoding="utf-8")))
+    return ModelMeta.from_dict(json.loads((Path(out_dir) / META_MEMBER).read_text(encoding="utf-8")))

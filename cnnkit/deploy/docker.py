@@ -1,4 +1,4 @@
-"""Docker stage: a run (or ``NAME@stage`` from the registry) -> a build context for a serving image.
+"""Deploy stage: Docker. A run (or ``NAME@stage`` from the registry) -> a build context for a serving image.
 
 ``write_build_context`` writes a folder holding the model (``model/model.keras`` + ``run.json``),
 a ``requirements.txt`` pinned to the versions installed here, cnnkit's own source, and a
@@ -16,8 +16,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnkit._rundir import atomic_directory
 from cnnkit.errors import CnnkitError
+from cnnkit.registry import resolve_source
+from cnnkit.rundir import RUN_JSON, atomic_directory
 
 # The image installs cnnkit's own requirements plus these extras (no JAX/torch, no test tools), with
 # environment markers evaluated for the image: Linux, CPython 3.11.
@@ -127,8 +128,6 @@ def write_build_context(source: str | Path, out: str | Path, tag: str | None = N
     Raises:
         RunNotFoundError / VersionNotFoundError / RegistryError: the model cannot be found or changed.
     """
-    from cnnkit.serve.app import resolve_source
-
     resolved = resolve_source(source, registry_url=registry_url)
     out = Path(out)
     if out.exists() and not (out / "Dockerfile").exists() and any(out.iterdir()):
@@ -137,8 +136,8 @@ def write_build_context(source: str | Path, out: str | Path, tag: str | None = N
     with atomic_directory(out) as work:
         (work / "model").mkdir()
         shutil.copy2(resolved.path, work / "model" / "model.keras")
-        if resolved.run_dir is not None and (resolved.run_dir / "run.json").exists():
-            shutil.copy2(resolved.run_dir / "run.json", work / "model" / "run.json")
+        if resolved.run_dir is not None and (resolved.run_dir / RUN_JSON).exists():
+            shutil.copy2(resolved.run_dir / RUN_JSON, work / "model" / RUN_JSON)
         (work / "requirements.txt").write_text("\n".join(pinned_requirements()) + "\n", encoding="utf-8")
         _copy_cnnkit_source(work / "cnnkit-src")
         (work / "Dockerfile").write_text(DOCKERFILE.format(port=_PORT, tag=tag, name=resolved.name), encoding="utf-8")
@@ -148,7 +147,7 @@ def write_build_context(source: str | Path, out: str | Path, tag: str | None = N
 
 def _copy_cnnkit_source(target: Path) -> None:
     """cnnkit's package and a minimal pyproject, so the image installs this exact code."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # cnnkit/
     shutil.copytree(package, target / "cnnkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     project = package.parent / "pyproject.toml"
     if project.exists():

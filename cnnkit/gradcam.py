@@ -1,8 +1,14 @@
-"""Explain stage: a model + images -> Grad-CAM heatmaps (where the model looked) and overlay PNGs.
+"""Grad-CAM: a model + images -> heatmaps of where the model looked, and image | heatmap | overlay PNGs.
 
-Grad-CAM (Selvaraju et al. 2017): weight each channel of the last convolutional feature maps by the
-mean gradient of the class probability with respect to it, sum, keep the positive part, scale to
-[0, 1] and resize to the image. The layer is found automatically for any model in the zoo: the last
+In: a cnnkit model (or a run directory / ``.keras`` file) and uint8 images or image files.
+Out: heatmaps (N, height, width) in [0, 1] (``compute_gradcam``), ``Heatmap`` results and PNGs (``explain``).
+
+Grad-CAM (Selvaraju et al. 2017): weight the last convolutional feature maps by the gradient of the
+class score (the logit before the softmax) with respect to them, sum over channels, keep the
+positive part, scale to [0, 1] and resize to the image. The gradient weights each position on its
+own (HiResCAM), which is Grad-CAM itself for globally pooled heads (see ``_cam``). The logit, not the probability: a confident
+prediction has a probability of 1.0 whose gradient vanishes (float32), which would give an empty map
+for exactly the images a model is surest of. The layer is found automatically for any model in the zoo: the last
 layer with a 4-D output (a feature map) before the head (flatten / global pooling / dense); pooling
 and dropout layers are skipped because they only coarsen or copy the map before them. A nested
 backbone (transfer models) counts as one layer, so its final feature map is used.
@@ -95,8 +101,32 @@ def find_gradcam_layer(model: keras.Model) -> str:
     return candidate
 
 
+def _layer_input(layer: keras.layers.Layer) -> keras.KerasTensor:
+    """The layer's input in its parent graph."""
+    return layer._inbound_nodes[-1].input_tensors[0]
+
+
+def _class_scores(model: keras.Model) -> keras.KerasTensor:
+    """The pre-softmax class scores of ``model``: a linear copy of its final softmax Dense layer, same weights.
+
+    Models that do not end in a softmax Dense layer (a plain Keras model, say) keep their own output.
+    """
+    last = model.layers[-1]
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    if not isinstance(last, keras.layers.Dense) or activation != "softmax":
+        return model.outputs[0]
+    linear = keras.layers.Dense(last.units, dtype="float32", name="gradcam_logits")
+    scores = linear(_layer_input(last))
+    linear.set_weights(last.get_weights())
+    return scores
+
+
 def split_model(model: keras.Model, layer_name: str | None = None) -> tuple[keras.Model, keras.Model, str]:
-    """(body, head, layer name): body maps images to the layer's feature maps, head maps those to probabilities."""
+    """(body, head, layer name): body maps images to the layer's feature maps, head maps those to class scores.
+
+    The scores are the logits before the final softmax (Grad-CAM differentiates those), or the
+    model's own outputs when it has no softmax Dense layer at the end.
+    """
     name = layer_name or find_gradcam_layer(model)
     try:
         layer = model.get_layer(name)
@@ -115,7 +145,7 @@ def split_model(model: keras.Model, layer_name: str | None = None) -> tuple[kera
     features = _layer_output(layer)
     try:
         body = keras.Model(model.inputs, features, name="gradcam_body")
-        head = keras.Model(features, model.outputs[0], name="gradcam_head")
+        head = keras.Model(features, _class_scores(model), name="gradcam_head")
     except Exception as exc:  # Keras raises ValueError/TypeError for graphs it cannot cut there
         raise ModelError(f"Cannot split '{model.name}' at layer '{name}' ({exc}): later layers also use "
                          "earlier ones (a skip connection). Choose a layer after the last skip connection, "
@@ -123,9 +153,9 @@ def split_model(model: keras.Model, layer_name: str | None = None) -> tuple[kera
     return body, head, name
 
 
-def gradcam(model: keras.Model, images: np.ndarray, class_indices: np.ndarray | None = None,
-            layer: str | None = None, batch_size: int = 32,
-            on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+def compute_gradcam(model: keras.Model, images: np.ndarray, class_indices: np.ndarray | None = None,
+                    layer: str | None = None, batch_size: int = 32,
+                    on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Grad-CAM heatmaps for raw uint8 images.
 
     Args:
@@ -146,7 +176,8 @@ def gradcam(model: keras.Model, images: np.ndarray, class_indices: np.ndarray | 
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[start : start + batch_size]).astype(np.float32)
             features = keras.ops.convert_to_numpy(body(batch, training=False)).astype(np.float32)
-            probs = keras.ops.convert_to_numpy(head(features, training=False)).astype(np.float32)
+            scores = keras.ops.convert_to_numpy(head(features, training=False)).astype(np.float32)
+            probs = _softmax(scores) if head.layers[-1].name == "gradcam_logits" else scores
             wanted = probs.argmax(axis=1) if class_indices is None else np.asarray(class_indices[start : start + batch_size])
             grads = gradients(head, features, wanted)
             maps.append(_cam(features, grads, images.shape[1:3]))
@@ -156,12 +187,23 @@ def gradcam(model: keras.Model, images: np.ndarray, class_indices: np.ndarray | 
     return np.concatenate(maps), np.concatenate(all_probs), name
 
 
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def _cam(features: np.ndarray, grads: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """Channel weights = mean gradient over space; ReLU of the weighted sum; scaled to [0, 1]; resized."""
+    """ReLU of the gradient-weighted sum of the feature maps, position by position; scaled to [0, 1]; resized.
+
+    Weighting each position by its own gradient (HiResCAM, Draelos & Carin 2020) equals Grad-CAM's
+    spatially averaged weights when the head pools globally (``fast``, the backbones), and stays
+    faithful when it does not: behind ``Flatten`` (the tutorials' ``simple`` and ``vgg``) one channel
+    means different things at different positions, and averaging its gradients over space can cancel
+    them out to an empty map (measured: every bottom-right image of a three-class corner test).
+    """
     from PIL import Image
 
-    weights = grads.mean(axis=(1, 2))  # (N, C)
-    cams = np.maximum(np.einsum("nhwc,nc->nhw", features, weights), 0.0)
+    cams = np.maximum(np.einsum("nhwc,nhwc->nhw", features, grads), 0.0)
     out = np.empty((len(cams), *image_size), np.float32)
     for i, cam in enumerate(cams):
         top = float(cam.max())
@@ -169,15 +211,6 @@ def _cam(features: np.ndarray, grads: np.ndarray, image_size: tuple[int, int]) -
         resized = Image.fromarray(cam.astype(np.float32), mode="F").resize(image_size[::-1], Image.BILINEAR)
         out[i] = np.clip(np.asarray(resized), 0.0, 1.0)
     return out
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The heatmap in the 'jet' colour map blended over the image (uint8 RGB)."""
-    from matplotlib import colormaps
-
-    rgb = image if image.shape[-1] == 3 else np.repeat(image, 3, axis=-1)
-    colours = colormaps["jet"](heatmap)[..., :3] * 255.0
-    return np.clip((1 - alpha) * rgb.astype(np.float32) + alpha * colours, 0, 255).astype(np.uint8)
 
 
 def explain(
@@ -205,14 +238,14 @@ def explain(
         DataError: no image could be decoded. ModelError: unknown class or layer.
 
     Example:
-        >>> [h.path for h in cnnkit.explain("runs/first", ["cat.jpg"])]
+        >>> paths = [h.path for h in cnnkit.explain("runs/first", ["some.jpg"])]
     """
     from cnnkit.data.decode import DecodeError
     from cnnkit.data.scan import SkippedFile, expand_inputs
     from cnnkit.errors import DataError
-    from cnnkit.models.saving import resolve_model_path
     from cnnkit.plots import plot_gradcam
     from cnnkit.predict import Predictor
+    from cnnkit.rundir import output_folder
 
     run = Path(run)
     predictor = Predictor(run)
@@ -242,8 +275,8 @@ def explain(
     pixels = np.stack(decoded)
     wanted = None if target is None else np.full(len(pixels), target)
     with progress_task("Grad-CAM", len(pixels)) as advance:
-        heatmaps, probs, used = gradcam(predictor.model, pixels, wanted, layer, on_batch=advance)
-    out_dir = Path(out) if out else (run if run.is_dir() else resolve_model_path(run).parent) / "explain"
+        heatmaps, probs, used = compute_gradcam(predictor.model, pixels, wanted, layer, on_batch=advance)
+    out_dir = Path(out) if out else output_folder(run, "explain")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     stems = [Path(src).stem for src in sources]
@@ -256,8 +289,3 @@ def explain(
             results.append(h)
             advance(1)
     return results
-
-
-from cnnkit._callable import make_module_callable  # noqa: E402
-
-make_module_callable(__name__, explain)

@@ -12,15 +12,12 @@ Two things make short runs right:
   variance are recomputed as the plain average over training batches in training mode. Moving
   averages lag behind weights that moved fast (a high learning rate, few steps): a BatchNorm CNN
   trained 2 epochs at batch 512 otherwise scores near chance at test time.
-* ``TimeBudget`` (``--time-budget``): the one-cycle rate follows the fraction of the wall-clock
-  budget used instead of the step count, and training stops when the budget is spent, so the
-  schedule fits the budget whatever the machine's speed (or its swings) turns out to be.
+* ``TimeBudget`` (``cnnkit.training.budget``, ``--time-budget``): the one-cycle rate follows the
+  wall clock, and training stops when the budget is spent.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +27,21 @@ import keras
 import numpy as np
 
 from cnnkit._progress import say, warn
-from cnnkit.callbacks import HistoryRecorder, LastCheckpoint, RichEpochs
 from cnnkit.config import RunConfig
 from cnnkit.data.batches import ArrayBatches, BatchAugment
 from cnnkit.data.dataset import LoadedData
 from cnnkit.models import build_model, get_spec
 from cnnkit.models.saving import all_layers
 from cnnkit.models.transfer import set_backbone_frozen, unfreeze_top
-from cnnkit.optim import layer_lr_multipliers, make_loss, make_optimizer, onecycle_rate
+from cnnkit.training.callbacks import HistoryRecorder, LastCheckpoint, RichEpochs
+from cnnkit.training.optim import layer_lr_multipliers, make_loss, make_optimizer
+from cnnkit.training.precision import dtype_policy
 
 # Schedules that decay the rate to ~0 over a planned length: stopping them early (EarlyStopping)
 # would keep a model trained at a high rate, so they run to the end and keep the best checkpoint.
 DECAYING_SCHEDULES = ("cosine", "onecycle")
+# Training images whose statistics re-estimate the BatchNorm layers after the last step.
+BATCHNORM_IMAGES = 10_000
 
 
 def is_pretrained(cfg: RunConfig) -> bool:
@@ -87,41 +87,6 @@ def batch_augment(preset: str) -> BatchAugment | None:
     return BatchAugment(flip=options["flip"], translate=options["translate"])
 
 
-def precision_policy(mixed_precision: bool) -> str:
-    """The dtype policy: float32, or mixed_float16 on a GPU and mixed_bfloat16 on a CPU.
-
-    float16 is the fast path on NVIDIA tensor cores; CPUs have no fast float16 but recent ones
-    (AVX512-BF16, AMX) run bfloat16 through oneDNN, and bfloat16 needs no loss scaling: 1.3-1.5x
-    float32's speed for the ``fast`` model on a 2-core AVX512-BF16 CPU. Other CPUs stay float32.
-    """
-    if not mixed_precision:
-        return "float32"
-    gpu = any(d.lower().startswith(("gpu", "cuda")) for d in keras.distribution.list_devices())
-    if gpu:
-        return "mixed_float16"
-    return "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
-
-
-def cpu_has_bfloat16() -> bool:
-    """True when the CPU has bfloat16 arithmetic (AVX512-BF16 or AMX): elsewhere it is emulated, slower."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False  # not Linux: no cheap way to know; float32 is the safe choice
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-@contextlib.contextmanager
-def dtype_policy(policy: str):
-    """Build layers under ``policy``, then restore the global one (it would leak into later models)."""
-    saved = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(saved)
-
 
 def build_for_training(cfg: RunConfig, num_classes: int, policy: str) -> keras.Model:
     with dtype_policy(policy):
@@ -153,7 +118,7 @@ class Fitter:
             str(self.best_path), monitor=monitor, save_best_only=True, save_weights_only=True,
             initial_value_threshold=min(earlier) if earlier else None)
         self.phases: list[dict[str, Any]] = []
-        self.budget: TimeBudget | None = None
+        self.budget = None  # a cnnkit.training.budget.TimeBudget when --time-budget is set
 
     def fit(self, phase: Phase) -> str:
         """Fit one phase; "completed" or "interrupted" (Ctrl-C)."""
@@ -221,7 +186,7 @@ class Fitter:
                 self.model.load_weights(path)
 
 
-def reestimate_batchnorm(model: keras.Model, batches: ArrayBatches, max_images: int = 10_000) -> int:
+def reestimate_batchnorm(model: keras.Model, batches: ArrayBatches, max_images: int = BATCHNORM_IMAGES) -> int:
     """Recompute the moving statistics of the trainable BatchNorm layers on training batches.
 
     Each layer's moving mean and variance are reset, then averaged with equal weight over the
@@ -251,68 +216,3 @@ def reestimate_batchnorm(model: keras.Model, batches: ArrayBatches, max_images: 
         for layer, momentum in zip(norms, momenta):
             layer.momentum = momentum
     return seen
-
-
-class TimeBudget(keras.callbacks.Callback):
-    """Fits the one-cycle schedule to a wall-clock budget and stops training when it is spent.
-
-    Args:
-        deadline: ``time.monotonic()`` value by which ``cnnkit train`` must be done.
-        learning_rate: the peak rate of the one-cycle schedule.
-        reserve: seconds kept for the work after training (BatchNorm re-estimation, final
-            evaluation, saving); refined from the measured speed of the first validation pass.
-        after_training_images: images passed forward after training (for that estimate).
-        validation_images: images of one validation pass (0: none).
-    """
-
-    def __init__(self, deadline: float, learning_rate: float, reserve: float, after_training_images: int,
-                 validation_images: int = 0) -> None:
-        super().__init__()
-        self.deadline, self.learning_rate, self.reserve = deadline, learning_rate, reserve
-        self.after_training_images, self.validation_images = after_training_images, validation_images
-        self.reserve_measured = False
-        # A first validation pass includes compiling: never let its estimate eat the budget.
-        self.max_reserve = max(reserve, 0.25 * (deadline - time.monotonic()))
-        self.started: float | None = None
-        self.steps = 0
-        self._test_started = 0.0
-
-    @property
-    def end(self) -> float:
-        return self.deadline - self.reserve
-
-    def progress(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        if self.started is None:
-            return 0.0
-        return min(1.0, (now - self.started) / max(self.end - self.started, 1e-9))
-
-    def remaining(self) -> float:
-        return max(0.0, self.end - time.monotonic())
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        if self.started is None:
-            self.started = time.monotonic()
-
-    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        if keras.backend.backend() == "jax":
-            # JAX's trainer fetches variables only at an epoch's first step unless they were synced:
-            # sync so that the new rate (an optimizer variable) reaches this step.
-            self.model.jax_state_sync()
-        self.model.optimizer.learning_rate = onecycle_rate(self.progress(), self.learning_rate)
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.steps += 1
-        if time.monotonic() >= self.end:
-            self.model.stop_training = True
-
-    def on_test_begin(self, logs: dict | None = None) -> None:
-        self._test_started = time.monotonic()
-
-    def on_test_end(self, logs: dict | None = None) -> None:
-        if self.reserve_measured:
-            return
-        seconds = time.monotonic() - self._test_started
-        if self.validation_images and seconds > 0:
-            self.reserve = min(self.max_reserve, 3.0 + self.after_training_images * seconds / self.validation_images)
-            self.reserve_measured = True

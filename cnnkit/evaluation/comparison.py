@@ -1,4 +1,4 @@
-"""Compare runs side by side: model, data hash, epochs, accuracy, top-k, ECE and per-class F1 deltas.
+"""Evaluation stage: compare. Run directories -> one table: model, data hash, epochs, accuracy, top-k, ECE, per-class F1 deltas.
 
 Reads only files (``run.json`` and ``eval/<name>/metrics.json``); loads no model, so it is instant.
 Per-class F1 deltas are against the first run. A row's evaluation is the one named by
@@ -8,12 +8,12 @@ different data (different data hashes), because their numbers are then not compa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import DataError, RunNotFoundError
+from cnnkit.rundir import RUN_JSON, read_json, read_run_json
 
 
 @dataclass
@@ -68,12 +68,11 @@ def _latest_eval(run: Path, eval_name: str | None) -> Path | None:
 def summarise_run(run: str | Path, eval_name: str | None = None) -> RunSummary:
     """The comparison row of one run directory."""
     run = Path(run)
-    record_path = run / "run.json"
-    if not record_path.exists():
+    if not (run / RUN_JSON).is_file():
         raise RunNotFoundError(f"No run.json in '{run}'. Pass run directories written by 'cnnkit train'.")
-    record = json.loads(record_path.read_text(encoding="utf-8"))
+    record = read_run_json(run)
     metrics_path = _latest_eval(run, eval_name)
-    m = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path else {}
+    m = read_json(metrics_path) if metrics_path else {}
     k = m.get("top_k")
     return RunSummary(
         run=str(run), model=str(record.get("config", {}).get("model", {}).get("name", "?")),
@@ -91,8 +90,8 @@ def compare(runs: list[str | Path], eval_name: str | None = None) -> Comparison:
     """Summarise runs side by side (see the module docstring).
 
     Example:
-        >>> table = cnnkit.compare(["runs/simple", "runs/vgg"])
-        >>> [r.accuracy for r in table.runs], table.f1_delta["cat"]
+        >>> table = cnnkit.compare(["runs/first", "runs/second"])
+        >>> accuracies = [r.accuracy for r in table.runs]
     """
     if not runs:
         raise DataError("compare needs at least one run directory, e.g. cnnkit compare runs/a runs/b.")
@@ -109,8 +108,3 @@ def compare(runs: list[str | Path], eval_name: str | None = None) -> Comparison:
     delta = {c: [None if c not in r.per_class_f1 or c not in base else r.per_class_f1[c] - base[c] for r in rows]
              for c in classes}
     return Comparison(rows, classes, delta, warnings)
-
-
-from cnnkit._callable import make_module_callable  # noqa: E402
-
-make_module_callable(__name__, compare)

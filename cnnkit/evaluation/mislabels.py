@@ -1,4 +1,4 @@
-"""Review: a queue of likely-mislabelled images, for a person to check. Never modifies a file.
+"""Evaluation stage: review. A model + a labelled folder -> a queue of likely-mislabelled images. Never modifies a file.
 
 ``review(run, data_dir)`` predicts every labelled image of ``data_dir`` and ranks those whose
 folder (the given label) the model most confidently disagrees with: margin = p(predicted) -
@@ -15,10 +15,8 @@ embedded, with given and predicted class) atomically.
 
 from __future__ import annotations
 
-import base64
-import csv
 import html
-import io
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +25,13 @@ from typing import Any
 import numpy as np
 
 from cnnkit._progress import say
-from cnnkit._rundir import atomic_directory
-from cnnkit.data.dataset import atomic_write_rows
+from cnnkit.config import load_config
 from cnnkit.data.scan import SkippedFile
+from cnnkit.errors import ConfigError, DataError
+from cnnkit.evaluation.labelled import LabelledPredictions, folder_files, predict_labelled
+from cnnkit.plots import png_base64
+from cnnkit.predict import Predictor
+from cnnkit.rundir import RUN_JSON, atomic_directory, output_folder, read_split_csv, write_rows, write_text
 
 _COLUMNS = ["rank", "path", "given", "predicted", "p_given", "p_predicted", "margin", "split"]
 
@@ -63,11 +65,9 @@ class ReviewQueue:
 
 
 def _run_splits(run: Path) -> dict[str, str]:
-    split_csv = run / "split.csv"
-    if not run.is_dir() or not split_csv.exists():
-        return {}
-    with open(split_csv, newline="", encoding="utf-8") as fh:
-        return {str(Path(r["path"]).resolve()): r["split"] for r in csv.DictReader(fh)}
+    """Resolved image path -> the split the run put it in (empty for a loose .keras file)."""
+    rows = read_split_csv(run) if run.is_dir() else None
+    return {str(r.path.resolve()): r.split for r in rows or []}
 
 
 def review(
@@ -97,14 +97,8 @@ def review(
 
     Example:
         >>> queue = cnnkit.review("runs/first", "dataset")
-        >>> queue.items[0].path, queue.items[0].predicted
+        >>> worst = [(item.path, item.given, item.predicted) for item in queue.items[:5]]
     """
-    from cnnkit.data.scan import ImageFile, scan_folder
-    from cnnkit.errors import ConfigError, DataError
-    from cnnkit.evaluate import predict_labelled
-    from cnnkit.models.saving import resolve_model_path
-    from cnnkit.predict import Predictor
-
     if top < 1:
         raise ConfigError(f"--top must be >= 1. Received: top={top}")
     if folds is not None and folds < 2:
@@ -112,13 +106,7 @@ def review(
     run, data_dir = Path(run), Path(data_dir)
     predictor = Predictor(run, batch_size=batch_size)
     names = predictor.class_names
-    folder = scan_folder(data_dir, val_split=0.0, test_split=0.0)
-    unknown = sorted(set(folder.class_names) - set(names))
-    if unknown:
-        raise DataError(f"'{data_dir}' has classes the model was not trained on: {', '.join(unknown)}. "
-                        f"The model knows: {', '.join(names)}.")
-    index = {n: i for i, n in enumerate(names)}
-    files = [ImageFile(f.path, index[folder.class_names[f.label]], f.split) for f in folder.files]
+    files, folder_skipped = folder_files(data_dir, names, split=None)
     labelled = predict_labelled(predictor, files, cache_root=cache_root, description="Reviewing")
     splits = _run_splits(run)
     probs, labels = labelled.probs, labelled.labels
@@ -135,9 +123,8 @@ def review(
     order = candidates[np.argsort(-(p_pred[candidates] - p_given[candidates]), kind="stable")]
     items = [ReviewItem(str(labelled.paths[i]), names[labels[i]], names[predicted[i]], float(p_given[i]),
                         float(p_pred[i]), float(p_pred[i] - p_given[i]), split_of[i]) for i in order[:top]]
-    queue = ReviewQueue(items, len(labels), len(candidates), list(folder.skipped) + labelled.skipped)
-    out_dir = Path(out) if out else (run if run.is_dir() else resolve_model_path(run).parent) / "review" / (
-        name or data_dir.resolve().name)
+    queue = ReviewQueue(items, len(labels), len(candidates), folder_skipped + labelled.skipped)
+    out_dir = Path(out) if out else output_folder(run, "review", name or data_dir.resolve().name)
     thumbs = [np.asarray(labelled.images[labelled.rows[i]]) for i in order[:top]]
     queue.out_dir = _write(queue, thumbs, out_dir, run)
     say(f"{queue.disagreements} of {queue.num_images} images disagree with their folder; top {len(items)} "
@@ -145,24 +132,20 @@ def review(
     return queue
 
 
-def _out_of_fold(run: Path, labelled, names: list[str], folds: int, cache_root: Path | None) -> np.ndarray:
+def _out_of_fold(run: Path, labelled: LabelledPredictions, names: list[str], folds: int,
+                 cache_root: Path | None) -> np.ndarray:
     """Probabilities of each image from a model trained (with the run's config) without its fold."""
-    import os
-
     from sklearn.model_selection import StratifiedKFold
 
-    from cnnkit.config import load_config
-    from cnnkit.errors import ConfigError, DataError
-    from cnnkit.predict import Predictor
-    from cnnkit.train import train
+    from cnnkit.training import train
 
-    if not (run / "run.json").exists():
+    if not (run / RUN_JSON).exists():
         raise DataError(f"--folds retrains with the run's config, but '{run}' has no run.json. Pass a run directory.")
     counts = np.bincount(labelled.labels, minlength=len(names))
     if counts.min() < folds:
         raise ConfigError(f"--folds {folds} needs at least {folds} images of every class the model knows; "
                           f"'{names[int(counts.argmin())]}' has {int(counts.min())}. Use fewer folds. Received: folds={folds}")
-    config = load_config(run / "run.json", {"data.test_split": 0.0})
+    config = load_config(run / RUN_JSON, {"data.test_split": 0.0})
     out = np.zeros((len(labelled.labels), len(names)), np.float32)
     splitter = StratifiedKFold(folds, shuffle=True, random_state=config.data.seed)
     with tempfile.TemporaryDirectory(prefix="cnnkit-folds-") as tmp:
@@ -181,23 +164,13 @@ def _out_of_fold(run: Path, labelled, names: list[str], folds: int, cache_root: 
     return out
 
 
-def _png_b64(image: np.ndarray) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image.squeeze(), "L" if image.shape[-1] == 1 else "RGB").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _write(queue: ReviewQueue, thumbs: list[np.ndarray], out_dir: Path, run: Path) -> Path:
-    from cnnkit.report import _write_text
-
     with atomic_directory(out_dir) as tmp:
-        atomic_write_rows(tmp / "queue.csv", _COLUMNS, [item.row(n + 1) for n, item in enumerate(queue.items)])
+        write_rows(tmp / "queue.csv", _COLUMNS, [item.row(n + 1) for n, item in enumerate(queue.items)])
         cards = []
         for n, (item, thumb) in enumerate(zip(queue.items, thumbs)):
             cards.append(
-                f'<div class="c"><img src="data:image/png;base64,{_png_b64(thumb)}" alt="{html.escape(item.path)}">'
+                f'<div class="c"><img src="data:image/png;base64,{png_base64(thumb)}" alt="{html.escape(item.path)}">'
                 f"<div><b>#{n + 1}</b> folder: <b>{html.escape(item.given)}</b> ({item.p_given:.1%})<br>"
                 f'model: <b class="p">{html.escape(item.predicted)}</b> ({item.p_predicted:.1%})<br>'
                 f'<span class="s">{html.escape(item.split)}</span><br><span class="f">{html.escape(item.path)}</span>'
@@ -214,10 +187,5 @@ def _write(queue: ReviewQueue, thumbs: list[np.ndarray], out_dir: Path, run: Pat
             "memorised, so a disagreement on a held-out image is the stronger signal. Nothing was moved or "
             f"changed: check each one and fix the folder by hand.</p><div class=\"g\">{''.join(cards)}</div>"
             "</body></html>\n")
-        _write_text(tmp / "gallery.html", page)
+        write_text(tmp / "gallery.html", page)
     return out_dir
-
-
-from cnnkit._callable import make_module_callable  # noqa: E402
-
-make_module_callable(__name__, review)

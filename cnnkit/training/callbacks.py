@@ -15,8 +15,8 @@ from pathlib import Path
 import keras
 
 from cnnkit._progress import progress_task
-from cnnkit._rundir import atomic_path
-from cnnkit.optim import current_learning_rate
+from cnnkit.rundir import atomic_path
+from cnnkit.training.optim import current_learning_rate
 
 
 class HistoryRecorder(keras.callbacks.Callback):

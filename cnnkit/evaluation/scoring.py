@@ -16,8 +16,6 @@ crops averaged in probability space), and computes every metric with scikit-lear
 
 from __future__ import annotations
 
-import csv
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,16 +23,19 @@ from typing import Any
 import numpy as np
 
 from cnnkit._progress import esc, progress_task, say, warn
-from cnnkit._rundir import atomic_directory, write_json
-from cnnkit.calibration import apply_temperature, reliability_bins
-from cnnkit.data.cache import build_cache
-from cnnkit.data.dataset import atomic_write_rows, describe_skipped
-from cnnkit.data.scan import ImageFile, SkippedFile, scan_folder
-from cnnkit.errors import ConfigError, DataError
-from cnnkit.models.saving import resolve_model_path
+from cnnkit.data.batches import TTA_MODES, tta_views
+from cnnkit.data.scan import SkippedFile
+from cnnkit.errors import ConfigError
+from cnnkit.evaluation.labelled import (
+    LabelledPredictions,
+    folder_files,
+    predict_labelled,
+    run_split_files,
+    seen_in_training,
+)
+from cnnkit.metrics import apply_temperature, reliability_bins
 from cnnkit.predict import Predictor
-
-TTA_MODES = ("flip", "flip+crop")
+from cnnkit.rundir import atomic_directory, output_folder, write_json, write_rows
 
 
 @dataclass
@@ -90,72 +91,6 @@ class EvalReport:
         }
 
 
-@dataclass
-class LabelledPredictions:
-    """Probabilities for labelled images, streamed from the uint8 cache.
-
-    Attributes:
-        paths, labels: the decodable images and their class indices.
-        probs: (N, num_classes) float32 from the Predictor (its calibration applied).
-        tta_probs: the same averaged over the TTA views, or None.
-        images, rows: the cache memmap and each image's row in it (nothing decoded is held in RAM).
-        skipped: inputs that could not be decoded.
-        data_hash: the cache's data hash.
-    """
-
-    paths: list[Path]
-    labels: np.ndarray
-    probs: np.ndarray
-    images: np.ndarray
-    rows: np.ndarray
-    skipped: list[SkippedFile]
-    data_hash: str
-    tta_probs: np.ndarray | None = None
-    seconds: float = 0.0
-    digests: list[str] = field(default_factory=list)
-
-
-def _labelled_files(run: Path, data_dir: Path | None, class_names: list[str]) -> tuple[list[ImageFile], list[SkippedFile]]:
-    """Files to evaluate, labelled with the model's class indices."""
-    if data_dir is None:
-        split_csv = run / "split.csv" if run.is_dir() else None
-        if split_csv is None or not split_csv.exists():
-            raise DataError(f"No data folder given and '{run}' has no split.csv. Pass the folder to evaluate on.")
-        with open(split_csv, newline="", encoding="utf-8") as fh:
-            rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
-        if not rows:
-            raise DataError(f"Run '{run}' has no test split. Pass a folder to evaluate on, e.g. dataset/test.")
-        index = {n: i for i, n in enumerate(class_names)}
-        return [ImageFile(Path(r["path"]), index[r["class"]], "test") for r in rows], []
-    folder = scan_folder(data_dir, val_split=0.0, test_split=0.0)
-    files = folder.files
-    if folder.layout == "splits":
-        files = folder.split("test")
-        if not files:
-            raise DataError(f"'{data_dir}' has train/ but no test/ folder. Pass the folder to evaluate on, "
-                            f"e.g. '{data_dir}/test' or '{data_dir}/validation'.")
-    unknown = sorted({folder.class_names[f.label] for f in files} - set(class_names))
-    if unknown:
-        raise DataError(f"'{data_dir}' has classes the model was not trained on: {', '.join(unknown)}. "
-                        f"The model knows: {', '.join(class_names)}.")
-    index = {n: i for i, n in enumerate(class_names)}
-    return [ImageFile(f.path, index[folder.class_names[f.label]], f.split) for f in files], list(folder.skipped)
-
-
-def _seen_in_training(run: Path, paths: list[Path], digests: list[str]) -> list[str]:
-    """Evaluated files whose bytes the model was trained or validated on (from the run's split.csv)."""
-    split_csv = run / "split.csv" if run.is_dir() else None
-    if split_csv is None or not split_csv.exists():
-        return []
-    with open(split_csv, newline="", encoding="utf-8") as fh:
-        seen = {r["sha256"] for r in csv.DictReader(fh) if r["split"] in ("train", "validation")}
-    leaked = [str(p) for p, d in zip(paths, digests) if d in seen]
-    if leaked:
-        warn(f"{len(leaked)} of the {len(paths)} evaluated images are byte-identical to images this model was "
-             f"trained or validated on (e.g. '{leaked[0]}'): the accuracy below is inflated. Evaluate on images "
-             "the run never saw, e.g. the dataset's test/ folder.")
-    return leaked
-
 
 def evaluate(
     run: str | Path,
@@ -191,7 +126,7 @@ def evaluate(
 
     Example:
         >>> report = cnnkit.evaluate("runs/first", "dataset/test", tta=True)
-        >>> report.accuracy, report.tta["accuracy"]
+        >>> plain, with_tta = report.accuracy, report.tta["accuracy"]
     """
     mode = _tta_mode(tta)
     run = Path(run)
@@ -199,14 +134,17 @@ def evaluate(
         raise ConfigError(f"top_k must be a whole number >= 1. Received: top_k={top_k!r}")
     predictor = Predictor(run, batch_size=batch_size)
     temperature = predictor.temperature
-    files, skipped = _labelled_files(run, Path(data_dir) if data_dir else None, predictor.class_names)
+    if data_dir is None:
+        files, skipped = run_split_files(run, "test", predictor.class_names), []
+    else:
+        files, skipped = folder_files(Path(data_dir), predictor.class_names)
     predictor.temperature = 1.0  # raw probabilities, so ECE can be reported without and with calibration
     labelled = predict_labelled(predictor, files, cache_root=cache_root, tta=mode)
     predictor.temperature = temperature
     probs = apply_temperature(labelled.probs, temperature)
     report = compute_metrics(labelled.labels, probs, predictor.class_names, top_k)
     report.skipped = skipped + labelled.skipped
-    report.leaked = _seen_in_training(run, labelled.paths, labelled.digests)
+    report.leaked = seen_in_training(run, labelled.paths, labelled.digests)
     report.data_hash, report.seconds = labelled.data_hash, labelled.seconds
     if temperature != 1.0:
         report.calibration = {"temperature": temperature, "min_confidence": predictor.min_confidence,
@@ -218,7 +156,7 @@ def evaluate(
         report.tta = {"mode": mode, "views": len(tta_views(np.zeros((1, 4, 4, 1), np.uint8), mode)),
                       **{k: v for k, v in with_tta.to_dict().items() if k not in _TTA_OMIT}}
     default_name = name or (Path(data_dir).name if data_dir else "test")
-    out_dir = Path(out) if out else (run if run.is_dir() else resolve_model_path(run).parent) / "eval" / default_name
+    out_dir = Path(out) if out else output_folder(run, "eval", default_name)
     report.out_dir = _write_report(report, out_dir, labelled, probs, predictor if gradcam else None, run, max_mistakes)
     say(f"[bold green]accuracy {report.accuracy:.2%}[/], top-{report.k} {report.top_k_accuracy:.2%}, "
         f"loss {report.loss:.4f}, ECE {report.ece:.3f} on {report.num_images} images in {report.seconds:.1f}s"
@@ -240,62 +178,6 @@ def _tta_mode(tta: bool | str | None) -> str | None:
         raise ConfigError(f"Unknown TTA mode '{tta}'. Available: none, {', '.join(TTA_MODES)}. Received: tta={tta!r}")
     return str(tta)
 
-
-def tta_views(images: np.ndarray, mode: str | None) -> list[np.ndarray]:
-    """The test-time views of a uint8 batch (N, H, W, C): the images first, then their transforms.
-
-    ``flip``: + the horizontal mirror. ``flip+crop``: + four crops shifted by 1/16 of the size
-    (reflect-padded, so every view keeps the input size), the usual CIFAR-style translation.
-    """
-    views = [images]
-    if mode in ("flip", "flip+crop"):
-        views.append(images[:, :, ::-1])
-    if mode == "flip+crop":
-        pad = max(1, round(min(images.shape[1:3]) / 16))
-        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-        h, w = images.shape[1:3]
-        views += [padded[:, dy : dy + h, dx : dx + w] for dy in (0, 2 * pad) for dx in (0, 2 * pad)]
-    return views
-
-
-def predict_labelled(predictor: Predictor, files: list[ImageFile], *, cache_root: Path | None = None,
-                     tta: str | None = None, description: str = "Evaluating") -> LabelledPredictions:
-    """Decode ``files`` through the cache and predict them batch by batch.
-
-    Memory: the uint8 cache is a memmap; one batch (times the TTA views) is converted to floats at a
-    time; only the (N, num_classes) probabilities are kept.
-    """
-    meta = predictor.meta
-    paths = [f.path for f in files]
-    cache, rows, digests = build_cache(paths, [meta.class_names[f.label] for f in files], meta.image_size,
-                                       meta.color_mode, meta.resize_mode, meta.max_pixels, cache_root=cache_root)
-    skipped = [SkippedFile(p, cache.reasons.get(int(r), "could not be decoded")) for p, r in zip(paths, rows)
-               if not cache.ok[r]]
-    keep = [i for i, r in enumerate(rows) if cache.ok[r]]
-    if not keep:
-        raise DataError(f"No decodable image to evaluate among {len(paths)} files: {describe_skipped(skipped)}.")
-    rows, labels = rows[keep], np.array([files[i].label for i in keep], dtype=np.int64)
-    started = time.perf_counter()
-    probs, tta_probs = _predict_rows(predictor, cache.images, rows, tta, description)
-    return LabelledPredictions([paths[i] for i in keep], labels, probs, cache.images, rows, skipped,
-                               cache.data_hash, tta_probs, time.perf_counter() - started, [digests[i] for i in keep])
-
-
-def _predict_rows(predictor: Predictor, images: np.ndarray, rows: np.ndarray, tta: str | None = None,
-                  description: str = "Evaluating") -> tuple[np.ndarray, np.ndarray | None]:
-    plain, averaged = [], []
-    with progress_task(description + (f" (TTA {tta})" if tta else ""), len(rows)) as advance:
-        for start in range(0, len(rows), predictor.batch_size):
-            chunk = rows[start : start + predictor.batch_size]
-            order = np.argsort(chunk)  # memmap reads in increasing row order are sequential on disk
-            batch = np.empty((len(chunk), *images.shape[1:]), images.dtype)
-            batch[order] = images[chunk[order]]
-            views = [predictor.predict_arrays(view) for view in tta_views(batch, tta)]
-            plain.append(views[0])
-            if tta:
-                averaged.append(np.mean(views, axis=0))
-            advance(len(chunk))
-    return np.concatenate(plain), (np.concatenate(averaged) if tta else None)
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str], top_k: int = 5) -> EvalReport:
@@ -346,9 +228,9 @@ def _mistake_heatmaps(predictor: Predictor | None, images: np.ndarray, predicted
     if predictor is None or not len(images):
         return None
     try:
-        from cnnkit.explain import gradcam
+        from cnnkit.gradcam import compute_gradcam
 
-        heatmaps, _, _ = gradcam(predictor.model, images, predicted)
+        heatmaps, _, _ = compute_gradcam(predictor.model, images, predicted)
         return heatmaps
     except Exception as exc:  # a report without heatmaps beats no report (e.g. a model without feature maps)
         warn(f"Grad-CAM overlays left out of mistakes.png: {exc}")
@@ -358,7 +240,7 @@ def _mistake_heatmaps(predictor: Predictor | None, images: np.ndarray, predicted
 def _write_report(report: EvalReport, out_dir: Path, labelled: LabelledPredictions, probs: np.ndarray,
                   predictor: Predictor | None, run: Path, max_mistakes: int) -> Path:
     from cnnkit.plots import plot_confusion_matrix, plot_mistakes, plot_per_class, plot_reliability
-    from cnnkit.report import write_html_report
+    from cnnkit.evaluation.html import write_html_report
 
     with atomic_directory(out_dir) as tmp:
         names, labels, paths = report.class_names, labelled.labels, labelled.paths
@@ -370,10 +252,10 @@ def _write_report(report: EvalReport, out_dir: Path, labelled: LabelledPredictio
                      "confidence": float(confidence[i])} for i in worst]
         confused = most_confused(report.confusion_matrix, names)
         write_json(tmp / "metrics.json", {**report.to_dict(), "mistakes": mistakes, "most_confused": confused[:50]})
-        atomic_write_rows(tmp / "predictions.csv", ["path", "true", "predicted", "confidence"],
+        write_rows(tmp / "predictions.csv", ["path", "true", "predicted", "confidence"],
                           [[str(p), names[t], names[q], f"{c:.6f}"] for p, t, q, c in
                            zip(paths, labels, predicted, confidence)])
-        atomic_write_rows(tmp / "most_confused.csv", ["true", "predicted", "count", "fraction_of_true"],
+        write_rows(tmp / "most_confused.csv", ["true", "predicted", "count", "fraction_of_true"],
                           [[c["true"], c["predicted"], c["count"], f"{c['fraction_of_true']:.4f}"] for c in confused])
         with progress_task("Drawing report", 5) as advance:
             plot_confusion_matrix(report.confusion_matrix, names, tmp / "confusion_matrix.png")
@@ -394,8 +276,3 @@ def _write_report(report: EvalReport, out_dir: Path, labelled: LabelledPredictio
                               gradcam=heatmaps is not None)
             advance(1)
     return out_dir
-
-
-from cnnkit._callable import make_module_callable  # noqa: E402
-
-make_module_callable(__name__, evaluate)

@@ -1,0 +1,54 @@
+"""Registry stage: what ``serve``, ``ui`` and ``docker`` were asked for -> the model file to use.
+
+A source is a run directory, a ``.keras`` file, or a registry reference (``NAME@production``,
+``NAME@3``); a registered artifact is checked against its recorded SHA-256 before use.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnkit.errors import RegistryError
+from cnnkit.registry.store import Registry, sha256_file
+from cnnkit.rundir import model_path, run_folder
+
+
+@dataclass
+class ModelSource:
+    """Where a served model comes from: its ``.keras`` file, URL name, version and run directory."""
+
+    path: Path
+    name: str
+    version: str
+    run_dir: Path | None
+    sha256: str | None = None
+    stage: str | None = None
+
+
+def resolve_source(source: str | Path, name: str | None = None, registry_url: str | None = None) -> ModelSource:
+    """``RUN`` dir, ``model.keras`` or ``NAME@production`` (``NAME@3``) -> a ModelSource.
+
+    Raises:
+        RunNotFoundError / VersionNotFoundError: nothing there.
+        RegistryError: the registered artifact changed since registration (its sha256 differs).
+    """
+    text = str(source)
+    if "@" in text and not Path(text).exists():
+        with Registry(registry_url) as registry:
+            version = registry.get(text)
+        path = Path(version.artifact_path)
+        if not path.is_file() or sha256_file(path) != version.sha256:
+            raise RegistryError(f"The artifact of {version.ref} ({path}) is missing or changed since it was registered; "
+                                "refusing to serve it. Run 'cnnkit registry verify' and register the run again.")
+        return ModelSource(path, name or version.name, str(version.version),
+                           Path(version.run_dir) if version.run_dir else None, version.sha256, version.stage)
+    path = model_path(text)
+    default = path.parent.name if path.stem == "model" else path.stem
+    return ModelSource(path, name or url_name(default), "1", run_folder(path))
+
+
+def url_name(text: str) -> str:
+    """A name safe in URLs: letters, digits, ``.``, ``_`` and ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"

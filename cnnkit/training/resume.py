@@ -1,0 +1,104 @@
+"""Training stage: continuing a run from its ``last.keras`` checkpoint (``cnnkit train --resume RUN``).
+
+A resumed run keeps its own config, so what it trained and the schedule it follows stay one run.
+Only the options in ``cnnkit.config.RESUMABLE_OPTIONS`` may be given again: ``epochs`` (how many
+more) and ``workers``. Any other option is refused with the names of the options that cannot
+change, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from cnnkit._progress import say
+from cnnkit.config import RESUMABLE_OPTIONS, RunConfig, config_from_dict
+from cnnkit.errors import ConfigError, ModelError, RunNotFoundError
+from cnnkit.rundir import HISTORY_CSV, RUN_JSON, read_history, read_run_json
+from cnnkit.training.fitting import Phase
+
+CHECKPOINTS = ("best.weights.h5", "last.keras")
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run starts: the checkpointed model, its history, the phases left, the run it continues."""
+
+    model: keras.Model
+    history: dict[str, list[float]]
+    plan: list[Phase]
+    resumed_from: dict[str, Any]
+    config: RunConfig
+    data_dir: str
+
+
+def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
+    """Read ``run_dir`` and load its ``last.keras``, ready to continue.
+
+    Args:
+        run_dir: a run directory written by ``cnnkit train``.
+        options: flat options given with the resume; only ``RESUMABLE_OPTIONS`` are allowed.
+
+    Raises:
+        RunNotFoundError: no run.json. ModelError: no usable last.keras.
+        ConfigError: options that cannot change on resume, or nothing left to train.
+    """
+    if not (run_dir / RUN_JSON).is_file():
+        raise RunNotFoundError(f"No run.json in '{run_dir}': --resume takes a run directory written by 'cnnkit train'.")
+    if not (run_dir / "last.keras").is_file() or not (run_dir / HISTORY_CSV).is_file():
+        raise ModelError(f"'{run_dir}' has no last.keras checkpoint and history to resume from (it was written before "
+                         "cnnkit kept one, or the run was cut off before its first epoch ended). Start a new run instead.")
+    given = {key: value for key, value in options.items() if value is not None}
+    fixed = sorted(set(given) - set(RESUMABLE_OPTIONS))
+    if fixed:
+        names = ", ".join(f"{key} (--{key.replace('_', '-')})" for key in fixed)
+        raise ConfigError(
+            f"A resumed run keeps the settings it was trained with, so these options cannot change: {names}. Drop "
+            f"them to continue '{run_dir}', or start a new run with --out to train with them. Only "
+            f"{' and '.join(RESUMABLE_OPTIONS)} may be given with --resume.")
+    record = read_run_json(run_dir)
+    cfg = config_from_dict(record["config"])
+    if given.get("workers"):
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=given["workers"]))
+    if cfg.train.time_budget:
+        raise ConfigError(f"Run '{run_dir}' was trained to a time budget, whose schedule cannot be continued: start a "
+                          "new run (--time-budget) instead. Received: resume with time_budget="
+                          f"{cfg.train.time_budget:g}")
+    history = read_history(run_dir / HISTORY_CSV)
+    plan, phase = _remaining_phases(cfg, history, record.get("status") == "interrupted", given.get("epochs"))
+    if not plan:
+        raise ConfigError(f"Run '{run_dir}' completed its {len(history.get('loss', []))} epochs; pass --epochs N to "
+                          "train N more. Received: epochs=None")
+    try:
+        model = keras.saving.load_model(run_dir / "last.keras", compile=True)
+    except Exception as exc:  # Keras raises many types for unloadable files
+        raise ModelError(f"Cannot load '{run_dir / 'last.keras'}' to resume: {exc}") from exc
+    say(f"resuming '{run_dir}' at epoch {len(history.get('loss', [])) + 1} (phase {phase}, optimizer step "
+        f"{int(keras.ops.convert_to_numpy(model.optimizer.iterations))})")
+    resumed = {"run": str(run_dir), "epochs_before": len(history.get("loss", [])), "phase": phase}
+    return ResumePoint(model, history, plan, resumed, cfg, record["data_dir"])
+
+
+def _remaining_phases(cfg: RunConfig, history: dict[str, list[float]], interrupted: bool,
+                      more: int | None) -> tuple[list[Phase], int]:
+    """The phases left: the rest of the current phase (or ``more`` epochs of it), then fine-tuning if planned."""
+    phase = int(history["phase"][-1]) if history.get("phase") else 1
+    done = sum(1 for p in history.get("phase", [1] * len(history.get("loss", []))) if int(p) == phase)
+    planned = cfg.train.epochs if phase == 1 else cfg.train.fine_tune_epochs
+    more = more or (planned - done if interrupted else 0)
+    plan = [Phase(phase, more, None)] if more > 0 else []
+    if phase == 1 and interrupted and cfg.train.fine_tune_epochs:
+        plan.append(Phase(2, cfg.train.fine_tune_epochs, cfg.train.phase2_learning_rate))
+    return plan, phase
+
+
+def copy_checkpoints(run_dir: Path, target: Path) -> None:
+    """The checkpoints a continuation starts from, copied into the run being written."""
+    for name in CHECKPOINTS:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, target / name)
