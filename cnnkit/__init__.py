@@ -9,8 +9,8 @@ are imported on first use, so ``import cnnkit`` and ``cnnkit --help`` stay fast.
 
 Example:
     >>> import cnnkit
-    >>> sorted(cnnkit.available_models())[:3]
-    ['efficientnetb0', 'fast', 'mobilenetv2']
+    >>> "fast" in cnnkit.available_models()
+    True
 """
 
 from __future__ import annotations

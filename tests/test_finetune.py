@@ -139,3 +139,31 @@ def test_cli_resume_needs_no_data_dir(tmp_path):
         assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2"]
     missing = runner.invoke(app, ["train", "--resume", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "--resume takes a run directory" in missing.output
+
+
+def test_cli_resume_refuses_options_it_cannot_change_and_applies_the_safe_ones(tmp_path):
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+
+    data = write_class_folder(tmp_path / "data", per_class=12)
+    runner = CliRunner()
+    first = runner.invoke(app, ["-q", "train", str(data), "--model", "simple", "--image-size", "16", "--epochs", "1",
+                                "--out", str(tmp_path / "run")])
+    assert first.exit_code == 0, first.output
+    before = (tmp_path / "run" / "history.csv").read_text()
+    refused = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--epochs", "1", "--lr", "0.1",
+                                  "--batch-size", "4", "--model", "vgg"])
+    assert refused.exit_code == 2
+    message = " ".join(refused.output.split())
+    for option in ("--learning-rate", "--batch-size", "--model"):
+        assert option in message, message
+    assert "cannot change" in message and "--epochs" not in message.split("cannot change")[1].split(".")[0]
+    assert (tmp_path / "run" / "history.csv").read_text() == before  # nothing was trained or rewritten
+    config = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--config", str(tmp_path / "x.toml")])
+    assert config.exit_code == 2 and "--config" in config.output
+    safe = runner.invoke(app, ["-q", "train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--workers", "1"])
+    assert safe.exit_code == 0, safe.output
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["epochs_run"] == 3 and record["config"]["data"]["workers"] == 1
+    assert record["config"]["model"]["name"] == "simple"

@@ -99,7 +99,7 @@ def doctor(root: str | Path, workers: int | None = None, near_bits: int = NEAR_D
 
     Example:
         >>> report = cnnkit.doctor("dataset")
-        >>> report.problems
+        >>> problems = report.problems   # what to fix, in words
     """
     folder = scan_folder(root, val_split=0.0, test_split=0.0, strict=False)
     paths = [str(f.path) for f in folder.files]

@@ -69,5 +69,5 @@ def width_for_budget(budget_seconds: float, train_images: int, image_size: tuple
 
 @register("fast", (32, 32), "cnnkit's fast BatchNorm CNN (stem 32, blocks 48-96-192) with its one-cycle recipe; "
           "the default for images up to 64 px", options=("width",))
-def fast(x, num_classes: int, width: str = "auto"):
+def fast_model(x, num_classes: int, width: str = "auto"):
     return fast_body(x, WIDTHS[DEFAULT_WIDTH if width == "auto" else width])
