@@ -17,10 +17,28 @@ def _png_bytes(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "RGB", "I", "F"])
 def test_every_mode_becomes_rgb_uint8(mode):
-    img = Image.new("RGB", (10, 6), (120, 60, 30)).convert(mode)
+    colour = np.array([120, 60, 30])
+    luma = 0.299 * 120 + 0.587 * 60 + 0.114 * 30  # ITU-R 601, what Pillow stores for L, I, F: 74.5
+    img = Image.new("RGB", (10, 6), tuple(colour)).convert(mode)
     fmt = "TIFF" if mode in ("CMYK", "I", "F") else "PNG"
-    arr = load_image(_png_bytes(img, fmt), (4, 5))
+    raw = _png_bytes(img, fmt)
+    arr = load_image(raw, (4, 5))
     assert arr.shape == (4, 5, 3) and arr.dtype == np.uint8
+    pixels = arr.reshape(-1, 3).astype(float)
+    if mode in ("RGB", "RGBA", "CMYK"):  # colour kept (opaque alpha: nothing to composite)
+        assert np.abs(pixels - colour).max() <= 1
+    elif mode == "P":  # a palette approximates the colour, dithered: close per pixel, closer on average
+        assert np.abs(pixels - colour).max() <= 15 and np.abs(pixels.mean(axis=0) - colour).max() <= 5
+    else:  # single channel: grey, R = G = B
+        assert (pixels == pixels[:, :1]).all()
+        if mode in ("L", "LA", "I", "F"):
+            assert np.abs(pixels - luma).max() <= 1
+        elif mode == "I;16":  # 75 of 65535 is a 16-bit near-black: scaled to 8 bits, not read as 75
+            assert np.abs(pixels - luma * 255 / 65535).max() <= 1
+        else:  # "1" binarises (dithered): each pixel black or white, their mix about the luma
+            full = load_image(raw)
+            np.testing.assert_array_equal(full, np.repeat(np.asarray(img, np.uint8)[:, :, None] * 255, 3, axis=2))
+            assert 0 < (full == 255).mean() < 1 and abs(pixels.mean() - luma) <= 10
 
 
 def test_grayscale_mode_gives_one_channel():
@@ -68,12 +86,26 @@ def test_formats(fmt):
 
 
 def test_resize_modes():
-    wide = Image.new("RGB", (40, 20), (255, 255, 255))
-    stretch = load_image(_png_bytes(wide), (10, 10), resize_mode="stretch")
-    pad = load_image(_png_bytes(wide), (10, 10), resize_mode="pad")
-    crop = load_image(_png_bytes(wide), (10, 10), resize_mode="crop")
-    assert (stretch == 255).all() and (crop == 255).all()
-    assert (pad[0] == 0).all() and (pad[5] == 255).all()  # letterbox bars top and bottom
+    red, green, blue = (200, 30, 30), (30, 200, 30), (30, 30, 200)
+    wide = np.empty((20, 40, 3), np.uint8)  # 40 wide x 20 high: red | green (middle half) | blue
+    wide[:, :10], wide[:, 10:30], wide[:, 30:] = red, green, blue
+    raw = _png_bytes(Image.fromarray(wide))
+    stretch = load_image(raw, (10, 10), resize_mode="stretch").astype(int)
+    pad = load_image(raw, (10, 10), resize_mode="pad").astype(int)
+    crop = load_image(raw, (10, 10), resize_mode="crop").astype(int)
+    assert stretch.shape == pad.shape == crop.shape == (10, 10, 3)
+    # stretch: the whole image squeezed into the square, the side quarters kept at the edges.
+    assert (stretch == stretch[:1]).all()  # every row alike: nothing cut, no bands
+    assert np.abs(stretch[:, :2] - red).max() <= 2 and np.abs(stretch[:, -2:] - blue).max() <= 2
+    assert np.abs(stretch[:, 3:7] - green).max() <= 2
+    # crop: keeps the aspect ratio and the centre (the green middle half), drops the side quarters.
+    assert np.abs(crop[:, 1:-1] - green).max() <= 2
+    assert (crop[..., 1] > 150).all() and (crop[..., [0, 2]] < 80).all()  # edges: at most a blur of their neighbours
+    # pad: keeps the aspect ratio and the whole image (10 x 5), letterboxed by black bands top and bottom.
+    content = np.flatnonzero(pad.reshape(10, -1).any(axis=1))
+    assert len(content) == 5 and content[0] in (2, 3) and np.array_equal(content, np.arange(content[0], content[0] + 5))
+    assert (pad[: content[0]] == 0).all() and (pad[content[-1] + 1 :] == 0).all()
+    assert np.abs(pad[content] - stretch[:5]).max() <= 2  # the band is the stretched image, half as high
 
 
 def test_big_jpeg_draft_decode_matches_full_decode_closely():

@@ -21,6 +21,7 @@ from cnnkit.evaluation import calibrate
 from cnnkit.metrics import (
     apply_temperature,
     choose_min_confidence,
+    cross_entropy,
     expected_calibration_error,
     fit_temperature,
     reliability_bins,
@@ -29,6 +30,8 @@ from cnnkit.cli import app
 from cnnkit.evaluation import compare
 from cnnkit.errors import ConfigError, DataError
 from cnnkit.data.batches import tta_views
+from cnnkit.data.decode import load_image
+from cnnkit.evaluation.labelled import predict_labelled, run_split_files
 from cnnkit.evaluation.scoring import compute_metrics, most_confused
 from cnnkit.models.saving import ModelMeta, read_meta
 from cnnkit.predict import Predictor
@@ -126,25 +129,26 @@ def test_temperature_scaling_recovers_a_known_over_confidence():
     assert (scaled.argmax(axis=1) == labels)[accepted].mean() == pytest.approx(precision)
 
 
-def test_predictor_applies_temperature_and_abstains(tmp_path):
+def test_predictor_applies_temperature_and_abstains_the_same_way_for_one_image_and_many(tmp_path):
     import keras
 
     inputs = keras.Input((4, 4, 3))
     x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", kernel_initializer="zeros")(x))
+    dense = keras.layers.Dense(3, activation="softmax", kernel_initializer="zeros")
+    model = keras.Model(inputs, dense(x))
+    dense.bias.assign(np.array([1.0, 0.2, -0.5], "float32"))  # raw probabilities 0.61 / 0.27 / 0.13
+    raw = np.asarray(model.predict(np.zeros((1, 4, 4, 3), "float32"), verbose=0))
     meta = ModelMeta(["a", "b", "c"], (4, 4), extra={"temperature": 2.0, "min_confidence": 0.5})
     predictor = Predictor.from_model(model, meta)
-    assert predictor.temperature == 2.0
     probs = predictor.predict_arrays(np.zeros((2, 4, 4, 3), np.uint8))
-    np.testing.assert_allclose(probs, 1 / 3, atol=1e-6)  # uniform stays uniform
-    Image.new("RGB", (4, 4), (10, 20, 30)).save(tmp_path / "x.png")
-    (p,) = predictor.predict([tmp_path / "x.png"])
-    assert p.label == "unknown" and p.top_k[0][1] == pytest.approx(1 / 3, abs=1e-6)  # 33% < min_confidence 50%
+    np.testing.assert_allclose(probs, np.repeat(apply_temperature(raw, 2.0), 2, axis=0), rtol=1e-5)
+    assert probs[0, 0] < raw[0, 0] - 0.1  # T = 2 softened the 61% to about 47%: below min_confidence 50%
+    Image.new("RGB", (4, 4), (0, 0, 0)).save(tmp_path / "x.png")
+    for p in (predictor.predict([tmp_path / "x.png"])[0], predictor.predict_image(tmp_path / "x.png"),
+              predictor.predict_image(np.zeros((4, 4, 3), np.uint8))):
+        assert p.label == "unknown" and p.top_k[0] == ("a", pytest.approx(float(probs[0, 0]), abs=1e-6))
     predictor.min_confidence = None
-    assert predictor.predict([tmp_path / "x.png"])[0].label == "a"
-
-
-# --- the evaluation report ----------------------------------------------------------------------
+    assert predictor.predict([tmp_path / "x.png"])[0].label == predictor.predict_image(tmp_path / "x.png").label == "a"
 
 
 def test_report_files_exist_and_have_the_content(weak):
@@ -203,6 +207,24 @@ def test_tta_does_not_reduce_accuracy_on_a_flip_invariant_set(weak):
     assert report.tta["accuracy"] >= report.accuracy
     # Averaging aligned views can only help the log-loss on average (Jensen); misaligned rows would wreck it.
     assert report.tta["loss"] <= report.loss + 1e-3
+    # The TTA numbers are those of the probabilities averaged over the six views, computed here on their own.
+    predictor = Predictor(result.run_dir)
+    assert predictor.temperature == 1.0
+    files = sorted((base / "data" / "test").glob("*/*.png"))
+    images = np.stack([load_image(f, (16, 16)) for f in files])
+    labels = np.array([predictor.class_names.index(f.parent.name) for f in files])
+    plain = predictor.predict_arrays(images)
+    averaged = np.mean([predictor.predict_arrays(view) for view in tta_views(images, "flip+crop")], axis=0)
+
+    def log_loss(probs):
+        return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0))))
+
+    assert report.num_images == len(files) == 60
+    assert report.loss == pytest.approx(log_loss(plain), rel=1e-4)
+    assert report.accuracy == pytest.approx(float(np.mean(plain.argmax(axis=1) == labels)))
+    assert report.tta["loss"] == pytest.approx(log_loss(averaged), rel=1e-4)
+    assert report.tta["accuracy"] == pytest.approx(float(np.mean(averaged.argmax(axis=1) == labels)))
+    assert abs(report.tta["loss"] - report.loss) > 1e-4  # the views were averaged, not the plain pass reported twice
     views = tta_views(np.arange(2 * 16 * 16 * 3, dtype=np.uint8).reshape(2, 16, 16, 3), "flip+crop")
     assert len(views) == 6 and all(v.shape == (2, 16, 16, 3) for v in views)
     np.testing.assert_array_equal(views[1][:, :, 0], views[0][:, :, -1])
@@ -221,13 +243,27 @@ def test_cli_evaluate_with_tta_prints_both(run):
 # --- calibration end to end ---------------------------------------------------------------------
 
 
-def test_calibrate_stores_temperature_in_run_and_model(run, tmp_path):
-    base, result = run
+def test_calibrate_stores_temperature_in_run_and_model(weak, tmp_path):
+    # The weak run: its validation probabilities are far from 0 and 1, so the log-loss has a clear minimum in T
+    # (the strong run's are all right at ~100%, where every T < 1 scores a log-loss of 0).
+    base, result = weak
     copy = tmp_path / "run"
     shutil.copytree(result.run_dir, copy)
-    raw = Predictor(copy).predict_arrays(np.full((1, 16, 16, 3), 200, np.uint8))
+    uncalibrated = Predictor(copy)
+    assert uncalibrated.temperature == 1.0
+    raw = uncalibrated.predict_arrays(np.full((1, 16, 16, 3), 200, np.uint8))
+    validation = predict_labelled(uncalibrated, run_split_files(copy, "validation", uncalibrated.class_names),
+                                  cache_root=base / "cache")
     cal = calibrate(copy, min_confidence=0.999, cache_root=base / "cache")
-    assert cal.num_images == 18 and cal.temperature > 0 and cal.ece_after <= cal.ece_before + 1e-6
+    assert cal.num_images == len(validation.labels) == 18
+    assert cal.temperature > 0 and cal.ece_after <= cal.ece_before + 1e-6
+    # The stored T minimises the validation log-loss: neither a lower nor a higher temperature does better.
+    def nll(t):
+        return cross_entropy(validation.probs, validation.labels, t)
+
+    assert nll(cal.temperature) <= nll(cal.temperature * 1.25) and nll(cal.temperature) <= nll(cal.temperature / 1.25)
+    assert nll(cal.temperature) < nll(1.0) - 1e-3  # and it is a real change from the raw model
+    assert cal.loss_before == pytest.approx(nll(1.0), rel=1e-6) and cal.loss_after == pytest.approx(nll(cal.temperature), rel=1e-6)
     assert read_meta(copy / "model.keras").extra == {"temperature": cal.temperature, "min_confidence": 0.999}
     record = json.loads((copy / "run.json").read_text())
     assert record["calibration"]["temperature"] == cal.temperature
@@ -289,13 +325,20 @@ def test_compare_runs_side_by_side(run, tmp_path):
     base, result = run
     other = cnnkit.train(base / "data", tmp_path / "short", model="simple", epochs=1, image_size=16, batch_size=16,
                          cache_root=base / "cache")
-    cnnkit.evaluate(result.run_dir, base / "data" / "test", name="same", cache_root=base / "cache")
-    cnnkit.evaluate(other.run_dir, base / "data" / "test", name="same", cache_root=base / "cache")
+    reports = [cnnkit.evaluate(r.run_dir, base / "data" / "test", name="same", cache_root=base / "cache")
+               for r in (result, other)]
+    cnnkit.evaluate(other.run_dir, base / "data" / "train", name="later", cache_root=base / "cache")  # not "same"
     table = compare([result.run_dir, other.run_dir], eval_name="same")
     assert [r.epochs for r in table.runs] == [4, 1] and table.runs[0].model == "simple"
     assert table.runs[0].data_hash == table.runs[1].data_hash and not table.warnings
-    assert table.f1_delta["red"][0] == 0.0
-    assert table.f1_delta["red"][1] == pytest.approx(table.runs[1].per_class_f1["red"] - table.runs[0].per_class_f1["red"])
+    assert table.class_names == result.class_names
+    for row, report in zip(table.runs, reports):  # each row holds what evaluate() reported for that run
+        assert row.eval_name == "same" and row.accuracy == pytest.approx(report.accuracy)
+        assert row.macro_f1 == pytest.approx(report.macro_avg["f1-score"])
+        assert row.per_class_f1 == pytest.approx({c: report.per_class[c]["f1-score"] for c in result.class_names})
+    for c in result.class_names:
+        first, second = (report.per_class[c]["f1-score"] for report in reports)
+        assert table.f1_delta[c] == [0.0, pytest.approx(second - first)]
     proc = runner.invoke(app, ["compare", str(result.run_dir), str(other.run_dir), "--eval", "same", "--format", "json"])
     assert proc.exit_code == 0, proc.output
     assert json.loads(proc.output)["runs"][1]["epochs"] == 1

@@ -55,6 +55,12 @@ def test_fast_model_takes_raw_pixels_and_any_size():
     probs = keras.ops.convert_to_numpy(model(np.full((2, 48, 40, 3), 200, np.uint8)))
     assert probs.shape == (2, 4)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # The layer right after the input scales the raw 0-255 pixels to [0, 1].
+    first = model.layers[1]
+    assert first.input is model.input
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 48, 40, 3)).astype("float32")
+    scaled = keras.ops.convert_to_numpy(keras.Model(model.input, first.output)(pixels))
+    np.testing.assert_allclose(scaled, pixels / 255, rtol=1e-6, atol=1e-7)
 
 
 def test_batchnorm_statistics_are_reestimated_from_the_data():

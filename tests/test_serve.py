@@ -230,25 +230,48 @@ def test_classify_and_friendly_predict(client, run_dir, images):
     assert client.post("/predict?top_k=0", files=files).status_code == 400
 
 
+_PREDICT = '{endpoint="/v1/models/{name}:predict"'
+
+
+def _metric(client, sample: str) -> float:
+    """The value of one sample (name with its labels, as exposed) in /metrics; 0 when not there yet."""
+    for line in client.get("/metrics").text.splitlines():
+        if not line.startswith("#") and line.rsplit(" ", 1)[0] == sample:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _metrics(client) -> dict[str, float]:
+    return {key: _metric(client, sample) for key, sample in {
+        "ok": f'cnnkit_requests_total{_PREDICT},method="POST",status="200"}}',
+        "bad": f'cnnkit_requests_total{_PREDICT},method="POST",status="400"}}',
+        "errors": f'cnnkit_errors_total{_PREDICT},status="400"}}',
+        "latency": f'cnnkit_request_latency_seconds_count{_PREDICT}}}',
+        "images": "cnnkit_images_total",
+        "batches": "cnnkit_batch_size_count",
+        "batched_images": "cnnkit_batch_size_sum",
+    }.items()}
+
+
 def test_metrics_count_requests_batches_and_errors(client, images):
-    client.post("/v1/models/colours:predict", json={"instances": [b64(images[0])]})
-    client.post("/v1/models/colours:predict", content=b"{", headers={"content-type": "application/json"})
+    before = _metrics(client)  # the module's client has served the earlier tests' requests too
+    assert client.post("/v1/models/colours:predict", json={"instances": [b64(images[0])]}).status_code == 200
+    assert client.post("/v1/models/colours:predict", content=b"{",
+                       headers={"content-type": "application/json"}).status_code == 400
+    after = _metrics(client)
+    delta = {key: after[key] - before[key] for key in before}
+    assert delta == {"ok": 1, "bad": 1, "errors": 1, "latency": 2, "images": 1, "batches": 1, "batched_images": 1}
     text = client.get("/metrics").text
-    assert 'cnnkit_requests_total{endpoint="/v1/models/{name}:predict",method="POST",status="200"}' in text
-    assert 'cnnkit_errors_total{endpoint="/v1/models/{name}:predict",status="400"}' in text
-    assert "cnnkit_request_latency_seconds_bucket" in text and "cnnkit_batch_size_count" in text
-    assert "cnnkit_images_total" in text
+    assert "cnnkit_request_latency_seconds_bucket" in text
 
 
 def _batch_count(client) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("cnnkit_batch_size_count"):
-            return float(line.split()[-1])
-    return 0.0
+    return _metric(client, "cnnkit_batch_size_count")
 
 
 def test_concurrent_requests_share_model_calls(run_dir, images):
     with TestClient(create_app(run_dir, max_batch_size=8, max_wait_ms=300)) as c:
+        before = _metrics(c)
         barrier = threading.Barrier(8)
         codes = []
 
@@ -262,7 +285,11 @@ def test_concurrent_requests_share_model_calls(run_dir, images):
         for t in threads:
             t.join()
         assert codes == [200] * 8
-        assert _batch_count(c) < 8  # 8 requests, fewer model calls
+        after = _metrics(c)
+        batches = after["batches"] - before["batches"]
+        assert 1 <= batches < 8  # 8 requests, fewer model calls
+        assert after["batched_images"] - before["batched_images"] == 8  # every image went through a batch
+        assert after["images"] - before["images"] == 8
 
 
 def test_batching_off_gives_the_same_answer(run_dir, images):
@@ -336,6 +363,7 @@ def test_settings_and_sources_are_checked(run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CNNKIT_MODEL_NAME", "envname")
     app = create_app()
     assert app.state.source.name == "envname"
+    assert app.state.settings.max_wait_ms == 7.5
 
 
 # -- a real uvicorn ----------------------------------------------------------------------------------

@@ -1,13 +1,20 @@
 import csv
+import hashlib
 import json
+import os
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
 import cnnkit
+from cnnkit.data.cache import default_cache_root
+from cnnkit.data.decode import load_image
 from cnnkit.errors import DataError, ModelError, RunExistsError
+from cnnkit.metrics import cross_entropy
+from cnnkit.models.saving import load_model
 from cnnkit.predict import Predictor
 from cnnkit.training import diagnose_history
 from tests.conftest import add_bad_files, write_class_folder
@@ -68,6 +75,19 @@ def test_split_csv_is_the_split_used(trained):
     assert all(len(r["sha256"]) == 64 for r in rows)
     val_classes = [r["class"] for r in rows if r["split"] == "validation"]
     assert sorted(val_classes) == ["blue"] * 6 + ["green"] * 6 + ["red"] * 6
+    trained_on = {r["path"] for r in rows if r["split"] == "train"}
+    assert not trained_on & {r["path"] for r in rows if r["split"] == "validation"}
+    for r in rows:
+        assert hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest() == r["sha256"], r["path"]
+    # The validation rows are the images run.json's validation metrics were measured on.
+    validation = [r for r in rows if r["split"] == "validation"]
+    predictor = Predictor(result.run_dir)
+    assert predictor.temperature == 1.0
+    probs = predictor.predict_arrays(np.stack([load_image(r["path"], (16, 16)) for r in validation]))
+    labels = np.array([predictor.class_names.index(r["class"]) for r in validation])
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert float(np.mean(probs.argmax(axis=1) == labels)) == pytest.approx(record["metrics"]["val_accuracy"], abs=1e-6)
+    assert cross_entropy(probs, labels) == pytest.approx(record["metrics"]["val_loss"], rel=1e-4, abs=1e-7)
 
 
 def test_model_moved_alone_predicts_identically_with_class_names(trained, tmp_path):
@@ -99,15 +119,21 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(image_folder, tmp_path):
 
 
 def test_unknown_model_fails_before_decoding(image_folder, tmp_path):
+    cache = Path(os.environ["CNNKIT_HOME"]) / "cache"
+    assert default_cache_root() == cache  # where train() would decode the folder to
     with pytest.raises(ModelError, match="Available: .*simple"):
         cnnkit.train(image_folder, tmp_path / "run", model="resnet")
     assert not (tmp_path / "run").exists()
+    assert not list(tmp_path.glob(".run.partial-*"))  # no run directory was started
+    assert not cache.exists() or not any(cache.rglob("*"))  # nothing was decoded
 
 
 def test_interrupted_run_keeps_best_checkpoint_and_says_so(image_folder, tmp_path):
     class Interrupt(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 1:
+                # After the checkpoints of epoch 2: the weights move on (as they do mid-epoch), then Ctrl-C.
+                self.model.set_weights([w + 0.5 for w in self.model.get_weights()])
                 raise KeyboardInterrupt
 
     result = cnnkit.train(image_folder, tmp_path / "run", epochs=10, image_size=16, callbacks=[Interrupt()])
@@ -115,6 +141,14 @@ def test_interrupted_run_keeps_best_checkpoint_and_says_so(image_folder, tmp_pat
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["status"] == "interrupted" and record["epochs_run"] == 2
     assert (tmp_path / "run" / "model.keras").exists()
+    # The saved model holds the best checkpoint's weights, not those at the interruption.
+    saved, _ = load_model(tmp_path / "run" / "model.keras")
+    best, _ = load_model(tmp_path / "run" / "model.keras")
+    best.load_weights(tmp_path / "run" / "best.weights.h5")
+    for got, want in zip(saved.get_weights(), best.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    x = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(saved.predict(x, verbose=0)), np.asarray(best.predict(x, verbose=0)))
 
 
 def test_failed_run_leaves_nothing_half_written(tmp_path):
@@ -169,5 +203,13 @@ def test_test_images_copied_into_train_are_flagged(split_folder, tmp_path):
     report = cnnkit.evaluate(tmp_path / "run", split_folder / "test")
     assert len(report.leaked) == 3
     assert json.loads((report.out_dir / "metrics.json").read_text())["in_training_data"] == 3
+    assert sorted(Path(p).name for p in report.leaked) == ["red_000.png", "red_001.png", "red_002.png"]
     clean = cnnkit.evaluate(tmp_path / "run", split_folder / "test" , name="again")
     assert clean.leaked == report.leaked  # deterministic
+    unseen = tmp_path / "unseen"  # the test folder without the three copied images
+    shutil.copytree(split_folder / "test", unseen)
+    for i in range(3):
+        (unseen / "red" / f"red_00{i}.png").unlink()
+    fresh = cnnkit.evaluate(tmp_path / "run", unseen, name="unseen")
+    assert fresh.num_images == 21 and fresh.leaked == []
+    assert json.loads((fresh.out_dir / "metrics.json").read_text())["in_training_data"] == 0
