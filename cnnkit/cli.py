@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before any import of it
 
 import csv
+import errno
 import functools
 import inspect
 import io
@@ -84,21 +85,67 @@ def _import_keras_quietly() -> None:
                     sys.stderr.write(line + "\n")
 
 
+def describe_os_error(exc: OSError) -> str:
+    """A file-system error in one line: what, where, and what to do."""
+    where = f"'{exc.filename}'" if exc.filename else "a file"
+    if exc.filename2:
+        where += f" -> '{exc.filename2}'"
+    advice = {
+        errno.ENOSPC: f"No space left on the device while writing {where}. Free some space, or write elsewhere "
+                      "(--out, CNNKIT_HOME for the decode cache); an interrupted training run continues with --resume.",
+        errno.EDQUOT: f"Disk quota exceeded while writing {where}. Free some space or write elsewhere (--out, CNNKIT_HOME).",
+        errno.EACCES: f"Permission denied: {where}. Choose a folder you can write to (--out, CNNKIT_HOME) or fix the "
+                      "permissions of that one.",
+        errno.EPERM: f"Operation not permitted: {where}. Choose a folder you can write to, or fix its permissions.",
+        errno.EROFS: f"{where} is on a read-only file system. Write elsewhere (--out, CNNKIT_HOME).",
+        errno.ENOENT: f"No such file or folder: {where}.",
+        errno.ENOTDIR: f"{where}: part of this path is a file, not a folder. Choose another path.",
+        errno.EISDIR: f"{where} is a folder where a file was expected.",
+        errno.ENAMETOOLONG: f"The path {where} is too long for the file system. Choose a shorter one.",
+    }
+    return advice.get(exc.errno, f"{exc.strerror or exc}: {where}.")
+
+
+def _failure_message(exc: BaseException) -> tuple[str, int] | None:
+    """The one-line message and exit code of a failure the user can act on; None for a bug."""
+    if isinstance(exc, CnnkitError):
+        return str(exc), 2
+    if isinstance(exc, OSError):
+        return describe_os_error(exc), 2
+    if type(exc).__module__.startswith("sqlalchemy"):  # an error from a registry operation not wrapped below it
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        return (f"The model registry database failed: {reason}. Check --registry-url / CNNKIT_REGISTRY_URL and that "
+                "the database server is running, then run the command again."), 2
+    if isinstance(exc, MemoryError):
+        return ("Out of memory. Use a smaller --batch-size or --image-size; an interrupted training run continues "
+                "with --resume."), 2
+    return None
+
+
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every failure becomes one line on stderr and a non-zero exit; tracebacks only with --debug."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             if fn.__name__ in ("train", "evaluate", "predict", "demo", "lr_find"):
                 _import_keras_quietly()
             return fn(*args, **kwargs)
-        except CnnkitError as exc:
-            if _state["debug"]:
-                raise
-            _error(str(exc))
-            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort):
+            raise
         except KeyboardInterrupt:
             _error("interrupted.")
             raise typer.Exit(130) from None
+        except Exception as exc:
+            if _state["debug"]:
+                raise
+            known = _failure_message(exc)
+            if known is None:
+                _error(f"internal error ({type(exc).__name__}: {exc}). Run the command again with --debug for the "
+                       "traceback, and please report it.")
+                raise typer.Exit(3) from None
+            _error(known[0])
+            raise typer.Exit(known[1]) from None
 
     return wrapper
 
@@ -243,6 +290,8 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
     TrainOption("seed", int, "Seed of the split, shuffle and initialisation."),
     TrainOption("workers", int, "Decode processes (default: every core)."),
     TrainOption("max_pixels", int, "Images with more pixels are skipped as decompression bombs (default 80 M)."),
+    TrainOption("follow_links", bool, "Also follow symbolic links that lead out of the data folder (links inside "
+                                      "it are followed; loops never).", ("--follow-links/--no-follow-links",)),
 )
 _TRAIN_OPTION = {option.name: option for option in TRAIN_OPTIONS}
 
@@ -290,16 +339,20 @@ def train(
     from cnnkit.config import load_config, overrides_from_options
     from cnnkit.training import train as run_training
 
-    if resume is not None:
-        if config is not None:
-            raise ConfigError("--resume continues a run with its own config; --config cannot be combined with it. "
-                              f"Received: resume='{resume}', config='{config}'")
-        result = run_training(data_dir, out, resume=resume, **_given(options))
-    else:
-        if data_dir is None:
-            raise ConfigError("cnnkit train needs DATA_DIR (or --resume RUN).")
-        cfg = load_config(config, overrides_from_options(_given(options)))
-        result = run_training(data_dir, out, cfg, overwrite=overwrite)
+    try:
+        if resume is not None:
+            if config is not None:
+                raise ConfigError("--resume continues a run with its own config; --config cannot be combined with it. "
+                                  f"Received: resume='{resume}', config='{config}'")
+            result = run_training(data_dir, out, resume=resume, **_given(options))
+        else:
+            if data_dir is None:
+                raise ConfigError("cnnkit train needs DATA_DIR (or --resume RUN).")
+            cfg = load_config(config, overrides_from_options(_given(options)))
+            result = run_training(data_dir, out, cfg, overwrite=overwrite)
+    except Exception:
+        _point_to_unfinished(out or resume)
+        raise
     _progress.say(f"run {'interrupted' if result.status != 'completed' else 'written'}: "
                   f"[bold]{_progress.esc(result.run_dir)}[/]")
     if calibrate and result.status == "completed":
@@ -312,6 +365,16 @@ def train(
         with Registry(registry_url) as registry:
             version = registry.add(result.run_dir, register)
         _progress.say(f"registered [bold]{version.ref}[/] in {registry.location}")
+
+
+def _point_to_unfinished(run: Path | None) -> None:
+    """After a failed training run: say where the epochs trained so far are kept, and how to go on."""
+    from cnnkit.rundir import unfinished_runs
+
+    kept = [u for u in unfinished_runs(run) if u.checkpoint and not u.running] if run is not None else []
+    if kept and kept[0].epochs:
+        _progress.warn(f"The {kept[0].epochs} epochs trained so far are kept in '{kept[0].path}': once the problem "
+                       f"is fixed, continue with 'cnnkit train --resume {run}'.")
 
 
 @app.command("lr-find")
@@ -423,12 +486,14 @@ def doctor(
     strict: Annotated[bool, typer.Option(help="Exit 1 when any problem is found.")] = False,
     output: Annotated[ReportFormat, typer.Option("--format", help="table or json on stdout.")] = ReportFormat.table,
     workers: Annotated[Optional[int], typer.Option(help="Processes reading images (default: every core).")] = None,
+    follow_links: Annotated[bool, typer.Option("--follow-links", help="Also follow links that lead out of DATA_DIR, as 'train --follow-links' would.")] = False,
+    runs: Annotated[Path, typer.Option(help="Folder of run directories whose unfinished (killed) runs to report.")] = Path("runs"),
 ) -> None:
     """Report what is in DATA_DIR and what is wrong with it; never modifies a file."""
     from cnnkit.data.checks import doctor as run_doctor
     from cnnkit.data.checks import print_report
 
-    report = run_doctor(data_dir, workers=workers)
+    report = run_doctor(data_dir, workers=workers, follow_links=follow_links, runs=runs)
     if output is ReportFormat.json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -83,6 +83,8 @@ class DataConfig:
         seed: seed of the split and of the per-epoch shuffle.
         workers: decode processes; ``None`` uses every core.
         max_pixels: images with more pixels are skipped as decompression bombs.
+        follow_links: also follow symbolic links that lead out of the data folder (links inside it
+            are followed; loops and second paths to one file never are).
     """
 
     image_size: tuple[int, int] | None = None
@@ -93,6 +95,7 @@ class DataConfig:
     seed: int = 1337
     workers: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    follow_links: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size is not None:

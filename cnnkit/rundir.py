@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import errno
+import fcntl
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,28 +42,209 @@ SPLIT_COLUMNS = ("path", "class", "split", "sha256")
 META_MEMBER = "cnnkit.json"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# -- temporary names and atomic replacement -------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths atomically (Linux 3.15+; ext4, xfs, btrfs, tmpfs...)
 
 
-def make_public(path: str | Path, directory: bool = False) -> None:
-    """Give a mkstemp/mkdtemp result the permissions a plain open()/mkdir() would (0666/0777 less umask)."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+def _random_name(prefix: str, suffix: str = "") -> str:
+    return f"{prefix}{secrets.token_hex(4)}{suffix}"
+
+
+def new_file(folder: str | Path, prefix: str, suffix: str = "") -> Path:
+    """Create an empty file with a fresh name in ``folder``; the kernel applies the umask (nothing process-wide is touched)."""
+    for _ in range(100):
+        path = Path(folder) / _random_name(prefix, suffix)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for '{prefix}*{suffix}' in '{folder}'")
+
+
+def new_directory(folder: str | Path, prefix: str) -> Path:
+    """Create a folder with a fresh name in ``folder`` (mode 0777 less the umask, applied by the kernel)."""
+    for _ in range(100):
+        path = Path(folder) / _random_name(prefix)
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary folder name for '{prefix}*' in '{folder}'")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl)
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # a filesystem without it
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def replace_directory(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``; an older ``dst`` is swapped out in one atomic step.
+
+    Readers see the old folder or the new one, never none (Linux: renameat2 RENAME_EXCHANGE). Where
+    the filesystem cannot swap, two renames are used and ``dst`` is missing for that instant.
+    """
+    if not dst.exists():
+        os.rename(src, dst)
+        return
+    if _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the old folder
+        return
+    trash = new_directory(dst.parent, f".{dst.name}.old-")
+    os.rename(dst, trash / "old")
+    os.rename(src, dst)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# -- runs being written: a partial folder held by a lock -----------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+def hold_lock(path: Path):
+    """An exclusive lock on ``path`` held until the file object is closed or the process dies (even kill -9)."""
+    handle = open(path, "a+")  # noqa: SIM115 - held for the life of the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise
+    return handle
+
+
+def lock_is_held(path: Path) -> bool:
+    """True when a living process holds the lock file ``path``."""
+    try:
+        with open(path) as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+@dataclass(frozen=True)
+class UnfinishedRun:
+    """A hidden ``.<run>.partial-*`` folder: a run being written, or one whose process died.
+
+    Attributes:
+        path: the partial folder.
+        run: the run directory it was to become.
+        running: a living process is writing it now (it holds the folder's lock).
+        epochs: epochs it finished (its history.csv), 0 when none.
+        planned: epochs it planned (its run.json), or None.
+        checkpoint: it holds a ``last.keras`` to resume from.
+        modified: last change, seconds since the epoch.
+    """
+
+    path: Path
+    run: Path
+    running: bool
+    epochs: int
+    planned: int | None
+    checkpoint: bool
+    modified: float
+
+    def describe(self) -> str:
+        done = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}" + (f" of {self.planned}" if self.planned else "")
+        age = max(0, int(time.time() - self.modified))
+        when = f"{age // 3600}h{age % 3600 // 60:02d}m ago" if age >= 3600 else f"{age // 60}m{age % 60:02d}s ago"
+        state = "being written now" if self.running else ("stopped" if not self.checkpoint else "cut off")
+        return f"'{self.path}' ({state} after {done}, last written {when})"
+
+
+def unfinished_runs(run: str | Path) -> list[UnfinishedRun]:
+    """The partial folders of ``run`` (``.<name>.partial-*`` beside it), newest first."""
+    run = Path(run)
+    return _unfinished(run.parent, f".{glob_escape(run.name)}.partial-*")
+
+
+def unfinished_in(folder: str | Path) -> list[UnfinishedRun]:
+    """Every partial run folder in ``folder`` (``.<name>.partial-*``, whatever the run), newest first."""
+    return _unfinished(Path(folder), ".*.partial-*")
+
+
+def _unfinished(parent: Path, pattern: str) -> list[UnfinishedRun]:
+    if not parent.is_dir():
+        return []
+    found = []
+    for path in parent.glob(pattern):
+        name = path.name[1:].rsplit(".partial-", 1)[0]
+        if not path.is_dir() or not name:
+            continue
+        try:
+            record = read_json(path / RUN_JSON) if (path / RUN_JSON).is_file() else {}
+            epochs = len(read_history(path / HISTORY_CSV).get("loss", [])) if (path / HISTORY_CSV).is_file() else 0
+        except (OSError, ValueError, csv.Error):
+            record, epochs = {}, 0
+        planned = record.get("config", {}).get("train", {}).get("epochs") if record else None
+        found.append(UnfinishedRun(path, parent / name, lock_is_held(path / LOCK_FILE), epochs, planned,
+                                   (path / "last.keras").is_file(), _newest_mtime(path)))
+    return sorted(found, key=lambda u: u.modified, reverse=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _newest_mtime(folder: Path) -> float:
+    try:
+        return max([folder.stat().st_mtime] + [p.stat().st_mtime for p in folder.iterdir()])
+    except OSError:
+        return 0.0
+
+
+def remove_unfinished(runs: list[UnfinishedRun]) -> None:
+    """Delete partial folders whose process is gone (never one being written)."""
+    for item in runs:
+        if not lock_is_held(item.path / LOCK_FILE):
+            shutil.rmtree(item.path, ignore_errors=True)
 
 
 class RunDirectory:
     """A run directory being written.
 
-    Everything goes to ``path`` (a hidden ``.<name>.partial-*`` sibling of the final folder);
-    ``commit()`` renames it into place, replacing an older run only when ``overwrite``; ``discard()``
-    removes it (as leaving a ``with`` block by an exception does). An existing folder that is not a
-    cnnkit run (no run.json) is never replaced.
+    Everything goes to ``path``, a hidden ``.<name>.partial-*`` sibling of the final folder that
+    this process locks while it writes. ``commit()`` swaps it into place (replacing an older run
+    only when ``overwrite``) and removes the partial folders of earlier runs that died; ``discard()``
+    removes it. Leaving a ``with`` block by an error keeps it when it holds a checkpoint, as a run
+    killed hard does: its partial folder has ``run.json`` (status ``running``), and ``history.csv``
+    and ``last.keras`` after every epoch, so ``cnnkit train --resume RUN`` continues it. An existing folder that is not a cnnkit
+    run (no run.json) is never replaced.
+
+    Raises:
+        RunExistsError: the run exists (without ``overwrite``), an unfinished run of it waits to be
+            resumed (without ``overwrite`` or ``resuming``), or another process is writing it now.
     """
 
-    def __init__(self, final: str | Path, overwrite: bool = False) -> None:
+    def __init__(self, final: str | Path, overwrite: bool = False, resuming: bool = False) -> None:
         self.final = Path(final)
+        self.unfinished = unfinished_runs(self.final)
+        busy = [u for u in self.unfinished if u.running]
+        if busy:
+            raise RunExistsError(f"Another cnnkit process is writing '{self.final}' now ({busy[0].describe()}). Wait "
+                                 "for it, or choose another --out.")
+        if self.unfinished and not (overwrite or resuming):
+            raise RunExistsError(
+                f"An unfinished run of '{self.final}' exists: {self.unfinished[0].describe()}. Continue it with "
+                f"'cnnkit train --resume {self.final}', or start over with --overwrite (which deletes it).")
         if self.final.exists():
             if not overwrite:
                 raise RunExistsError(
@@ -72,35 +258,32 @@ class RunDirectory:
                 )
         self.overwrite = overwrite
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
-        make_public(self.path, directory=True)
+        self.path = new_directory(self.final.parent, f".{self.final.name}.partial-")
+        self._lock = hold_lock(self.path / LOCK_FILE)
 
     def __enter__(self) -> RunDirectory:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
-        if kind is not None:  # the run failed or was cut short before commit(): leave nothing behind
+        if kind is None or self.path == self.final:
+            return
+        if (self.path / "last.keras").is_file():  # epochs were trained: keep them for --resume
+            self._lock.close()
+        else:  # nothing worth keeping: leave nothing behind
             self.discard()
 
     def commit(self) -> Path:
+        (self.path / LOCK_FILE).unlink(missing_ok=True)
         replace_directory(self.path, self.final)
+        self._lock.close()
+        remove_unfinished(self.unfinished)
         self.path = self.final
         return self.final
 
     def discard(self) -> None:
         if self.path != self.final:
             shutil.rmtree(self.path, ignore_errors=True)
-
-
-def replace_directory(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing an older ``dst`` (two renames, no copy)."""
-    if dst.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.rename(dst, trash / "old")
-        os.rename(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(src, dst)
+            self._lock.close()
 
 
 @contextlib.contextmanager
@@ -110,14 +293,12 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     ``suffix`` keeps the extension writers infer the format from (".keras", ".png").
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    make_public(tmp)
+    tmp = new_file(path.parent, f".{path.stem}.", suffix)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -126,14 +307,38 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """A hidden temporary sibling folder to fill; it replaces ``path`` if the block succeeds, else is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    make_public(tmp, directory=True)
+    tmp = new_directory(path.parent, f".{path.name}.partial-")
     try:
         yield tmp
         replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def editing_run(run: str | Path) -> Iterator[Path]:
+    """A staged copy of the run directory ``run`` to change; it replaces ``run`` in one swap if the block succeeds.
+
+    The copy is made of hard links (no data copied; a file written into it with ``atomic_path``
+    replaces only the copy's link), so several files change together or not at all.
+    """
+    run = Path(run)
+    stage = new_directory(run.parent, f".{run.name}.edit-")
+    try:
+        shutil.copytree(run, stage, copy_function=_link_or_copy, dirs_exist_ok=True)
+        yield stage
+        replace_directory(stage, run)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -154,7 +359,8 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 def write_rows(path: str | Path, header: list[str] | tuple[str, ...], rows: list[list[object]]) -> Path:
     """Write a CSV via a temporary file and rename, so no reader ever sees half of it."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    # surrogateescape: a file name that is not valid UTF-8 is written back as the bytes it was
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
@@ -199,7 +405,7 @@ def read_split_csv(run: str | Path) -> list[SplitRow] | None:
     path = (source if source.is_dir() else source.parent) / SPLIT_CSV
     if not path.is_file():
         return None
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         return [SplitRow(Path(r["path"]), r["class"], r["split"], r["sha256"]) for r in csv.DictReader(fh)]
 
 

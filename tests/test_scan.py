@@ -125,5 +125,5 @@ def test_a_class_named_train_or_test_is_a_class(tmp_path):
 def test_val_and_test_without_train_is_an_error(tmp_path):
     write_class_folder(tmp_path / "val", per_class=2)
     write_class_folder(tmp_path / "test", per_class=2)
-    with pytest.raises(DataError, match="no train/ folder"):
+    with pytest.raises(DataError, match="no training folder"):
         scan_folder(tmp_path)

@@ -14,7 +14,8 @@ decoding entirely.
 
 Layout: ``<cache_root>/<data_hash>/{images.npy, ok.npy, meta.json}`` (``meta.json`` lists each
 row's class and file hash); written in a temporary folder and renamed, so a crash never leaves a
-half-written cache that a later run would trust.
+half-written cache that a later run would trust. A build in progress holds a lock on its folder;
+the folders of builds whose process died (killed mid-write) are removed by the next build.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import json
 import os
 import shutil
 import sqlite3
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from cnnkit.config import cnnkit_home
 from cnnkit.data._pool import process_pool
 from cnnkit.data.decode import DECODER_VERSION, DecodeError, load_image
 from cnnkit.errors import CnnkitError
-from cnnkit.rundir import make_public
+from cnnkit.rundir import hold_lock, lock_is_held, new_directory
 
 # Bumped when the cache's files or meta.json change shape; part of the data hash, so an older
 # cache is never opened by a newer cnnkit (it is rebuilt instead).
@@ -83,7 +83,7 @@ def _read(path: str | Path) -> bytes | None:
 
 def _digest(data: bytes | None, path: str | Path) -> str:
     """SHA-256 of a file's bytes; an unreadable file hashes its path, so it still gets a stable key."""
-    return hashlib.sha256(data if data is not None else b"unreadable:" + str(path).encode()).hexdigest()
+    return hashlib.sha256(data if data is not None else b"unreadable:" + os.fsencode(str(path))).hexdigest()
 
 
 class _HashMemo:
@@ -98,7 +98,9 @@ class _HashMemo:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.file, timeout=30)
-        db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT)")
+        # Paths are stored as their bytes: a file name need not be valid UTF-8 (os.fsencode).
+        db.execute("CREATE TABLE IF NOT EXISTS file_hashes (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                   "sha256 TEXT)")
         return db
 
     @staticmethod
@@ -118,20 +120,20 @@ class _HashMemo:
         paths = [os.path.abspath(p) for p in paths]
         stats = self._stat(paths)
         with self._connect() as db:
-            known = {row[0]: row[1:] for row in db.execute("SELECT path, size, mtime_ns, sha256 FROM hashes")}
+            known = {bytes(row[0]): row[1:] for row in db.execute("SELECT path, size, mtime_ns, sha256 FROM file_hashes")}
         found: list[str | None] = []
         for p, st in zip(paths, stats):
-            entry = known.get(p)
+            entry = known.get(os.fsencode(p))
             found.append(entry[2] if st is not None and entry is not None and tuple(entry[:2]) == st else None)
         return found
 
     def store(self, paths: list[str], digests: list[str]) -> None:
         paths = [os.path.abspath(p) for p in paths]
         stats = self._stat(paths)
-        rows = [(p, st[0], st[1], d) for p, st, d in zip(paths, stats, digests) if st is not None]
+        rows = [(os.fsencode(p), st[0], st[1], d) for p, st, d in zip(paths, stats, digests) if st is not None]
         try:
             with self._connect() as db:
-                db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", rows)
+                db.executemany("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", rows)
         except sqlite3.Error:  # a memo is an optimisation: never fail a run for it
             pass
 
@@ -145,7 +147,7 @@ def compute_data_hash(
     h.update(f"cnnkit-cache f{CACHE_FORMAT} d{DECODER_VERSION} {tuple(image_size)} {color_mode} {resize_mode} "
              f"{max_pixels}\n".encode())
     for key, digest in sorted(zip(class_keys, digests)):
-        h.update(f"{key}\t{digest}\n".encode())
+        h.update(f"{key}\t{digest}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -218,8 +220,9 @@ def build_cache(
         if found is not None:
             return found
 
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
-    make_public(tmp, directory=True)
+    _remove_abandoned_builds(root)
+    tmp = new_directory(root, ".building-")
+    lock = hold_lock(tmp / ".lock")  # released by the OS if this process is killed: the folder is then abandoned
     try:
         channels = 3 if color_mode == "rgb" else 1
         shape = (len(paths), image_size[0], image_size[1], channels)
@@ -245,6 +248,7 @@ def build_cache(
                 pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.close()
     opened = _open_cache(folder, decoded=len(paths))
     if opened is None:
         raise CnnkitError(f"The decode cache '{folder}' could not be written or read back. Check free disk space "
@@ -252,6 +256,13 @@ def build_cache(
     cache, row_of = opened
     rows = np.array([row_of[f"{k}\t{d}"] for k, d in zip(class_keys, digests)], dtype=np.int64)
     return cache, rows, digests
+
+
+def _remove_abandoned_builds(root: Path) -> None:
+    """Half-written caches of processes that died (their lock is free): never read, removed."""
+    for folder in root.glob(".building-*"):
+        if not lock_is_held(folder / ".lock"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _reuse(root: Path, names: list[str], class_keys: list[str], digests: list[str],

@@ -22,7 +22,8 @@ from cnnkit._progress import console, esc, progress_task
 from cnnkit.data._pool import process_pool
 from cnnkit.data.decode import DecodeError, describe_image, load_image
 from cnnkit.data.rules import class_size_problems, imbalance_ratio
-from cnnkit.data.scan import ImageFolder, scan_folder
+from cnnkit.data.scan import LINK_KINDS, ImageFolder, scan_folder
+from cnnkit.rundir import unfinished_in
 
 # Hamming distance (of 64 bits) at or under which two dHashes count as near-duplicates: 0-3 bits
 # differ for re-encoded, resized or slightly brightened copies of one photo; unrelated images differ
@@ -82,6 +83,10 @@ class DoctorReport:
     skipped: list[dict[str, str]]
     exact_duplicates: list[dict[str, Any]]
     near_duplicates: list[dict[str, Any]]
+    links: list[dict[str, str]] = field(default_factory=list)
+    nested: str | None = None
+    layout_problems: list[str] = field(default_factory=list)
+    unfinished_runs: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -94,14 +99,23 @@ class DoctorReport:
         return [d for d in self.exact_duplicates + self.near_duplicates if len(d["splits"]) > 1]
 
 
-def doctor(root: str | Path, workers: int | None = None, near_bits: int = NEAR_DUPLICATE_BITS) -> DoctorReport:
+def doctor(root: str | Path, workers: int | None = None, near_bits: int = NEAR_DUPLICATE_BITS,
+           follow_links: bool = False, runs: str | Path | None = "runs") -> DoctorReport:
     """Inspect an image folder (see the module docstring). Reads files only; never writes.
+
+    Args:
+        root: the data folder.
+        workers: processes reading images (default: every core).
+        near_bits: dHash bits two near-duplicates may differ in.
+        follow_links: follow symbolic links that lead out of ``root`` too, as ``train --follow-links`` would.
+        runs: a folder of run directories whose unfinished (killed) runs to report; default ``runs``
+            (``cnnkit train``'s default output), None for none.
 
     Example:
         >>> report = cnnkit.doctor("dataset")
         >>> problems = report.problems   # what to fix, in words
     """
-    folder = scan_folder(root, val_split=0.0, test_split=0.0, strict=False)
+    folder = scan_folder(root, val_split=0.0, test_split=0.0, strict=False, follow_links=follow_links)
     paths = [str(f.path) for f in folder.files]
     records = _inspect_all(paths, workers)
     split_of = {str(f.path): f.split for f in folder.files}
@@ -112,9 +126,14 @@ def doctor(root: str | Path, workers: int | None = None, near_bits: int = NEAR_D
         imbalance_ratio=None, sizes=_sizes(good), modes=dict(Counter(r["mode"] for r in good)),
         formats=dict(Counter(r["format"] for r in good)),
         unreadable=[{"path": r["path"], "reason": r["error"]} for r in records if "error" in r],
-        skipped=[{"path": str(s.path), "reason": s.reason} for s in folder.skipped],
+        skipped=[{"path": str(s.path), "reason": s.reason} for s in folder.skipped if s.kind not in LINK_KINDS],
         exact_duplicates=_exact_duplicates(records, split_of, class_of),
         near_duplicates=_near_duplicates(good, split_of, class_of, near_bits),
+        links=[{"path": str(s.path), "kind": s.kind, "reason": s.reason} for s in folder.skipped if s.kind in LINK_KINDS],
+        nested=folder.nested,
+        layout_problems=folder.problems,
+        unfinished_runs=[u.describe() for folder_ in {Path(root), *([Path(runs)] if runs else [])}
+                         for u in unfinished_in(folder_) if not u.running],
     )
     _judge(report)
     return report
@@ -227,6 +246,12 @@ def _judge(report: DoctorReport) -> None:
     """Turn findings into problems (should be fixed) and notes (worth knowing)."""
     p, n = report.problems, report.notes
     train = report.counts.get("train", {})
+    p += report.layout_problems
+    _judge_links(report)
+    if report.unfinished_runs:
+        p.append(f"{len(report.unfinished_runs)} unfinished training runs (killed, or stopped by an error): "
+                 f"{'; '.join(report.unfinished_runs[:3])}. Continue one with 'cnnkit train --resume RUN', or delete "
+                 "its folder.")
     if not report.class_names:
         p.append(f"No class folders in '{report.root}': put one sub-folder per class, e.g. '{report.root}/cat/1.jpg'.")
     elif len(report.class_names) < 2:
@@ -257,6 +282,30 @@ def _judge(report: DoctorReport) -> None:
         n.append(f"{report.sizes['distinct']} distinct image sizes: all are resized to the model's image size.")
 
 
+def _judge_links(report: DoctorReport) -> None:
+    """Symbolic links: what was not followed or not counted twice, and why."""
+    kinds = Counter(link["kind"] for link in report.links)
+    messages = {
+        "link-outside": "{n} symbolic links lead out of the data folder and were not followed (pass --follow-links to "
+                        "use them, or copy the files in)",
+        "link-loop": "{n} symbolic links loop back to a folder above them (a synced or hand-arranged folder?): not "
+                     "followed; remove them",
+        "link-other-class": "{n} files or folders are reachable under two classes or splits through links: each image "
+                            "is counted once, under the class folder that really holds it; remove the links",
+        "link-broken": "{n} symbolic links point to nothing: remove them",
+    }
+    for kind, message in messages.items():
+        if kinds[kind]:
+            report.problems.append(message.format(n=kinds[kind]) + f" (e.g. '{_first(report, kind)}').")
+    if kinds["link-duplicate"]:
+        report.notes.append(f"{kinds['link-duplicate']} files were reached twice through links within one class: "
+                            "counted once.")
+
+
+def _first(report: DoctorReport, kind: str) -> str:
+    return next(link["path"] for link in report.links if link["kind"] == kind)
+
+
 def print_report(report: DoctorReport, limit: int = 10) -> None:
     """The report as Rich tables on the console."""
     from rich.table import Table
@@ -277,7 +326,7 @@ def print_report(report: DoctorReport, limit: int = 10) -> None:
                   f"(median {h['median']:g}); most common {report.sizes['most_common']}")
     out.print(f"modes: {report.modes}; formats: {report.formats}; imbalance ratio: {report.imbalance_ratio}",
               markup=False)
-    for title, rows in (("unreadable", report.unreadable), ("skipped", report.skipped)):
+    for title, rows in (("unreadable", report.unreadable), ("skipped", report.skipped), ("link", report.links)):
         for row in rows[:limit]:
             out.print(f"  {title}: {esc(row['path'])}: {esc(row['reason'])}", highlight=False)
         if len(rows) > limit:

@@ -74,7 +74,8 @@ def load_image_folder(
     size = image_size or config.image_size
     if size is None:
         raise DataError("load_image_folder needs an image_size (height, width). Received: image_size=None")
-    folder = scan_folder(root, val_split=config.val_split, test_split=config.test_split, seed=config.seed)
+    folder = scan_folder(root, val_split=config.val_split, test_split=config.test_split, seed=config.seed,
+                         follow_links=config.follow_links)
     paths = [f.path for f in folder.files]
     keys = [folder.class_names[f.label] for f in folder.files]
     cache, rows, digests = build_cache(

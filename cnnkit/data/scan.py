@@ -27,10 +27,11 @@ from cnnkit.errors import DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
-_SPLIT_FOLDERS: dict[str, tuple[str, ...]] = {
-    "train": ("train", "training"),
-    "validation": ("validation", "val", "valid"),
-    "test": ("test", "testing"),
+# The split folders people name (tutorials, Kaggle, university course sets), matched case-insensitively.
+SPLIT_FOLDER_NAMES: dict[str, tuple[str, ...]] = {
+    "train": ("train", "training", "training_set", "train_set", "trainset"),
+    "validation": ("validation", "val", "valid", "validation_set", "val_set", "dev"),
+    "test": ("test", "testing", "test_set", "testset", "eval", "evaluation"),
 }
 
 
@@ -45,10 +46,21 @@ class ImageFile:
 
 @dataclass(frozen=True)
 class SkippedFile:
-    """A file that was left out, and why (in words a user can act on)."""
+    """A file or folder that was left out, and why (in words a user can act on).
+
+    Attributes:
+        path: as found under the data folder.
+        reason: why it was left out, and what to do about it.
+        kind: a short category: "hidden", "not-image", "stray", "link-outside", "link-loop",
+            "link-duplicate", "link-other-class", "link-broken", "unreadable", "decode".
+    """
 
     path: Path
     reason: str
+    kind: str = "other"
+
+
+LINK_KINDS = ("link-outside", "link-loop", "link-duplicate", "link-other-class", "link-broken")
 
 
 @dataclass
@@ -63,6 +75,11 @@ class ImageFolder:
         layout: "splits" (train/validation/test folders) or "classes" (class folders alone).
         split_source: for each split, "folder" (given on disk), "split" (made here) or "none".
         seed: the seed of the split made here.
+        split_folders: split name -> the folder it was read from (the "splits" layout).
+        links_followed: symbolic links inside the data folder that were followed.
+        nested: why the layout looks one level too deep, and what to pass instead (None: it does not).
+        problems: what ``strict=False`` let through instead of raising (a nested layout, classes
+            missing from train), in words.
     """
 
     root: Path
@@ -72,6 +89,10 @@ class ImageFolder:
     layout: str = "classes"
     split_source: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    split_folders: dict[str, Path] = field(default_factory=dict)
+    links_followed: int = 0
+    nested: str | None = None
+    problems: list[str] = field(default_factory=list)
 
     def split(self, name: str) -> list[ImageFile]:
         return [f for f in self.files if f.split == name]
@@ -99,59 +120,188 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_files(folder: Path, skipped: list[SkippedFile]) -> list[Path]:
-    """Every candidate image below ``folder`` (recursively, sorted); others go to ``skipped``."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        hidden_dirs = [d for d in dirnames if _is_hidden(d)]
-        for d in hidden_dirs:
-            skipped.append(SkippedFile(Path(dirpath) / d, "hidden folder"))
-        dirnames[:] = sorted((d for d in dirnames if not _is_hidden(d)), key=natural_key)
-        for name in sorted(filenames, key=natural_key):
-            path = Path(dirpath) / name
-            if _is_hidden(name):
-                reason = "hidden file (macOS resource fork)" if name.startswith("._") else "hidden file"
-                skipped.append(SkippedFile(path, reason))
-            elif not is_image_name(name):
-                skipped.append(
-                    SkippedFile(path, f"not an image extension (supported: {', '.join(IMAGE_EXTENSIONS)})")
-                )
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@dataclass
+class _Found:
+    path: Path          # as reached under the data folder
+    real: str           # its real path (links resolved)
+    via_link: bool      # reached through a symbolic link (of the file or of a folder above it)
+    owner: tuple[str, str] | None  # (split, class) whose folder really holds it
+
+
+class _Walker:
+    """Walks class folders safely: every real folder once, links only inside the data folder (or when
+    asked), loops and second paths to the same file listed as skipped, never followed or counted twice.
+
+    Keras's ``image_dataset_from_directory`` does not follow links by default; cnnkit follows the
+    ones that stay inside the data folder (synced and hand-arranged folders use them) and lists the
+    others with the reason.
+    """
+
+    def __init__(self, root: Path, follow_links: bool, skipped: list[SkippedFile]) -> None:
+        self.root, self.root_real = root, os.path.realpath(root)
+        self.follow_links, self.skipped = follow_links, skipped
+        self.owners: dict[str, tuple[str, str]] = {}   # real class folder -> (split, class)
+        self.visited: dict[str, Path] = {}              # real folder -> the path it was first walked as
+        self.links_followed = 0
+
+    def register(self, folder: Path, split: str, name: str) -> None:
+        self.owners[os.path.realpath(folder)] = (split, name)
+
+    def owner_of(self, real: str) -> tuple[str, str] | None:
+        best = None
+        for folder, owner in self.owners.items():
+            if _inside(real, folder) and (best is None or len(folder) > len(best[0])):
+                best = (folder, owner)
+        return best[1] if best else None
+
+    def _link_allowed(self, path: Path, real: str) -> bool:
+        if not os.path.exists(real):
+            self.skipped.append(SkippedFile(path, f"broken link (its target '{os.readlink(path)}' does not exist)",
+                                            "link-broken"))
+            return False
+        if not _inside(real, self.root_real) and not self.follow_links:
+            self.skipped.append(SkippedFile(
+                path, f"link to '{real}', outside the data folder: not followed (pass --follow-links to use it, "
+                      "or copy the files in)", "link-outside"))
+            return False
+        self.links_followed += 1
+        return True
+
+    def walk(self, folder: Path, key: tuple[str, str] = ("", ""), via_link: bool = False,
+             ancestors: tuple[str, ...] = ()) -> list[_Found]:
+        """Candidate images below the class folder ``folder`` of ``key`` (recursively, in natural order).
+
+        The rest goes to ``skipped``: hidden and non-image files, and folders that must not be
+        walked from here: a loop back to a folder above, the data folder itself, another class's
+        folder, or a folder already walked.
+        """
+        real = os.path.realpath(folder)
+        refusal = self._refuse_folder(folder, real, key, ancestors)
+        if refusal is not None:
+            self.skipped.append(refusal)
+            return []
+        self.visited[real] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: natural_key(e.name))
+        except OSError as exc:
+            self.skipped.append(SkippedFile(folder, f"cannot list the folder ({exc.strerror})", "unreadable"))
+            return []
+        found: list[_Found] = []
+        for entry in entries:
+            path = Path(folder) / entry.name
+            if _is_hidden(entry.name):
+                reason = ("hidden file (macOS resource fork)" if entry.name.startswith("._") else
+                          "hidden folder" if entry.is_dir() else "hidden file")
+                self.skipped.append(SkippedFile(path, reason, "hidden"))
+                continue
+            link = entry.is_symlink()
+            target = os.path.realpath(path)
+            if link and not self._link_allowed(path, target):
+                continue
+            if os.path.isdir(target):
+                found += self.walk(path, key, via_link or link, ancestors + (real,))
+            elif not is_image_name(entry.name):
+                self.skipped.append(SkippedFile(
+                    path, f"not an image extension (supported: {', '.join(IMAGE_EXTENSIONS)})", "not-image"))
             else:
-                found.append(path)
-    return found
+                found.append(_Found(path, target, via_link or link, self.owner_of(target)))
+        return found
+
+    def _refuse_folder(self, folder: Path, real: str, key: tuple[str, str], ancestors: tuple[str, ...]) -> SkippedFile | None:
+        """Why the folder ``folder`` (real path ``real``) is not walked as part of ``key``'s class, or None."""
+        if real in ancestors:
+            return SkippedFile(folder, f"link loop: leads back to '{self.visited.get(real, real)}', which contains it; "
+                                       "not followed", "link-loop")
+        if ancestors and (real == self.root_real or any(_inside(owned, real) and owned != real for owned in self.owners)):
+            return SkippedFile(folder, f"link loop: leads back to '{real}', which holds the class folders; not "
+                                       "followed", "link-loop")
+        owner = self.owner_of(real)
+        if owner is not None and owner != key:
+            return SkippedFile(folder, f"a link to the folder of {_where(owner)} ('{real}'): its images are counted "
+                                       f"there, never also under {_where(key)}", "link-other-class")
+        if real in self.visited:
+            return SkippedFile(folder, f"the same folder as '{self.visited[real]}' (reached again through a link); "
+                                       "its images are counted once", "link-duplicate")
+        return None
+
+    def claim(self, found: dict[tuple[str, str], list[_Found]]) -> dict[tuple[str, str], list[Path]]:
+        """Each real file counted once, under the class folder that really holds it.
+
+        A file reached twice (a link beside its target, two links to one folder) is kept where it
+        really lives; a link from one class (or split) into another's folder is skipped, so no image
+        is ever learnt under two labels, or both trained and tested on.
+        """
+        reached: dict[str, list[tuple[tuple[str, str], _Found]]] = {}
+        for key, items in found.items():
+            for item in items:
+                reached.setdefault(item.real, []).append((key, item))
+        out: dict[tuple[str, str], list[Path]] = {key: [] for key in found}
+        for real, candidates in reached.items():
+            # where it lives, reached directly > where it lives > reached directly > first found
+            key, item = min(candidates, key=lambda c: (c[1].owner not in (None, c[0]), c[1].via_link))
+            counted = item.owner in (None, key)  # else only reached from another class's folder: not counted
+            if counted:
+                out[key].append(item.path)
+            home = key if counted else item.owner
+            for other_key, other in candidates:
+                if counted and other is item:
+                    continue
+                if counted and other_key == key:
+                    reason, kind = f"the same file as '{item.path}' (reached again through a link); counted once", \
+                        "link-duplicate"
+                else:
+                    reason, kind = (f"a link to an image of {_where(home)} ('{real}'): an image is counted once, "
+                                    f"under its own class, never also under {_where(other_key)}"), "link-other-class"
+                self.skipped.append(SkippedFile(other.path, reason, kind))
+        for key in out:
+            out[key].sort(key=lambda p: natural_key(str(p)))
+        return out
+
+
+def _where(key: tuple[str, str]) -> str:
+    split, name = key
+    return f"class '{name}'" + (f" in {split}/" if split != "train" else "")
 
 
 def _class_dirs(folder: Path, skipped: list[SkippedFile]) -> list[Path]:
     dirs = []
     for entry in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
-        if entry.is_dir():
-            if _is_hidden(entry.name):
-                skipped.append(SkippedFile(entry, "hidden folder"))
-            else:
-                dirs.append(entry)
-        elif is_image_name(entry.name) and not _is_hidden(entry.name):
-            skipped.append(SkippedFile(entry, f"image not inside a class folder of '{folder}'"))
+        if _is_hidden(entry.name):
+            skipped.append(SkippedFile(entry, "hidden folder" if entry.is_dir() else "hidden file", "hidden"))
+        elif entry.is_dir():
+            dirs.append(entry)
+        elif is_image_name(entry.name):
+            skipped.append(SkippedFile(entry, f"image not inside a class folder of '{folder}'", "stray"))
         else:
-            skipped.append(SkippedFile(entry, "not a class folder"))
+            skipped.append(SkippedFile(entry, "not a class folder", "stray"))
     return dirs
 
 
-def _scan_classes(folder: Path, skipped: list[SkippedFile]) -> dict[str, list[Path]]:
-    """``{class_name: [paths]}`` for one folder of class folders."""
-    dirs = _class_dirs(folder, skipped)
+def _scan_classes(folder: Path, split: str, walker: _Walker) -> dict[str, list[_Found]]:
+    """``{class_name: [candidates]}`` for one folder of class folders."""
+    dirs = _class_dirs(folder, walker.skipped)
     if not dirs:
         raise DataError(
             f"Found no class folders in '{folder}'. Put one sub-folder per class, "
             f"e.g. '{folder}/cat/001.jpg' and '{folder}/dog/001.jpg'."
         )
-    return {d.name: _walk_files(d, skipped) for d in dirs}
+    for d in dirs:
+        walker.register(d, split, d.name)
+    return {d.name: walker.walk(d, (split, d.name)) for d in dirs}
 
 
 def _find_split_folders(root: Path) -> dict[str, Path]:
-    """train/validation/test folders that hold class folders (a class named 'train' holding images is a class)."""
+    """train/validation/test folders (by any of their usual names) that hold class folders.
+
+    A class named 'train' holding images is a class, not a split.
+    """
     found: dict[str, Path] = {}
-    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-    for split, names in _SPLIT_FOLDERS.items():
+    children = {p.name.lower(): p for p in sorted(root.iterdir()) if p.is_dir() and not _is_hidden(p.name)}
+    for split, names in SPLIT_FOLDER_NAMES.items():
         for name in names:
             if name in children and _looks_like_split(children[name]):
                 found[split] = children[name]
@@ -202,86 +352,130 @@ def stratified_split(
 
 
 def scan_folder(
-    root: str | Path, *, val_split: float | None = None, test_split: float = 0.0, seed: int = 1337, strict: bool = True
+    root: str | Path, *, val_split: float | None = None, test_split: float = 0.0, seed: int = 1337,
+    strict: bool = True, follow_links: bool = False,
 ) -> ImageFolder:
     """Find the images, classes and splits of ``root``.
 
     Args:
-        root: ``root/train/<class>/`` (+ optional validation/ or val/, test/) or ``root/<class>/``.
+        root: ``root/train/<class>/`` (+ optional validation/ or val/, test/; any of the names in
+            ``SPLIT_FOLDER_NAMES``, e.g. ``training_set/`` and ``test_set/``) or ``root/<class>/``.
         val_split: fraction of each class held out for validation when there is no validation folder;
             ``None``: 20%, but at most ``AUTO_VAL_MAX_IMAGES`` images in all.
         test_split: fraction of each class held out for testing when there is no test folder.
         seed: seed of the stratified split.
-        strict: raise on an empty class folder or a single class (``cnnkit doctor`` reports them instead).
+        strict: raise on an empty class folder, a single class or a nested layout (``cnnkit doctor``
+            reports them instead).
+        follow_links: also follow symbolic links that leave ``root`` (links inside it are always
+            followed; loops and second paths to one file never are).
 
     Returns:
         An ImageFolder.
 
     Raises:
-        DataError: the folder is missing, empty, has an empty class folder or a single class, or
-            a validation/test folder names a class that train lacks.
+        DataError: the folder is missing, empty, nested one level too deep, has an empty class
+            folder or a single class, or a validation/test folder names a class that train lacks.
     """
     root = Path(root)
     if not root.exists():
         raise DataError(f"Data folder '{root}' does not exist. Pass a folder with one sub-folder per class.")
     if not root.is_dir():
         raise DataError(f"'{root}' is a file, not a folder. Pass a folder with one sub-folder per class.")
-    skipped: list[SkippedFile] = []
+    walker = _Walker(root, follow_links, [])
     split_folders = _find_split_folders(root)
-    if "train" in split_folders:
-        layout = "splits"
-        per_split = {s: _scan_classes(p, skipped) for s, p in split_folders.items()}
-        if strict:
-            _check_classes(per_split["train"], split_folders["train"])
-        class_names = list(per_split["train"])
-        for split, per_class in per_split.items():
-            extra = sorted(set(per_class) - set(class_names))
-            if extra:
-                raise DataError(
-                    f"'{split_folders[split]}' has class folders that '{split_folders['train']}' lacks: "
-                    f"{', '.join(extra)}. Every class needs training images; rename or remove them."
-                )
-    elif split_folders and len(split_folders) == sum(1 for p in root.iterdir() if not _is_hidden(p.name)):
-        raise DataError(
-            f"'{root}' has {' and '.join(p.name + '/' for p in split_folders.values())} but no train/ folder. "
-            f"Add '{root}/train/<class>/' or pass a folder of class folders."
-        )
-    else:
-        layout = "classes"
-        per_split = {"train": _scan_classes(root, skipped)}
-        if strict:
-            _check_classes(per_split["train"], root)
-        class_names = list(per_split["train"])
-
+    if split_folders and "train" not in split_folders and len(split_folders) == len(_visible(root)):
+        names = " and ".join(p.name + "/" for p in split_folders.values())
+        raise DataError(f"'{root}' has {names} but no training folder. Add '{root}/train/<class>/' (or training/, "
+                        "training_set/) or pass a folder of class folders.")
+    layout = "splits" if "train" in split_folders else "classes"
+    sources = split_folders if layout == "splits" else {"train": root}
+    nested = None
+    for split, folder in sources.items():
+        nested = nested or _nested_hint(folder, root, layout)
+    if nested and strict:
+        raise DataError(nested)
+    found = {(split, name): items for split, folder in sources.items()
+             for name, items in _scan_classes(folder, split, walker).items()}
+    per_split: dict[str, dict[str, list[Path]]] = {}
+    for (split, name), paths in walker.claim(found).items():
+        per_split.setdefault(split, {})[name] = paths
+    class_names = list(per_split["train"])
+    if strict:
+        _check_classes(per_split["train"], sources["train"])
+    problems = [nested] if nested else []
+    for split, per_class in per_split.items():
+        extra = sorted(set(per_class) - set(class_names))
+        if extra:
+            message = (f"'{sources[split]}' has class folders that '{sources['train']}' lacks: {', '.join(extra)}. "
+                       "Every class needs training images; rename or remove them.")
+            if strict:
+                raise DataError(message)
+            problems.append(message)
+            for name in extra:
+                del per_class[name]
     class_names = sorted(class_names, key=natural_key)
     index = {name: i for i, name in enumerate(class_names)}
-    files = [
-        ImageFile(path, index[name], split)
-        for split, per_class in per_split.items()
-        for name in class_names
-        for path in per_class.get(name, [])
-    ]
+    files = [ImageFile(path, index[name], split) for split, per_class in per_split.items()
+             for name in class_names for path in per_class.get(name, [])]
     if not files and strict:
         raise DataError(f"Found 0 images under '{root}'. Supported: {', '.join(IMAGE_EXTENSIONS)}.")
-
     split_source = {s: ("folder" if s in per_split else "none") for s in SPLITS}
+    _split_here(files, split_source, val_split, test_split, seed)
+    return ImageFolder(root, class_names, files, walker.skipped, layout, split_source, seed,
+                       dict(split_folders), walker.links_followed, nested, problems)
+
+
+def _visible(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if not _is_hidden(p.name)]
+
+
+def _split_here(files: list[ImageFile], split_source: dict[str, str], val_split: float | None, test_split: float,
+                seed: int) -> None:
+    """Hold out validation and test images from train (stratified, seeded) where no folder gives them."""
     if val_split is None:
         val_split = auto_val_split(sum(1 for f in files if f.split == "train"))
     fractions = {
         "validation": val_split if split_source["validation"] == "none" else 0.0,
         "test": test_split if split_source["test"] == "none" else 0.0,
     }
-    if any(fractions.values()):
-        train_idx = [i for i, f in enumerate(files) if f.split == "train"]
-        labels = np.array([files[i].label for i in train_idx])
-        assigned = stratified_split(labels, fractions, seed)
-        for i, split in zip(train_idx, assigned):
-            if split != "train":
-                files[i] = ImageFile(files[i].path, files[i].label, str(split))
-        for split, fraction in fractions.items():
-            if fraction > 0:
-                split_source[split] = "split"
-    return ImageFolder(root, class_names, files, skipped, layout, split_source, seed)
+    if not any(fractions.values()):
+        return
+    train_idx = [i for i, f in enumerate(files) if f.split == "train"]
+    labels = np.array([files[i].label for i in train_idx])
+    for i, split in zip(train_idx, stratified_split(labels, fractions, seed)):
+        if split != "train":
+            files[i] = ImageFile(files[i].path, files[i].label, str(split))
+    for split, fraction in fractions.items():
+        if fraction > 0:
+            split_source[split] = "split"
+
+
+def _nested_hint(folder: Path, root: Path, layout: str) -> str | None:
+    """What to pass instead when the class folders of ``folder`` hold no images, only class-like folders.
+
+    That is a layout one level too deep: one folder wrapping the classes (``data/<class>/``), or
+    split folders under names cnnkit does not know (``part1/<class>/``, ``part2/<class>/``).
+    """
+    dirs = sorted((d for d in _visible(folder) if d.is_dir()), key=lambda d: natural_key(d.name))
+    if not dirs or any(_has_images(d) for d in dirs):
+        return None
+    inner = [sorted((c.name for c in _visible(d) if c.is_dir()), key=natural_key) for d in dirs]
+    if not all(inner) or (len(dirs) > 1 and (any(names != inner[0] for names in inner) or len(inner[0]) < 2)):
+        return None
+    where = f"'{folder}'" + ("" if layout == "classes" else f" (the {folder.name}/ split of '{root}')")
+    if len(dirs) == 1:
+        return (f"{where} holds a single folder, '{dirs[0].name}', whose sub-folders look like the classes "
+                f"({', '.join(inner[0][:6])}): the layout is nested one level too deep. Pass the folder that holds "
+                f"the class folders: cnnkit train '{dirs[0]}'"
+                + ("" if layout == "classes" else f", or move the class folders up into '{folder}'") + ".")
+    return (f"{where} holds the folders {', '.join(d.name for d in dirs)}, each with the same sub-folders "
+            f"({', '.join(inner[0][:6])}) and no images of their own: they look like splits under names cnnkit "
+            f"does not know, not classes. Rename them train/ and test/ (or validation/), or pass one of them: "
+            f"cnnkit train '{dirs[0]}'.")
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.is_file() and is_image_name(p.name) for p in _visible(folder))
 
 
 # The automatic validation split: 20% of the training folder, but no more than this many images.
@@ -307,27 +501,33 @@ def _looks_like_split(path: Path) -> bool:
 def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[SkippedFile]]:
     """Images named by files, folders (recursive) and glob patterns, in the order given.
 
-    Returns the image paths and the inputs that were left out (missing, not an image name).
+    Folders are walked as the data folder is: links inside them followed, loops and second paths to
+    one file skipped. Returns the image paths and the inputs that were left out (missing, not an
+    image name, hidden).
     """
     paths: list[Path] = []
     skipped: list[SkippedFile] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths.extend(_walk_files(p, skipped))
+            walker = _Walker(p, False, skipped)
+            found = {("", ""): walker.walk(p)}
+            paths.extend(walker.claim(found)[("", "")])
         elif p.is_file():
             if _is_hidden(p.name):
-                skipped.append(SkippedFile(p, "hidden file"))
+                skipped.append(SkippedFile(p, "hidden file", "hidden"))
             else:
                 paths.append(p)  # an explicitly named file is tried whatever its extension
         elif glob.has_magic(str(item)):
             matches = sorted(glob.glob(str(item), recursive=True), key=natural_key)
             if not matches:
-                skipped.append(SkippedFile(p, "no such file or folder (as a glob pattern it matched nothing)"))
+                skipped.append(SkippedFile(p, "no such file or folder (as a glob pattern it matched nothing)", "missing"))
             for m in matches:
                 sub, sub_skipped = expand_inputs([m])
                 paths.extend(sub)
                 skipped.extend(sub_skipped)
+        elif p.is_symlink():
+            skipped.append(SkippedFile(p, f"broken link (its target '{os.readlink(p)}' does not exist)", "link-broken"))
         else:
-            skipped.append(SkippedFile(p, "no such file or folder"))
+            skipped.append(SkippedFile(p, "no such file or folder", "missing"))
     return paths, skipped

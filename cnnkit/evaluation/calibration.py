@@ -27,7 +27,7 @@ from cnnkit.metrics import (
 from cnnkit.models.saving import update_meta
 from cnnkit.plots import plot_reliability
 from cnnkit.predict import Predictor
-from cnnkit.rundir import RUN_JSON, model_path, read_json, write_json
+from cnnkit.rundir import RUN_JSON, editing_run, model_path, read_json, write_json
 
 
 @dataclass
@@ -77,7 +77,8 @@ def calibrate(
     """Fit a temperature on held-out images and store it (and an abstain threshold) in the run.
 
     Args:
-        run: a run directory (``model.keras`` and ``run.json`` are updated atomically).
+        run: a run directory: ``model.keras``, ``run.json`` and ``calibration.png`` are replaced in one
+            atomic swap of the folder, so no reader sees one updated without the others.
         data_dir: a labelled folder to fit on; default: the run's validation split (``split.csv``).
         min_confidence: abstain threshold in [0, 1]: calibrated confidences below it predict ``unknown``.
         target_precision: instead of ``min_confidence``, choose the lowest threshold that reaches
@@ -106,15 +107,16 @@ def calibrate(
         files, _ = folder_files(Path(data_dir), predictor.class_names)
     labelled = predict_labelled(predictor, files, cache_root=cache_root, description="Calibrating")
     result = _fit(labelled.probs, labelled.labels, min_confidence, target_precision)
-    result.plot = str(plot_reliability({"uncalibrated": result.reliability["before"],
-                                        f"temperature {result.temperature:.2f}": result.reliability["after"]},
-                                       run / "calibration.png"))
-    update_meta(model_path(run), temperature=result.temperature, min_confidence=result.min_confidence)
-    record_path = run / RUN_JSON
-    if record_path.exists():
-        record = read_json(record_path)
-        record["calibration"] = result.to_dict()
-        write_json(record_path, record)
+    curves = {"uncalibrated": result.reliability["before"],
+              f"temperature {result.temperature:.2f}": result.reliability["after"]}
+    with editing_run(run) as staged:  # model.keras, run.json and the plot change together or not at all
+        plot_reliability(curves, staged / "calibration.png")
+        update_meta(model_path(staged), temperature=result.temperature, min_confidence=result.min_confidence)
+        if (staged / RUN_JSON).exists():
+            record = read_json(staged / RUN_JSON)
+            record["calibration"] = result.to_dict()
+            write_json(staged / RUN_JSON, record)
+    result.plot = str(run / "calibration.png")
     return result
 
 

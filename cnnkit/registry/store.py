@@ -22,11 +22,13 @@ This module imports no other stage (no Keras): ``cnnkit registry ...`` starts fa
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import difflib
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +169,21 @@ class Registry:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _database(self, action: str) -> Iterator[None]:
+        """Database failures (locked file, server gone, lost connection) as a RegistryError naming the registry."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            raise self._failed(action, exc) from exc
+
+    def _failed(self, action: str, exc: Exception) -> RegistryError:
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split()).rstrip(".")
+        return RegistryError(f"Could not {action} in the model registry at {self._where()}: {reason}. Check that the "
+                             "database is reachable and not locked by another program, then run the command again.")
+
     # -- writing ---------------------------------------------------------------------------------
 
     def add(self, run: str | Path, name: str, notes: str = "", stage: str = "none") -> ModelVersion:
@@ -209,7 +226,7 @@ class Registry:
     def promote(self, name: str, version: int, stage: str = "production") -> ModelVersion:
         """Move ``name@version`` to ``stage``; promoting to production archives the previous one, atomically."""
         from sqlalchemy import select
-        from sqlalchemy.exc import IntegrityError
+        from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
         _check_stage(stage)
         t = self._table
@@ -226,6 +243,8 @@ class Registry:
         except IntegrityError as exc:
             raise RegistryError(f"Another process promoted '{name}' at the same time; run the command again. "
                                 f"({exc.orig})") from exc
+        except SQLAlchemyError as exc:
+            raise self._failed(f"promote {name}@{version}", exc) from exc
         if not found:  # outside the transaction: _not_found reads the registry again
             raise self._not_found(name, str(version))
         return self.get(f"{name}@{version}")
@@ -242,7 +261,7 @@ class Registry:
                                 f"Promote another version first (cnnkit registry promote {name}@N --stage production), "
                                 "or archive it (--stage archived).")
         t = self._table
-        with self._engine.begin() as conn:
+        with self._database(f"delete {target.ref}"), self._engine.begin() as conn:
             conn.execute(t.delete().where((t.c.name == name) & (t.c.version == version)))
         return target
 
@@ -256,7 +275,7 @@ class Registry:
         query = select(t).order_by(t.c.name, t.c.version)
         if name is not None:
             query = query.where(t.c.name == name)
-        with self._engine.begin() as conn:
+        with self._database("list versions"), self._engine.begin() as conn:
             rows = [_to_version(r._asdict()) for r in conn.execute(query)]
         if name is not None and not rows:
             raise self._not_found(name, None)
@@ -265,7 +284,7 @@ class Registry:
     def names(self) -> list[str]:
         from sqlalchemy import select
 
-        with self._engine.begin() as conn:
+        with self._database("list names"), self._engine.begin() as conn:
             return list(conn.execute(select(self._table.c.name).distinct().order_by(self._table.c.name)).scalars())
 
     def get(self, ref: str) -> ModelVersion:
@@ -288,7 +307,7 @@ class Registry:
         else:
             raise RegistryError(f"'{ref}': after '@' give a version number, 'latest' or a stage "
                                 f"({', '.join(STAGES)}). Received: ref={ref!r}")
-        with self._engine.begin() as conn:
+        with self._database(f"look up '{ref}'"), self._engine.begin() as conn:
             row = conn.execute(query).first()
         if row is None:
             raise self._not_found(name, selector)

@@ -2,21 +2,29 @@
 
 ``HistoryRecorder`` keeps per-epoch logs with the learning rate and the training phase (1: frozen
 backbone or from-scratch model, 2: fine-tuning) across several ``fit`` calls and resumes.
-``LastCheckpoint`` writes ``last.keras`` (model + optimizer state) after every epoch, atomically,
-so ``cnnkit train --resume RUN`` can continue with the same optimizer step.
+``LastCheckpoint`` writes ``last.keras`` (model + optimizer state, and the history so far inside
+it, so the two can never disagree) and then ``history.csv`` after every epoch, each atomically, so
+``cnnkit train --resume RUN`` continues with the same optimizer step after any interruption, a
+``kill -9`` included. ``BestCheckpoint`` keeps the best epoch's weights, also written atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import time
+import zipfile
 from pathlib import Path
 
 import keras
 
 from cnnkit._progress import progress_task
-from cnnkit.rundir import atomic_path
+from cnnkit.rundir import atomic_path, write_history
 from cnnkit.training.optim import current_learning_rate
+
+# The history member inside last.keras: the epochs the checkpointed model has trained.
+HISTORY_MEMBER = "cnnkit-history.json"
 
 
 class HistoryRecorder(keras.callbacks.Callback):
@@ -48,15 +56,54 @@ class HistoryRecorder(keras.callbacks.Callback):
 
 
 class LastCheckpoint(keras.callbacks.Callback):
-    """Saves the model with its optimizer state to ``path`` after every epoch (temp file + rename)."""
+    """After every epoch: ``last.keras`` (model, optimizer state and the history so far), then ``history.csv``.
 
-    def __init__(self, path: Path) -> None:
+    Both are written to a temporary file and renamed, so a process killed at any moment leaves the
+    previous checkpoint or the new one, never half of one. Runs after ``HistoryRecorder``.
+    """
+
+    def __init__(self, path: Path, recorder: HistoryRecorder, history_csv: Path | None = None) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path, self.recorder, self.history_csv = Path(path), recorder, history_csv
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         with atomic_path(self.path, suffix=".keras") as tmp:
             self.model.save(tmp)
+            with zipfile.ZipFile(tmp, "a") as archive:
+                archive.writestr(HISTORY_MEMBER, json.dumps(self.recorder.history))
+        if self.history_csv is not None:
+            write_history(self.recorder.history, self.history_csv)
+
+
+def checkpoint_history(path: Path) -> dict[str, list[float]] | None:
+    """The history stored inside a ``last.keras`` checkpoint (None for one written before cnnkit stored it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if HISTORY_MEMBER not in archive.namelist():
+                return None
+            return {k: [float(v) for v in values] for k, values in json.loads(archive.read(HISTORY_MEMBER)).items()}
+    except (zipfile.BadZipFile, ValueError, OSError):
+        return None
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """The weights of the epoch with the lowest ``monitor`` so far, written atomically to ``path``.
+
+    One checkpoint across phases and resumes: ``best`` starts at the best value of earlier epochs.
+    """
+
+    def __init__(self, path: Path, monitor: str, best: float | None = None) -> None:
+        super().__init__()
+        self.path, self.monitor = Path(path), monitor
+        self.best = math.inf if best is None else best
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(float(value)) or float(value) >= self.best:
+            return
+        self.best = float(value)
+        with atomic_path(self.path, suffix=".weights.h5") as tmp:
+            self.model.save_weights(tmp)
 
 
 class RichEpochs(keras.callbacks.Callback):

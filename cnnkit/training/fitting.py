@@ -33,7 +33,8 @@ from cnnkit.data.dataset import LoadedData
 from cnnkit.models import build_model, get_spec
 from cnnkit.models.saving import all_layers
 from cnnkit.models.transfer import set_backbone_frozen, unfreeze_top
-from cnnkit.training.callbacks import HistoryRecorder, LastCheckpoint, RichEpochs
+from cnnkit.rundir import HISTORY_CSV
+from cnnkit.training.callbacks import BestCheckpoint, HistoryRecorder, LastCheckpoint, RichEpochs
 from cnnkit.training.optim import layer_lr_multipliers, make_loss, make_optimizer
 from cnnkit.training.precision import dtype_policy
 
@@ -111,12 +112,10 @@ class Fitter:
         self.recorder = HistoryRecorder(history)
         self.total_epochs = self.recorder.epochs + total_epochs
         self.best_path = run_path / "best.weights.h5"
-        self.last_path = run_path / "last.keras"
+        self.last = LastCheckpoint(run_path / "last.keras", self.recorder, run_path / HISTORY_CSV)
         earlier = (history or {}).get(monitor)
         # One best-weights checkpoint across phases and resumes: its threshold is the best so far.
-        self.best = keras.callbacks.ModelCheckpoint(
-            str(self.best_path), monitor=monitor, save_best_only=True, save_weights_only=True,
-            initial_value_threshold=min(earlier) if earlier else None)
+        self.best = BestCheckpoint(self.best_path, monitor, min(earlier) if earlier else None)
         self.phases: list[dict[str, Any]] = []
         self.budget = None  # a cnnkit.training.budget.TimeBudget when --time-budget is set
 
@@ -145,7 +144,7 @@ class Fitter:
         if train_cfg.schedule not in DECAYING_SCHEDULES:
             callbacks.append(keras.callbacks.EarlyStopping(monitor=self.monitor, patience=train_cfg.patience,
                                                            restore_best_weights=True))
-        callbacks += [self.best, LastCheckpoint(self.last_path)]
+        callbacks += [self.best, self.last]
         if self.budget is not None:
             callbacks.insert(0, self.budget)
         if train_cfg.schedule == "plateau":

@@ -1,6 +1,9 @@
 """Training stage: continuing a run from its ``last.keras`` checkpoint (``cnnkit train --resume RUN``).
 
-A resumed run keeps its own config, so what it trained and the schedule it follows stay one run.
+The checkpoint is the newest of the run directory's own and those of its unfinished partial
+folders (``.RUN.partial-*``: a run killed hard, by ``kill -9``, the OOM killer or a power cut, or a
+resume that was itself cut off), so a run loses at most the epoch it was in. A resumed run keeps
+its own config, so what it trained and the schedule it follows stay one run.
 Only the options in ``cnnkit.config.RESUMABLE_OPTIONS`` may be given again: ``epochs`` (how many
 more) and ``workers``. Any other option is refused with the names of the options that cannot
 change, rather than silently ignored.
@@ -19,7 +22,8 @@ import keras
 from cnnkit._progress import say
 from cnnkit.config import RESUMABLE_OPTIONS, RunConfig, config_from_dict
 from cnnkit.errors import ConfigError, ModelError, RunNotFoundError
-from cnnkit.rundir import HISTORY_CSV, RUN_JSON, read_history, read_run_json
+from cnnkit.rundir import HISTORY_CSV, RUN_JSON, read_history, read_json, unfinished_runs
+from cnnkit.training.callbacks import checkpoint_history
 from cnnkit.training.fitting import Phase
 
 CHECKPOINTS = ("best.weights.h5", "last.keras")
@@ -35,6 +39,7 @@ class ResumePoint:
     resumed_from: dict[str, Any]
     config: RunConfig
     data_dir: str
+    source: Path  # the folder whose checkpoints it starts from: the run, or an unfinished partial of it
 
 
 def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
@@ -48,11 +53,7 @@ def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
         RunNotFoundError: no run.json. ModelError: no usable last.keras.
         ConfigError: options that cannot change on resume, or nothing left to train.
     """
-    if not (run_dir / RUN_JSON).is_file():
-        raise RunNotFoundError(f"No run.json in '{run_dir}': --resume takes a run directory written by 'cnnkit train'.")
-    if not (run_dir / "last.keras").is_file() or not (run_dir / HISTORY_CSV).is_file():
-        raise ModelError(f"'{run_dir}' has no last.keras checkpoint and history to resume from (it was written before "
-                         "cnnkit kept one, or the run was cut off before its first epoch ended). Start a new run instead.")
+    source = _checkpoint_folder(run_dir)
     given = {key: value for key, value in options.items() if value is not None}
     fixed = sorted(set(given) - set(RESUMABLE_OPTIONS))
     if fixed:
@@ -61,7 +62,7 @@ def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
             f"A resumed run keeps the settings it was trained with, so these options cannot change: {names}. Drop "
             f"them to continue '{run_dir}', or start a new run with --out to train with them. Only "
             f"{' and '.join(RESUMABLE_OPTIONS)} may be given with --resume.")
-    record = read_run_json(run_dir)
+    record = read_json(source / RUN_JSON)
     cfg = config_from_dict(record["config"])
     if given.get("workers"):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=given["workers"]))
@@ -69,19 +70,54 @@ def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
         raise ConfigError(f"Run '{run_dir}' was trained to a time budget, whose schedule cannot be continued: start a "
                           "new run (--time-budget) instead. Received: resume with time_budget="
                           f"{cfg.train.time_budget:g}")
-    history = read_history(run_dir / HISTORY_CSV)
-    plan, phase = _remaining_phases(cfg, history, record.get("status") == "interrupted", given.get("epochs"))
+    history = checkpoint_history(source / "last.keras")
+    if history is None:  # a checkpoint written before cnnkit stored the history inside it
+        if not (source / HISTORY_CSV).is_file():
+            raise ModelError(f"'{source}' has a last.keras but no history.csv, so the epochs it trained are unknown: "
+                             "it cannot be resumed. Start a new run instead.")
+        history = read_history(source / HISTORY_CSV)
+    unfinished = record.get("status") in ("interrupted", "running")
+    plan, phase = _remaining_phases(cfg, history, unfinished, given.get("epochs"))
     if not plan:
         raise ConfigError(f"Run '{run_dir}' completed its {len(history.get('loss', []))} epochs; pass --epochs N to "
                           "train N more. Received: epochs=None")
     try:
-        model = keras.saving.load_model(run_dir / "last.keras", compile=True)
+        model = keras.saving.load_model(source / "last.keras", compile=True)
     except Exception as exc:  # Keras raises many types for unloadable files
-        raise ModelError(f"Cannot load '{run_dir / 'last.keras'}' to resume: {exc}") from exc
-    say(f"resuming '{run_dir}' at epoch {len(history.get('loss', [])) + 1} (phase {phase}, optimizer step "
+        raise ModelError(f"Cannot load '{source / 'last.keras'}' to resume: {exc}") from exc
+    where = "" if source == run_dir else f" from its unfinished run '{source.name}'"
+    say(f"resuming '{run_dir}'{where} at epoch {len(history.get('loss', [])) + 1} (phase {phase}, optimizer step "
         f"{int(keras.ops.convert_to_numpy(model.optimizer.iterations))})")
-    resumed = {"run": str(run_dir), "epochs_before": len(history.get("loss", [])), "phase": phase}
-    return ResumePoint(model, history, plan, resumed, cfg, record["data_dir"])
+    resumed = {"run": str(run_dir), "from": str(source), "epochs_before": len(history.get("loss", [])), "phase": phase}
+    return ResumePoint(model, history, plan, resumed, cfg, record["data_dir"], source)
+
+
+def _checkpoint_folder(run_dir: Path) -> Path:
+    """The run directory or its unfinished partial folder holding the newest resumable checkpoint.
+
+    Raises:
+        RunNotFoundError: neither holds a run. ModelError: no checkpoint to resume from.
+        ConfigError: the only unfinished partial folder is being written by a living process.
+    """
+    def resumable(folder: Path) -> bool:
+        return all((folder / name).is_file() for name in (RUN_JSON, "last.keras"))
+
+    partials = unfinished_runs(run_dir)
+    busy = [u for u in partials if u.running]
+    candidates = [u.path for u in partials if not u.running and resumable(u.path)]
+    if resumable(run_dir):
+        candidates.append(run_dir)
+    if candidates:
+        return max(candidates, key=lambda folder: (folder / "last.keras").stat().st_mtime)
+    if busy:
+        raise ConfigError(f"'{run_dir}' is being trained now by another process ({busy[0].describe()}); wait for it "
+                          "to finish before resuming.")
+    if not (run_dir / RUN_JSON).is_file() and not partials:
+        raise RunNotFoundError(f"No run.json in '{run_dir}', and no unfinished run of it: --resume takes a run "
+                               "directory written by 'cnnkit train'.")
+    raise ModelError(f"'{run_dir}' has no last.keras checkpoint to resume from (it was cut off before its first epoch "
+                     "ended, or written before cnnkit kept one). Start a new run instead"
+                     + (" (--overwrite removes the unfinished one)." if partials else "."))
 
 
 def _remaining_phases(cfg: RunConfig, history: dict[str, list[float]], interrupted: bool,

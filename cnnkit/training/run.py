@@ -142,8 +142,8 @@ def train(
     """
     if resume is not None:
         point = prepare_resume(Path(resume), options)
-        with RunDirectory(Path(out) if out is not None else Path(resume), overwrite=True) as run:
-            copy_checkpoints(Path(resume), run.path)
+        with RunDirectory(Path(out) if out is not None else Path(resume), overwrite=True, resuming=True) as run:
+            copy_checkpoints(point.source, run.path)
             return _train_into(run, Path(data_dir or point.data_dir), point.config, cache_root, list(callbacks or []),
                                point)
     if data_dir is None:
@@ -201,6 +201,8 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         warnings.append(_warn("No validation images: EarlyStopping and the checkpoint follow the training loss, "
                               "which cannot show overfitting. Keep val_split > 0 or add a validation/ folder."))
     plan = _plan(cfg, data, train_ds, resume)
+    # Written now, so a run killed at any moment can be resumed from its partial folder.
+    write_json(run.path / RUN_JSON, {**_run_record(cfg, data, data_dir, {}, warnings, "running", 0.0, 0), **plan.extra})
     monitor = "val_loss" if val_ds is not None else "loss"
     fitter = Fitter(plan.model, cfg, run.path, train_ds, val_ds, monitor, _class_weight(cfg, data, plan.extra),
                     extra_callbacks, plan.history, total_epochs=sum(p.epochs for p in plan.phases))
