@@ -350,11 +350,14 @@ def train(
                 raise ConfigError("cnnkit train needs DATA_DIR (or --resume RUN).")
             cfg = load_config(config, overrides_from_options(_given(options)))
             result = run_training(data_dir, out, cfg, overwrite=overwrite)
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, OSError) and not exc.filename and (out or resume):
+            exc.filename = str(out or resume)  # a write deep in a library: at least name the run being written
         _point_to_unfinished(out or resume)
         raise
     _progress.say(f"run {'interrupted' if result.status != 'completed' else 'written'}: "
                   f"[bold]{_progress.esc(result.run_dir)}[/]")
+    _report_other_unfinished(result.run_dir)
     if calibrate and result.status == "completed":
         _print_calibration(_calibrate_run(result.run_dir))
     if result.status != "completed":
@@ -365,6 +368,17 @@ def train(
         with Registry(registry_url) as registry:
             version = registry.add(result.run_dir, register)
         _progress.say(f"registered [bold]{version.ref}[/] in {registry.location}")
+
+
+def _report_other_unfinished(run_dir: Path) -> None:
+    """Unfinished (killed) runs beside the one just written: say so, so they do not pile up unnoticed."""
+    from cnnkit.rundir import unfinished_in
+
+    stale = [u for u in unfinished_in(run_dir.parent) if not u.running and not u.finished]
+    if stale:
+        _progress.warn(f"{len(stale)} unfinished run{'s' if len(stale) > 1 else ''} in '{run_dir.parent}': "
+                       f"{stale[0].describe()}. Continue with 'cnnkit train --resume {stale[0].run}', or delete the "
+                       "folder.")
 
 
 def _point_to_unfinished(run: Path | None) -> None:
@@ -848,6 +862,13 @@ def compare(
 
 def main() -> None:
     """Entry point of the ``cnnkit`` script."""
+    # A file name need not be valid UTF-8: print it back as the bytes it is (stdout, for pipes), or
+    # escaped (stderr), instead of failing on it.
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        try:
+            stream.reconfigure(errors=errors)
+        except (AttributeError, ValueError):  # not a text stream that can be reconfigured
+            pass
     app(prog_name="cnnkit")
 
 

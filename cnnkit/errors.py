@@ -32,6 +32,10 @@ class RunNotFoundError(CnnkitError, LookupError):
     """No run directory or model file at that path."""
 
 
+class RunDamagedError(CnnkitError):
+    """A run directory's file is unreadable or damaged (half-written by an old tool, edited by hand)."""
+
+
 class RegistryError(CnnkitError):
     """The model registry database is unreachable, or a registry request is invalid."""
 

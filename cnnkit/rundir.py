@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnkit.errors import ModelError, RunExistsError, RunNotFoundError
+from cnnkit.errors import ModelError, RunDamagedError, RunExistsError, RunNotFoundError
 
 MODEL_FILE = "model.keras"
 RUN_JSON = "run.json"
@@ -161,6 +161,7 @@ class UnfinishedRun:
     planned: int | None
     checkpoint: bool
     modified: float
+    finished: bool = False  # a finished run swapped out by a replace that was cut off: nothing to resume
 
     def describe(self) -> str:
         done = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}" + (f" of {self.planned}" if self.planned else "")
@@ -192,11 +193,12 @@ def _unfinished(parent: Path, pattern: str) -> list[UnfinishedRun]:
         try:
             record = read_json(path / RUN_JSON) if (path / RUN_JSON).is_file() else {}
             epochs = len(read_history(path / HISTORY_CSV).get("loss", [])) if (path / HISTORY_CSV).is_file() else 0
-        except (OSError, ValueError, csv.Error):
+        except (OSError, ValueError, csv.Error, RunDamagedError):
             record, epochs = {}, 0
         planned = record.get("config", {}).get("train", {}).get("epochs") if record else None
         found.append(UnfinishedRun(path, parent / name, lock_is_held(path / LOCK_FILE), epochs, planned,
-                                   (path / "last.keras").is_file(), _newest_mtime(path)))
+                                   (path / "last.keras").is_file(), _newest_mtime(path),
+                                   record.get("status") in ("completed", "interrupted")))
     return sorted(found, key=lambda u: u.modified, reverse=True)
 
 
@@ -236,7 +238,9 @@ class RunDirectory:
 
     def __init__(self, final: str | Path, overwrite: bool = False, resuming: bool = False) -> None:
         self.final = Path(final)
-        self.unfinished = unfinished_runs(self.final)
+        leftovers = [u for u in unfinished_runs(self.final) if u.finished and not u.running]
+        remove_unfinished(leftovers)  # old runs a cut-off replace left beside the new one
+        self.unfinished = [u for u in unfinished_runs(self.final) if not u.finished]
         busy = [u for u in self.unfinished if u.running]
         if busy:
             raise RunExistsError(f"Another cnnkit process is writing '{self.final}' now ({busy[0].describe()}). Wait "
@@ -354,7 +358,20 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON object from a file cnnkit wrote.
+
+    Raises:
+        RunDamagedError: the file is not valid JSON (or not an object); the message names it.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDamagedError(f"'{path}' is damaged: not valid JSON ({exc}). Restore it from a backup, or train the run "
+                              "again.") from exc
+    if not isinstance(data, dict):
+        raise RunDamagedError(f"'{path}' is damaged: it holds a JSON {type(data).__name__}, not an object. Restore it "
+                              "from a backup, or train the run again.")
+    return data
 
 
 def write_rows(path: str | Path, header: list[str] | tuple[str, ...], rows: list[list[object]]) -> Path:
@@ -405,8 +422,12 @@ def read_split_csv(run: str | Path) -> list[SplitRow] | None:
     path = (source if source.is_dir() else source.parent) / SPLIT_CSV
     if not path.is_file():
         return None
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        return [SplitRow(Path(r["path"]), r["class"], r["split"], r["sha256"]) for r in csv.DictReader(fh)]
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            return [SplitRow(Path(r["path"]), r["class"], r["split"], r["sha256"]) for r in csv.DictReader(fh)]
+    except (KeyError, csv.Error) as exc:
+        raise RunDamagedError(f"'{path}' is damaged (expected the columns {', '.join(SPLIT_COLUMNS)}): {exc}. Restore "
+                              "it, or train the run again.") from exc
 
 
 def write_split_csv(path: str | Path, rows: list[SplitRow]) -> Path:
@@ -432,10 +453,13 @@ def read_history(path: str | Path) -> dict[str, list[float]]:
     path = Path(path)
     if path.is_dir():
         path = path / HISTORY_CSV
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    keys = [k for k in (rows[0] if rows else {}) if k != "epoch"]
-    return {k: [float(r[k]) for r in rows if r.get(k) not in ("", None)] for k in keys}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        keys = [k for k in (rows[0] if rows else {}) if k != "epoch"]
+        return {k: [float(r[k]) for r in rows if r.get(k) not in ("", None)] for k in keys}
+    except (UnicodeDecodeError, ValueError, csv.Error) as exc:
+        raise RunDamagedError(f"'{path}' is damaged: {exc}. Restore it from a backup, or train the run again.") from exc
 
 
 def model_path(source: str | Path) -> Path:

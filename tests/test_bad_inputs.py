@@ -153,14 +153,15 @@ def test_both_server_endpoints_answer_each_file_with_200_or_a_named_400(trained)
             data = (root / rel).read_bytes()
             body = json.dumps({"instances": [{"b64": base64.b64encode(data).decode()}]})
             answer = client.post(f"/v1/models/{result.run_dir.name}:predict", content=body)
-            upload = client.post("/predict", files={"file": (Path(rel).name, data, "application/octet-stream")})
+            name = os.fsencode(Path(rel).name).decode("utf-8", "replace")  # what an HTTP client can send
+            upload = client.post("/predict", files={"file": (name, data, "application/octet-stream")})
             if e.usable or "extension" in e.reason or "hidden" in e.reason:  # bytes have no name: content decides
                 decodable = _bytes_decode(data)
                 assert answer.status_code == (200 if decodable else 400), (rel, answer.text)
                 assert upload.status_code == (200 if decodable else 400), (rel, upload.text)
             else:
                 assert answer.status_code == 400 and e.reason.split()[0] in answer.json()["error"], (rel, answer.text)
-                assert upload.status_code == 400 and Path(rel).name in upload.json()["error"], (rel, upload.text)
+                assert upload.status_code == 400 and name in upload.json()["error"], (rel, upload.text)
 
 
 def _bytes_decode(data: bytes) -> bool:

@@ -133,7 +133,7 @@ def doctor(root: str | Path, workers: int | None = None, near_bits: int = NEAR_D
         nested=folder.nested,
         layout_problems=folder.problems,
         unfinished_runs=[u.describe() for folder_ in {Path(root), *([Path(runs)] if runs else [])}
-                         for u in unfinished_in(folder_) if not u.running],
+                         for u in unfinished_in(folder_) if not u.running and not u.finished],
     )
     _judge(report)
     return report

@@ -365,14 +365,18 @@ class Registry:
 
 def _create_engine(url: str):
     from sqlalchemy import create_engine, event
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
         if url.startswith("sqlite"):
-            path = url.split("///", 1)[1] if "///" in url else ""
+            parsed = make_url(url)
+            path = parsed.database or ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_engine(url, connect_args={"timeout": 60})
+            # Wait up to a minute for another writer's lock (sqlite:///db?timeout=5 to wait less).
+            timeout = float(parsed.query.get("timeout", 60))
+            engine = create_engine(parsed.difference_update_query(["timeout"]), connect_args={"timeout": timeout})
 
             @event.listens_for(engine, "connect")
             def _no_implicit_transactions(dbapi_connection, _record):  # SQLAlchemy's documented recipe
@@ -384,7 +388,7 @@ def _create_engine(url: str):
 
             return engine
         return create_engine(url, pool_pre_ping=True)
-    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as exc:
         raise RegistryError(f"Invalid registry URL {url!r}: {exc}. Use an SQLAlchemy URL such as "
                             "sqlite:////path/registry.db or postgresql://user@host:5432/db.") from exc
 

@@ -104,7 +104,7 @@ def _checkpoint_folder(run_dir: Path) -> Path:
 
     partials = unfinished_runs(run_dir)
     busy = [u for u in partials if u.running]
-    candidates = [u.path for u in partials if not u.running and resumable(u.path)]
+    candidates = [u.path for u in partials if not u.running and not u.finished and resumable(u.path)]
     if resumable(run_dir):
         candidates.append(run_dir)
     if candidates:
