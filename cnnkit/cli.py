@@ -351,7 +351,7 @@ def train(
             cfg = load_config(config, overrides_from_options(_given(options)))
             result = run_training(data_dir, out, cfg, overwrite=overwrite)
     except Exception as exc:
-        if isinstance(exc, OSError) and not exc.filename and (out or resume):
+        if isinstance(exc, OSError) and not isinstance(exc, CnnkitError) and not exc.filename and (out or resume):
             exc.filename = str(out or resume)  # a write deep in a library: at least name the run being written
         _point_to_unfinished(out or resume)
         raise

@@ -145,7 +145,8 @@ def _out_of_fold(run: Path, labelled: LabelledPredictions, names: list[str], fol
     if counts.min() < folds:
         raise ConfigError(f"--folds {folds} needs at least {folds} images of every class the model knows; "
                           f"'{names[int(counts.argmin())]}' has {int(counts.min())}. Use fewer folds. Received: folds={folds}")
-    config = load_config(run / RUN_JSON, {"data.test_split": 0.0})
+    # the folds are folders of symbolic links to the user's files, which live outside them
+    config = load_config(run / RUN_JSON, {"data.test_split": 0.0, "data.follow_links": True})
     out = np.zeros((len(labelled.labels), len(names)), np.float32)
     splitter = StratifiedKFold(folds, shuffle=True, random_state=config.data.seed)
     with tempfile.TemporaryDirectory(prefix="cnnkit-folds-") as tmp:

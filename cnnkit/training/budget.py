@@ -48,6 +48,7 @@ class TimeBudget(keras.callbacks.Callback):
         self.max_reserve = max(reserve, 0.25 * (deadline - time.monotonic()))
         self.started: float | None = None
         self.steps = 0
+        self.last_rate = 0.0  # the rate of the last step taken
         self._test_started = 0.0
 
     @property
@@ -72,7 +73,8 @@ class TimeBudget(keras.callbacks.Callback):
             # JAX's trainer fetches variables only at an epoch's first step unless they were synced:
             # sync so that the new rate (an optimizer variable) reaches this step.
             self.model.jax_state_sync()
-        self.model.optimizer.learning_rate = onecycle_rate(self.progress(), self.learning_rate)
+        self.last_rate = onecycle_rate(self.progress(), self.learning_rate)
+        self.model.optimizer.learning_rate = self.last_rate
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.steps += 1

@@ -276,7 +276,8 @@ def _final_model(fitter: Fitter, plan: _Plan, data: LoadedData, cfg: RunConfig, 
     if fitter.budget is not None:
         plan.extra["time_budget"] = {"seconds": cfg.train.time_budget, "training_seconds": round(
             time.monotonic() - fitter.budget.started, 1) if fitter.budget.started else 0.0,
-            "steps": fitter.budget.steps}
+            "steps": fitter.budget.steps, "peak_learning_rate": fitter.budget.learning_rate,
+            "last_learning_rate": fitter.budget.last_rate}
     return as_float32(model)  # the saved model computes in float32 on any machine
 
 
