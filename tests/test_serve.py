@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -192,14 +191,11 @@ def test_limits_and_routing_errors(run_dir, images):
         assert version.status_code == 404 and "version 1" in version.json()["error"]
         assert c.get("/v1/models/nope").status_code == 404
         explain = c.post("/v1/models/colours:explain", json={"instances": [b64(images[0])]})
-        if importlib.util.find_spec("cnnkit.explain") is None:
-            assert explain.status_code == 501 and "Grad-CAM" in explain.json()["error"]
-        else:
-            assert explain.status_code == 200, explain.text
-            found = explain.json()["explanations"][0]
-            heatmap = Image.open(io.BytesIO(base64.b64decode(found["heatmap_png_b64"])))
-            assert heatmap.size == (16, 16) and found["class_name"] in ("blue", "green", "red")
-            assert Image.open(io.BytesIO(base64.b64decode(found["overlay_png_b64"]))).mode == "RGB"
+        assert explain.status_code == 200, explain.text
+        found = explain.json()["explanations"][0]
+        heatmap = Image.open(io.BytesIO(base64.b64decode(found["heatmap_png_b64"])))
+        assert heatmap.size == (16, 16) and found["class_name"] in ("blue", "green", "red")
+        assert Image.open(io.BytesIO(base64.b64decode(found["overlay_png_b64"]))).mode == "RGB"
         assert c.get("/nowhere").json() == {"error": "Not Found"}
         assert c.get("/v1/models/colours:predict").status_code == 404  # GET matches the status route
     with TestClient(create_app(run_dir, max_pixels=1_000_000)) as c:
@@ -341,8 +337,15 @@ def test_serving_from_the_registry(run_dir, images, tmp_path):
         reg.add(copy, "flowers", stage="production")
     with TestClient(create_app("flowers@production", registry_url=url)) as c:
         assert c.get("/v1/models/flowers").json()["model_version_status"][0]["version"] == "2"
-        assert c.post("/v1/models/flowers/versions/2:predict", json={"instances": [b64(images[0])]}).status_code == 200
-    (copy / "model.keras").write_bytes(b"changed")
+        before = c.post("/v1/models/flowers/versions/2:predict", json={"instances": [b64(images[0])]})
+        assert before.status_code == 200
+    (copy / "model.keras").write_bytes(b"changed")  # the run changes after registration: nothing served does
+    with TestClient(create_app("flowers@production", registry_url=url)) as c:
+        after = c.post("/v1/models/flowers/versions/2:predict", json={"instances": [b64(images[0])]})
+        assert after.json() == before.json()
+    stored = Path(create_app("flowers@production", registry_url=url).state.source.path)
+    stored.chmod(0o644)
+    stored.write_bytes(b"changed")  # the registry's own copy tampered with: refused
     with pytest.raises(RegistryError, match="missing or changed since it was registered"):
         create_app("flowers@production", registry_url=url)
 
