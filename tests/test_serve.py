@@ -163,6 +163,10 @@ BAD_REQUESTS = [
     ("bad scale", b'{"instances": [[0]], "input_scale": "0-100"}', "application/json", 400, "input_scale"),
     ("too many", json.dumps({"instances": [[0]] * 300}).encode(), "application/json", 400, "Too many instances"),
     ("content type", b'{"instances": [[0]]}', "image/jpeg", 415, "not accepted"),
+    ("nested 5000 deep", b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400,
+     "nests JSON 5001 levels deep"),
+    ("nested 40 deep", b'{"instances": [' + b"[" * 40 + b"]" * 40 + b"]}", "application/json", 400, "at most 32"),
+    ("unclosed 100000 deep", b"[" * 100_000, "application/json", 400, "nests JSON"),
 ]
 
 
@@ -295,6 +299,66 @@ def test_batching_off_gives_the_same_answer(run_dir, images):
         assert _batch_count(c) == 0
 
 
+class SlowModel:
+    """The served model's own predict, made slow (a fake of a busy accelerator); records the calling threads."""
+
+    def __init__(self, predict_fn, delay_s: float) -> None:
+        self.predict_fn, self.delay_s, self.threads = predict_fn, delay_s, set()
+
+    def __call__(self, batch):
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        return self.predict_fn(batch)
+
+
+def test_a_slow_model_answers_504_and_a_full_queue_429(run_dir, images):
+    body = {"instances": [b64(images[0])]}
+    with TestClient(create_app(run_dir, batching=False, max_queue=1, request_timeout_s=0.3)) as c:
+        batcher = c.app.state.served.batcher
+        batcher.predict_fn = SlowModel(batcher.predict_fn, delay_s=0.6)
+        late = c.post("/v1/models/colours:predict", json=body)
+        assert late.status_code == 504 and "request_timeout_s" in late.json()["error"]
+        time.sleep(0.4)  # the slow call ends
+
+        batcher.timeout_s = 10.0
+        answers = {}
+        first = threading.Thread(target=lambda: answers.setdefault("first", c.post("/v1/models/colours:predict", json=body)))
+        second = threading.Thread(target=lambda: answers.setdefault("second", c.post("/v1/models/colours:predict", json=body)))
+        first.start()
+        deadline = time.time() + 10
+        while not batcher._running and time.time() < deadline:  # the first is on the model
+            time.sleep(0.005)
+        second.start()
+        while batcher.queued < 1 and time.time() < deadline:  # the second waits: the queue (1 image) is full
+            time.sleep(0.005)
+        full = c.post("/predict", files={"file": ("a.jpg", images[0].read_bytes(), "image/jpeg")})
+        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        assert "overloaded" in full.json()["error"]
+        first.join(), second.join()
+        assert answers["first"].status_code == answers["second"].status_code == 200
+        assert c.get("/healthz").status_code == 200
+
+
+def test_with_batching_off_predict_and_explain_share_one_model_thread(run_dir, images):
+    with TestClient(create_app(run_dir, batching=False)) as c:
+        batcher = c.app.state.served.batcher
+        slow = batcher.predict_fn = SlowModel(batcher.predict_fn, delay_s=0.01)
+        codes = []
+
+        def one(i: int) -> None:
+            route = "explain" if i % 4 == 0 else "predict"
+            codes.append((route, c.post(f"/v1/models/colours:{route}", json={"instances": [b64(images[i % 6])]}).status_code))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(set(codes)) == [("explain", 200), ("predict", 200)]
+        assert len(slow.threads) == 1 and next(iter(slow.threads)).startswith("cnnkit-model")
+        assert _batch_count(c) == 0  # batching off: no batches recorded
+
+
 def _set_meta_extra(path: Path, extra: dict) -> None:
     """Store calibration in the model's own metadata member, as `cnnkit calibrate` does."""
     import zipfile
@@ -353,6 +417,13 @@ def test_serving_from_the_registry(run_dir, images, tmp_path):
 def test_settings_and_sources_are_checked(run_dir, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="max_batch_size must be >= 1"):
         ServeSettings(max_batch_size=0)
+    with pytest.raises(ConfigError, match="request_timeout_s must be > 0"):
+        ServeSettings(request_timeout_s=0)
+    with pytest.raises(ConfigError, match="max_queue must be >= 1"):
+        ServeSettings(max_queue=0)
+    monkeypatch.setenv("CNNKIT_REQUEST_TIMEOUT_S", "2.5")
+    monkeypatch.setenv("CNNKIT_MAX_QUEUE", "64")
+    assert (ServeSettings.from_env().request_timeout_s, ServeSettings.from_env().max_queue) == (2.5, 64)
     with pytest.raises(RunNotFoundError):
         create_app(tmp_path / "nothing")
     monkeypatch.delenv("CNNKIT_MODEL", raising=False)
