@@ -607,6 +607,8 @@ def serve(
     max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a request waits to share a batch (default 5).")] = None,
     batching: Annotated[Optional[bool], typer.Option("--batching/--no-batching", help="Micro-batch concurrent requests.")] = None,
     max_body_bytes: Annotated[Optional[int], typer.Option(help="Larger request bodies get 413 (default 20 MiB).")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(help="Images waiting for the model before 429 (default 512).")] = None,
+    request_timeout_s: Annotated[Optional[float], typer.Option(help="Seconds a queued request may wait before 504 (default 30).")] = None,
     registry_url: _RegistryUrl = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -617,7 +619,8 @@ def serve(
     from cnnkit.serve import create_app
 
     api = create_app(source, name=name, registry_url=registry_url, max_batch_size=max_batch_size,
-                     max_wait_ms=max_wait_ms, batching=batching, max_body_bytes=max_body_bytes)
+                     max_wait_ms=max_wait_ms, batching=batching, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                     request_timeout_s=request_timeout_s)
     served = api.state.source
     _progress.say(f"serving [bold]{served.path}[/] as http://{host}:{port}/v1/models/{served.name} "
                   f"(version {served.version})")
