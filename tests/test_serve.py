@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -357,6 +359,51 @@ def test_with_batching_off_predict_and_explain_share_one_model_thread(run_dir, i
         assert sorted(set(codes)) == [("explain", 200), ("predict", 200)]
         assert len(slow.threads) == 1 and next(iter(slow.threads)).startswith("cnnkit-model")
         assert _batch_count(c) == 0  # batching off: no batches recorded
+
+
+_JAX_RACE = textwrap.dedent("""
+    import base64, collections, json, sys, threading
+    from pathlib import Path
+    import numpy as np
+    import cnnkit
+    from fastapi.testclient import TestClient
+    from cnnkit import _progress
+    from cnnkit.serve import create_app
+    _progress.set_progress(False)
+    data, run = Path(sys.argv[1]), Path(sys.argv[2])
+    cnnkit.train(data, run, model="simple", epochs=1, image_size=16, cache_root=run.parent / "cache")
+    bodies = [json.dumps({"instances": [{"b64": base64.b64encode(p.read_bytes()).decode()}]})
+              for p in sorted(data.glob("*/*.png"))[:12]]
+    outcomes = collections.Counter()
+    with TestClient(create_app(run, batching=False), raise_server_exceptions=False) as c:
+        post = lambda route, i: c.post(f"/v1/models/colours:{route}", content=bodies[i],
+                                       headers={"content-type": "application/json"})
+        expected = [post("predict", i).json()["predictions"][0] for i in range(len(bodies))]
+        def worker(k):
+            for j in range(12):
+                i, route = (k + j) % len(bodies), "explain" if (k + j) % 5 == 0 else "predict"
+                r = post(route, i)
+                ok = r.status_code == 200 and (route == "explain" or np.allclose(r.json()["predictions"][0], expected[i], atol=1e-5))
+                outcomes["ok" if ok else f"{route} {r.status_code}"] += 1
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    print(json.dumps(outcomes))
+""")
+
+
+@pytest.mark.slow
+def test_jax_model_calls_never_race(tmp_path):
+    """On JAX, predict_on_batch mutates the model's state: two threads calling it at once failed with
+    "Buffer has been deleted or donated" (a 500). With batching off, :predict and :explain from 16
+    threads must all answer, and correctly."""
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed (pip install 'cnnkit[jax]')")
+    data = write_class_folder(tmp_path / "data", per_class=8)
+    proc = subprocess.run([sys.executable, "-c", _JAX_RACE, str(data), str(tmp_path / "colours")], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ok": 192}
 
 
 def _set_meta_extra(path: Path, extra: dict) -> None:
