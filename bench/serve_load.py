@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, write_result  # noqa: E402
+from _common import RESULTS, ROOT, machine  # noqa: E402
 
 BOUNDARY = "cnnkitbenchboundary"
 
@@ -241,18 +241,28 @@ def summarise(tally: Tally, wall: float) -> dict:
     }
 
 
+def write_json(path: Path, data: dict) -> Path:
+    """Write ``data`` to ``path`` atomically (a temporary sibling, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="run directory to serve (default: train a small one)")
-    parser.add_argument("--clients", type=int, default=64, help="concurrent well-behaved clients")
-    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--clients", type=int, help="concurrent well-behaved clients (default 64; --quick 16)")
+    parser.add_argument("--seconds", type=float, help="length of the timed load (default 60; --quick 10)")
     parser.add_argument("--image-size", type=int, default=32, help="of the model trained when --run is not given")
     parser.add_argument("--model", default="simple", help="architecture trained when --run is not given")
     parser.add_argument("--quick", action="store_true", help="16 clients for 10 s (a smoke run)")
-    parser.add_argument("--out", default="serve_load", help="result name under bench/results/")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve_load.json", help="the JSON result file")
     args = parser.parse_args()
-    if args.quick:
-        args.clients, args.seconds = 16, 10.0
+    args.clients = args.clients or (16 if args.quick else 64)
+    args.seconds = args.seconds or (10.0 if args.quick else 60.0)
 
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or make_run(Path(tmp), args.image_size, args.model)
@@ -293,7 +303,7 @@ def main() -> None:
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in load_end]},
         "server_exit_code_after_sigterm": exit_code, "server_shutdown_s": shutdown_s,
     }
-    path = write_result(args.out, result)
+    path = write_json(args.out, {"machine": machine(), **result})
     print(f"\n{result['benchmark']}, {summary['seconds']} s ({model})")
     print(f"requests: {summary['requests']} ({summary['valid_requests']} valid, "
           f"{summary['valid_requests_per_s']}/s; {summary['by_client']['malformed']['requests']} malformed)")

@@ -528,6 +528,22 @@ def test_cnnkit_serve_on_a_real_uvicorn(run_dir, images):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
+def test_the_load_benchmark_quick_run(run_dir, tmp_path):
+    """bench/serve_load.py --quick, shortened: no 5xx, no dropped or hung request, no wrong answer."""
+    out = tmp_path / "serve_load.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"),
+                           "--quick", "--seconds", "4", "--clients", "8", "--run", str(run_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["valid_requests"] > 0 and result["by_client"]["predict"]["codes"].keys() == {"200"}
+    assert result["server_errors_5xx"] == result["dropped_or_hung"] == result["wrong_answers"] == 0
+    malformed = result["by_client"]["malformed"]["codes"]
+    assert malformed and all(code.startswith("4") for code in malformed), malformed
+    assert result["rss_mb"]["end"] > 0 and "p99 " in proc.stdout
+
+
 def test_cli_serve_reports_a_missing_model(tmp_path):
     from typer.testing import CliRunner
 
