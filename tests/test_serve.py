@@ -203,7 +203,9 @@ def test_limits_and_routing_errors(run_dir, images):
         assert heatmap.size == (16, 16) and found["class_name"] in ("blue", "green", "red")
         assert Image.open(io.BytesIO(base64.b64decode(found["overlay_png_b64"]))).mode == "RGB"
         assert c.get("/nowhere").json() == {"error": "Not Found"}
-        assert c.get("/v1/models/colours:predict").status_code == 404  # GET matches the status route
+        wrong_method = c.get("/v1/models/colours:predict")
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+        assert c.options("/v1/models/colours/versions/1:predict").headers["allow"] == "POST"
     with TestClient(create_app(run_dir, max_pixels=1_000_000)) as c:
         bomb = c.post("/predict", files={"file": ("bomb.png", _bomb_png(), "image/png")})
         assert bomb.status_code == 400 and "decompression bomb" in bomb.json()["error"]

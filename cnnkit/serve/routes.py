@@ -13,6 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.convertors import Convertor, register_url_convertor
 
 from cnnkit.plots import overlay, png_base64
 from cnnkit.predict import UNKNOWN_LABEL
@@ -158,6 +159,20 @@ def version_served(name: str, version: str, source: SourceDep) -> None:
                                 f"serves version {source.version}.")
 
 
+class _NoVerb(Convertor):
+    """A path segment without ':', which TF Serving puts before a verb: the status routes then never
+    match ``/v1/models/x:predict``, so other methods on it get 405 with ``Allow: POST``, not ``GET``."""
+
+    regex = "[^/:]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("noverb", _NoVerb())
 router = APIRouter(responses=_ERRORS)
 _MODEL = [Depends(model_named)]
 _VERSION = [Depends(version_served)]
@@ -182,13 +197,13 @@ def _status(source: ModelSource) -> dict[str, Any]:
 # -- TensorFlow Serving's REST API ---------------------------------------------------------------------
 
 
-@router.get("/v1/models/{name}", tags=["TensorFlow Serving"], dependencies=_MODEL)
+@router.get("/v1/models/{name:noverb}", tags=["TensorFlow Serving"], dependencies=_MODEL)
 async def model_status(source: SourceDep, served: ServedDep) -> dict[str, Any]:
     """Model status, as TF Serving reports it."""
     return _status(source)
 
 
-@router.get("/v1/models/{name}/versions/{version}", tags=["TensorFlow Serving"], dependencies=_VERSION)
+@router.get("/v1/models/{name}/versions/{version:noverb}", tags=["TensorFlow Serving"], dependencies=_VERSION)
 async def model_version_status(source: SourceDep, served: ServedDep) -> dict[str, Any]:
     return _status(source)
 
