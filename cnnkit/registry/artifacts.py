@@ -92,7 +92,7 @@ def artifact_sha256(location: str) -> str | None:
         with opener as fh:
             for block in iter(lambda: fh.read(_BLOCK), b""):
                 digest.update(block)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):  # reported as missing
         return None
     return digest.hexdigest()
 
