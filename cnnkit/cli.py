@@ -539,10 +539,10 @@ _RegistryUrl = Annotated[Optional[str], typer.Option("--registry-url", envvar="C
                                                      help=_REGISTRY_URL_HELP)]
 
 
-def _open_registry(url: str | None):
+def _open_registry(url: str | None, artifact_root: str | None = None):
     from cnnkit.registry import Registry
 
-    return Registry(url)
+    return Registry(url, artifact_root=artifact_root)
 
 
 def _name_at_version(ref: str) -> tuple[str, int]:
@@ -578,11 +578,14 @@ def registry_add(
     notes: Annotated[str, typer.Option(help="Free text stored with the version.")] = "",
     stage: Annotated[str, typer.Option(help="none, staging, production or archived.")] = "none",
     registry_url: _RegistryUrl = None,
+    artifact_root: Annotated[Optional[str], typer.Option(envvar="CNNKIT_ARTIFACT_ROOT", help=(
+        "Folder or URL of the immutable model copies (default: artifacts/ beside a SQLite registry, "
+        "else $CNNKIT_HOME/artifacts)."))] = None,
 ) -> None:
-    """Register RUN as a new version of NAME."""
-    with _open_registry(registry_url) as registry:
+    """Register RUN as a new version of NAME (its model is copied; later changes to RUN are not served)."""
+    with _open_registry(registry_url, artifact_root) as registry:
         version = registry.add(run, name, notes=notes, stage=stage)
-    typer.echo(f"registered {version.ref} (stage {version.stage}, sha256 {version.sha256[:12]})")
+    typer.echo(f"registered {version.ref} (stage {version.stage}, sha256 {version.sha256[:12]}) -> {version.artifact_path}")
 
 
 @registry_app.command("list")
@@ -642,11 +645,13 @@ def registry_delete(
     ref: Annotated[str, typer.Argument(help="NAME@VERSION.")],
     registry_url: _RegistryUrl = None,
 ) -> None:
-    """Remove a version from the registry (never the production one; files are kept)."""
+    """Remove a version from the registry (never the production one); its copy goes with the last version using it."""
     name, number = _name_at_version(ref)
     with _open_registry(registry_url) as registry:
         version = registry.delete(name, number)
-    typer.echo(f"deleted {version.ref} from the registry (its files were left in place: {version.artifact_path})")
+        kept = not version.artifact_stored or any(v.artifact_path == version.artifact_path for v in registry.list())
+    typer.echo(f"deleted {version.ref} from the registry; " + (
+        f"its artifact is kept: {version.artifact_path}" if kept else f"removed its copy {version.artifact_path}"))
 
 
 @registry_app.command("verify")
@@ -681,6 +686,8 @@ def serve(
     max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a request waits to share a batch (default 5).")] = None,
     batching: Annotated[Optional[bool], typer.Option("--batching/--no-batching", help="Micro-batch concurrent requests.")] = None,
     max_body_bytes: Annotated[Optional[int], typer.Option(help="Larger request bodies get 413 (default 20 MiB).")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(help="Images waiting for the model before 429 (default 512).")] = None,
+    request_timeout_s: Annotated[Optional[float], typer.Option(help="Seconds a queued request may wait before 504 (default 30).")] = None,
     registry_url: _RegistryUrl = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -691,7 +698,8 @@ def serve(
     from cnnkit.serve import create_app
 
     api = create_app(source, name=name, registry_url=registry_url, max_batch_size=max_batch_size,
-                     max_wait_ms=max_wait_ms, batching=batching, max_body_bytes=max_body_bytes)
+                     max_wait_ms=max_wait_ms, batching=batching, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                     request_timeout_s=request_timeout_s)
     served = api.state.source
     _progress.say(f"serving [bold]{served.path}[/] as http://{host}:{port}/v1/models/{served.name} "
                   f"(version {served.version})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import shutil
 import subprocess
@@ -75,8 +77,10 @@ def test_add_records_the_run(registry, run_dir):
     v = registry.add(run_dir, "colours", notes="first try")
     assert (v.name, v.version, v.stage, v.notes) == ("colours", 1, "none", "first try")
     info = json.loads((run_dir / "run.json").read_text())
-    assert v.artifact_path == str((run_dir / "model.keras").resolve())
-    assert len(v.sha256) == 64
+    assert v.source_path == str((run_dir / "model.keras").resolve())
+    assert v.artifact_stored and Path(v.artifact_path) == _store(registry) / v.sha256 / "model.keras"
+    assert Path(v.artifact_path).read_bytes() == (run_dir / "model.keras").read_bytes()
+    assert hashlib.sha256(Path(v.artifact_path).read_bytes()).hexdigest() == v.sha256
     assert v.class_names == ["blue", "green", "red"] == info["class_names"]
     assert v.image_size == [16, 16] and v.color_mode == "rgb" and v.architecture == "simple"
     assert v.backend == info["versions"]["backend"] and v.keras_version == info["versions"]["keras"]
@@ -131,21 +135,149 @@ def test_delete_refuses_production(registry, run_dir):
     assert registry.add(run_dir, "m").version == 2  # numbering continues from the highest left
 
 
-def test_verify_reports_missing_and_changed(registry, run_dir, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(run_dir, copy)
-    registry.add(run_dir, "m")
-    registry.add(copy, "m")
-    registry.add(copy / "model.keras", "n")
+def _store(registry) -> Path:
+    return Path(registry.artifact_root)
+
+
+def _tamper(path: str | Path, data: bytes | None = None) -> None:
+    """Change a stored copy behind the registry's back (it is read-only: make it writable first)."""
+    path = Path(path)
+    path.chmod(0o644)
+    if data is None:
+        with open(path, "ab") as fh:
+            fh.write(b"tampered")
+    else:
+        path.write_bytes(data)
+
+
+def _other_model(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the run whose model.keras has other bytes (still a loadable zip): a different artifact."""
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    with open(other / "model.keras", "ab") as fh:  # a zip with trailing bytes still loads; new sha256
+        fh.write(b"\0" * 16)
+    return other
+
+
+def test_verify_rehashes_the_stored_copies(registry, run_dir, tmp_path):
+    other = _other_model(run_dir, tmp_path)
+    m1, m2 = registry.add(run_dir, "m"), registry.add(other, "m")
+    registry.add(other / "model.keras", "n")
+    assert m1.artifact_path != m2.artifact_path
     assert [r.status for r in registry.verify()] == ["ok", "ok", "ok"]
-    with open(copy / "model.keras", "ab") as fh:
-        fh.write(b"tampered")
-    shutil.copy(copy / "model.keras", tmp_path / "keep.keras")
+    (other / "model.keras").write_bytes(b"the run changed")  # the run is not what the registry serves
+    assert [r.status for r in registry.verify()] == ["ok", "ok", "ok"]
+    _tamper(m2.artifact_path)
     results = {r.ref: r for r in registry.verify()}
-    assert results["m@1"].status == "ok" and results["m@2"].status == "changed"
+    assert results["m@1"].status == "ok" and results["m@2"].status == "changed" and results["n@1"].status == "changed"
     assert results["m@2"].actual_sha256 != results["m@2"].expected_sha256
-    (copy / "model.keras").unlink()
+    Path(m2.artifact_path).unlink()
     assert [r.status for r in registry.verify("m")] == ["ok", "missing"]
+
+
+def test_changing_the_run_after_add_changes_nothing_served(registry, run_dir, tmp_path):
+    import cnnkit
+    from cnnkit.registry import resolve_source
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    original = (run / "model.keras").read_bytes()
+    registry.add(run, "m", stage="production")
+    cnnkit.calibrate(run, min_confidence=0.5)  # rewrites the run's model.keras (calibration inside)
+    assert (run / "model.keras").read_bytes() != original
+    served = resolve_source("m@production", registry_url=registry.url)
+    assert served.path.read_bytes() == original and served.sha256 == hashlib.sha256(original).hexdigest()
+    assert [r.status for r in registry.verify()] == ["ok"]
+    shutil.rmtree(run)  # even a deleted run still serves
+    assert resolve_source("m@production", registry_url=registry.url).path.read_bytes() == original
+
+
+def test_a_copy_is_stored_once_and_removed_with_its_last_version(registry, run_dir, tmp_path):
+    other = _other_model(run_dir, tmp_path)
+    a1, a2, b1 = registry.add(run_dir, "a"), registry.add(run_dir, "a"), registry.add(other, "b")
+    assert a1.artifact_path == a2.artifact_path != b1.artifact_path
+    assert sorted(p.name for p in _store(registry).iterdir() if not p.name.startswith(".")) == sorted(
+        {a1.sha256, b1.sha256})
+    registry.delete("a", 1)
+    assert Path(a2.artifact_path).is_file()  # a@2 still uses it
+    registry.delete("a", 2)
+    assert not Path(a2.artifact_path).parent.exists()
+    assert Path(b1.artifact_path).is_file() and (run_dir / "model.keras").is_file()  # the run is never touched
+    assert registry.add(run_dir, "a").artifact_path == a1.artifact_path  # stored again when added again
+
+
+def test_artifact_root_can_be_any_folder_or_url(registry_url, run_dir, tmp_path):
+    with Registry(registry_url, artifact_root=tmp_path / "elsewhere") as reg:
+        v = reg.add(run_dir, "m")
+    assert Path(v.artifact_path) == tmp_path / "elsewhere" / v.sha256 / "model.keras"
+    with Registry(registry_url, artifact_root=f"file://{tmp_path}/as-url") as reg:
+        assert reg.add(run_dir, "m").artifact_path == str(tmp_path / "as-url" / v.sha256 / "model.keras")
+        assert [r.status for r in reg.verify()] == ["ok", "ok"]  # each version keeps its own copy
+
+
+def test_a_remote_store_through_fsspec(registry_url, run_dir, tmp_path):
+    pytest.importorskip("fsspec")
+    import fsspec
+
+    from cnnkit.registry import resolve_source
+
+    root = f"memory://cnnkit-test-{uuid.uuid4().hex[:8]}"
+    with Registry(registry_url, artifact_root=root) as reg:
+        v = reg.add(run_dir, "m", stage="production")
+        assert v.artifact_path == f"{root}/{v.sha256}/model.keras"
+        assert fsspec.open(v.artifact_path, "rb").open().read() == (run_dir / "model.keras").read_bytes()
+        assert [r.status for r in reg.verify()] == ["ok"]
+        served = resolve_source("m@production", registry_url=registry_url)  # fetched, hash-checked, cached
+        assert served.path.read_bytes() == (run_dir / "model.keras").read_bytes()
+        with fsspec.open(v.artifact_path, "wb") as fh:
+            fh.write(b"changed")
+        served.path.unlink()
+        assert [r.status for r in reg.verify()] == ["changed"]
+        with pytest.raises(RegistryError, match="changed since it was registered"):
+            resolve_source("m@production", registry_url=registry_url)
+        reg.promote("m", 1, "archived")
+        reg.delete("m", 1)
+        fs = fsspec.filesystem("memory")
+        assert not fs.exists(v.artifact_path.split("://", 1)[1])
+
+
+def test_versions_registered_before_the_store_keep_working(registry_url, run_dir, tmp_path):
+    """A schema-0001 row points into its run folder: after the migration it is read, verified, served, deleted."""
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+
+    from cnnkit.registry import resolve_source
+    from cnnkit.registry.store import _MIGRATIONS, _create_engine, normalize_url
+
+    run = tmp_path / "old-run"
+    shutil.copytree(run_dir, run)
+    engine = _create_engine(normalize_url(registry_url))
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.commit()
+    with engine.begin() as conn:
+        table = sa.Table("model_versions", sa.MetaData(), autoload_with=conn)
+        assert "artifact_stored" not in table.c
+        conn.execute(table.insert().values(
+            name="old", version=1, created=datetime.datetime.now(datetime.timezone.utc),
+            artifact_path=str(run / "model.keras"), sha256=hashlib.sha256((run / "model.keras").read_bytes()).hexdigest(),
+            run_dir=str(run), architecture="simple", backend="tensorflow", keras_version="3", cnnkit_version="0",
+            image_size=[16, 16], color_mode="rgb", class_names=["blue", "green", "red"], stage="production", notes=""))
+    engine.dispose()
+    with Registry(registry_url) as reg:
+        old = reg.get("old@production")
+        assert (old.artifact_stored, old.source_path, old.artifact_path) == (False, None, str(run / "model.keras"))
+        assert [r.status for r in reg.verify()] == ["ok"]
+        assert resolve_source("old@production", registry_url=registry_url).path == run / "model.keras"
+        reg.add(run, "old")  # new versions of the same name are stored copies
+        assert reg.get("old@2").artifact_stored
+        reg.promote("old", 2, "production")
+        reg.delete("old", 1)
+        assert (run / "model.keras").is_file()  # never removes a file in a run folder
 
 
 def test_unknown_refs_say_what_exists(registry, run_dir):
@@ -176,7 +308,7 @@ def test_reopening_keeps_data_and_schema_is_migrated(registry_url, run_dir):
         from sqlalchemy import text
 
         with second._engine.begin() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
 
 
 _RACER = textwrap.dedent("""
@@ -206,9 +338,15 @@ def test_two_processes_registering_at_once_get_distinct_versions(registry_url, r
 def test_default_url_is_sqlite_under_cnnkit_home(tmp_path, monkeypatch, run_dir):
     monkeypatch.setenv("CNNKIT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("CNNKIT_REGISTRY_URL", raising=False)
+    monkeypatch.delenv("CNNKIT_ARTIFACT_ROOT", raising=False)
     with Registry() as reg:
-        reg.add(run_dir, "m")
+        v = reg.add(run_dir, "m")
     assert (tmp_path / "home" / "registry.db").is_file()
+    assert Path(v.artifact_path) == tmp_path / "home" / "artifacts" / v.sha256 / "model.keras"
+    assert Registry(f"sqlite:///{tmp_path}/db/r.db").artifact_root == str(tmp_path / "db" / "artifacts")
+    assert Registry(f"sqlite:///{tmp_path}/db/r.db", artifact_root=tmp_path / "x").artifact_root == str(tmp_path / "x")
+    monkeypatch.setenv("CNNKIT_ARTIFACT_ROOT", str(tmp_path / "env-root"))
+    assert Registry(f"sqlite:///{tmp_path}/db/r.db").artifact_root == str(tmp_path / "env-root")
 
 
 def test_unreachable_database_is_a_clear_error():
@@ -242,7 +380,8 @@ def test_cli_registry_commands(registry_url, run_dir, tmp_path):
     assert shown["version"] == 2 and shown["class_names"] == ["blue", "green", "red"]
     result = _cli("registry", "delete", "colours@2", *url)
     assert result.exit_code == 2 and "refusing to delete" in result.output
-    assert _cli("registry", "delete", "colours@1", *url).exit_code == 0
+    result = _cli("registry", "delete", "colours@1", *url)
+    assert result.exit_code == 0 and "its artifact is kept" in result.output  # colours@2 uses the same copy
     assert _cli("registry", "verify", *url).exit_code == 0
     result = _cli("registry", "show", "colours@1", *url)
     assert result.exit_code == 2 and "has no version '1'" in result.output
@@ -253,10 +392,17 @@ def test_cli_registry_commands(registry_url, run_dir, tmp_path):
 def test_cli_verify_fails_on_changed_artifact(registry_url, run_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    assert _cli("registry", "add", str(copy), "--name", "m", "--registry-url", registry_url).exit_code == 0
-    (copy / "model.keras").write_bytes(b"not the model")
+    root = tmp_path / "store"
+    result = _cli("registry", "add", str(copy), "--name", "m", "--registry-url", registry_url, "--artifact-root", str(root))
+    assert result.exit_code == 0 and str(root) in result.output, result.output
+    (copy / "model.keras").write_bytes(b"not the model")  # the run changes: nothing registered does
+    assert _cli("registry", "verify", "--registry-url", registry_url).exit_code == 0
+    stored = next(root.glob("*/model.keras"))
+    _tamper(stored, b"not the model")
     result = _cli("registry", "verify", "--registry-url", registry_url)
-    assert result.exit_code == 1 and "changed" in result.output
+    assert result.exit_code == 1 and "changed" in result.output and str(stored) in result.output
+    result = _cli("registry", "delete", "m@1", "--registry-url", registry_url)
+    assert result.exit_code == 0 and "removed its copy" in result.output and not stored.exists()
 
 
 def test_train_register(registry_url, tmp_path):
@@ -266,4 +412,5 @@ def test_train_register(registry_url, tmp_path):
     assert result.exit_code == 0, result.output
     with Registry(registry_url) as reg:
         v = reg.get("trained@1")
-    assert v.artifact_path == str((tmp_path / "run" / "model.keras").resolve())
+    assert v.source_path == str((tmp_path / "run" / "model.keras").resolve())
+    assert Path(v.artifact_path).read_bytes() == (tmp_path / "run" / "model.keras").read_bytes()

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -164,6 +165,10 @@ BAD_REQUESTS = [
     ("bad scale", b'{"instances": [[0]], "input_scale": "0-100"}', "application/json", 400, "input_scale"),
     ("too many", json.dumps({"instances": [[0]] * 300}).encode(), "application/json", 400, "Too many instances"),
     ("content type", b'{"instances": [[0]]}', "image/jpeg", 415, "not accepted"),
+    ("nested 5000 deep", b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400,
+     "nests JSON 5001 levels deep"),
+    ("nested 40 deep", b'{"instances": [' + b"[" * 40 + b"]" * 40 + b"]}", "application/json", 400, "at most 32"),
+    ("unclosed 100000 deep", b"[" * 100_000, "application/json", 400, "nests JSON"),
 ]
 
 
@@ -192,16 +197,15 @@ def test_limits_and_routing_errors(run_dir, images):
         assert version.status_code == 404 and "version 1" in version.json()["error"]
         assert c.get("/v1/models/nope").status_code == 404
         explain = c.post("/v1/models/colours:explain", json={"instances": [b64(images[0])]})
-        if importlib.util.find_spec("cnnkit.explain") is None:
-            assert explain.status_code == 501 and "Grad-CAM" in explain.json()["error"]
-        else:
-            assert explain.status_code == 200, explain.text
-            found = explain.json()["explanations"][0]
-            heatmap = Image.open(io.BytesIO(base64.b64decode(found["heatmap_png_b64"])))
-            assert heatmap.size == (16, 16) and found["class_name"] in ("blue", "green", "red")
-            assert Image.open(io.BytesIO(base64.b64decode(found["overlay_png_b64"]))).mode == "RGB"
+        assert explain.status_code == 200, explain.text
+        found = explain.json()["explanations"][0]
+        heatmap = Image.open(io.BytesIO(base64.b64decode(found["heatmap_png_b64"])))
+        assert heatmap.size == (16, 16) and found["class_name"] in ("blue", "green", "red")
+        assert Image.open(io.BytesIO(base64.b64decode(found["overlay_png_b64"]))).mode == "RGB"
         assert c.get("/nowhere").json() == {"error": "Not Found"}
-        assert c.get("/v1/models/colours:predict").status_code == 404  # GET matches the status route
+        wrong_method = c.get("/v1/models/colours:predict")
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+        assert c.options("/v1/models/colours/versions/1:predict").headers["allow"] == "POST"
     with TestClient(create_app(run_dir, max_pixels=1_000_000)) as c:
         bomb = c.post("/predict", files={"file": ("bomb.png", _bomb_png(), "image/png")})
         assert bomb.status_code == 400 and "decompression bomb" in bomb.json()["error"]
@@ -299,6 +303,111 @@ def test_batching_off_gives_the_same_answer(run_dir, images):
         assert _batch_count(c) == 0
 
 
+class SlowModel:
+    """The served model's own predict, made slow (a fake of a busy accelerator); records the calling threads."""
+
+    def __init__(self, predict_fn, delay_s: float) -> None:
+        self.predict_fn, self.delay_s, self.threads = predict_fn, delay_s, set()
+
+    def __call__(self, batch):
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        return self.predict_fn(batch)
+
+
+def test_a_slow_model_answers_504_and_a_full_queue_429(run_dir, images):
+    body = {"instances": [b64(images[0])]}
+    with TestClient(create_app(run_dir, batching=False, max_queue=1, request_timeout_s=0.3)) as c:
+        batcher = c.app.state.served.batcher
+        batcher.predict_fn = SlowModel(batcher.predict_fn, delay_s=0.6)
+        late = c.post("/v1/models/colours:predict", json=body)
+        assert late.status_code == 504 and "request_timeout_s" in late.json()["error"]
+        time.sleep(0.4)  # the slow call ends
+
+        batcher.timeout_s = 10.0
+        answers = {}
+        first = threading.Thread(target=lambda: answers.setdefault("first", c.post("/v1/models/colours:predict", json=body)))
+        second = threading.Thread(target=lambda: answers.setdefault("second", c.post("/v1/models/colours:predict", json=body)))
+        first.start()
+        deadline = time.time() + 10
+        while not batcher._running and time.time() < deadline:  # the first is on the model
+            time.sleep(0.005)
+        second.start()
+        while batcher.queued < 1 and time.time() < deadline:  # the second waits: the queue (1 image) is full
+            time.sleep(0.005)
+        full = c.post("/predict", files={"file": ("a.jpg", images[0].read_bytes(), "image/jpeg")})
+        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        assert "overloaded" in full.json()["error"]
+        first.join(), second.join()
+        assert answers["first"].status_code == answers["second"].status_code == 200
+        assert c.get("/healthz").status_code == 200
+
+
+def test_with_batching_off_predict_and_explain_share_one_model_thread(run_dir, images):
+    with TestClient(create_app(run_dir, batching=False)) as c:
+        batcher = c.app.state.served.batcher
+        slow = batcher.predict_fn = SlowModel(batcher.predict_fn, delay_s=0.01)
+        codes = []
+
+        def one(i: int) -> None:
+            route = "explain" if i % 4 == 0 else "predict"
+            codes.append((route, c.post(f"/v1/models/colours:{route}", json={"instances": [b64(images[i % 6])]}).status_code))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(set(codes)) == [("explain", 200), ("predict", 200)]
+        assert len(slow.threads) == 1 and next(iter(slow.threads)).startswith("cnnkit-model")
+        assert _batch_count(c) == 0  # batching off: no batches recorded
+
+
+_JAX_RACE = textwrap.dedent("""
+    import base64, collections, json, sys, threading
+    from pathlib import Path
+    import numpy as np
+    import cnnkit
+    from fastapi.testclient import TestClient
+    from cnnkit import _progress
+    from cnnkit.serve import create_app
+    _progress.set_progress(False)
+    data, run = Path(sys.argv[1]), Path(sys.argv[2])
+    cnnkit.train(data, run, model="simple", epochs=1, image_size=16, cache_root=run.parent / "cache")
+    bodies = [json.dumps({"instances": [{"b64": base64.b64encode(p.read_bytes()).decode()}]})
+              for p in sorted(data.glob("*/*.png"))[:12]]
+    outcomes = collections.Counter()
+    with TestClient(create_app(run, batching=False), raise_server_exceptions=False) as c:
+        post = lambda route, i: c.post(f"/v1/models/colours:{route}", content=bodies[i],
+                                       headers={"content-type": "application/json"})
+        expected = [post("predict", i).json()["predictions"][0] for i in range(len(bodies))]
+        def worker(k):
+            for j in range(12):
+                i, route = (k + j) % len(bodies), "explain" if (k + j) % 5 == 0 else "predict"
+                r = post(route, i)
+                ok = r.status_code == 200 and (route == "explain" or np.allclose(r.json()["predictions"][0], expected[i], atol=1e-5))
+                outcomes["ok" if ok else f"{route} {r.status_code}"] += 1
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    print(json.dumps(outcomes))
+""")
+
+
+@pytest.mark.slow
+def test_jax_model_calls_never_race(tmp_path):
+    """On JAX, predict_on_batch mutates the model's state: two threads calling it at once failed with
+    "Buffer has been deleted or donated" (a 500). With batching off, :predict and :explain from 16
+    threads must all answer, and correctly."""
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed (pip install 'cnnkit[jax]')")
+    data = write_class_folder(tmp_path / "data", per_class=8)
+    proc = subprocess.run([sys.executable, "-c", _JAX_RACE, str(data), str(tmp_path / "colours")], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ok": 192}
+
+
 def _set_meta_extra(path: Path, extra: dict) -> None:
     """Store calibration in the model's own metadata member, as `cnnkit calibrate` does."""
     import zipfile
@@ -341,8 +450,15 @@ def test_serving_from_the_registry(run_dir, images, tmp_path):
         reg.add(copy, "flowers", stage="production")
     with TestClient(create_app("flowers@production", registry_url=url)) as c:
         assert c.get("/v1/models/flowers").json()["model_version_status"][0]["version"] == "2"
-        assert c.post("/v1/models/flowers/versions/2:predict", json={"instances": [b64(images[0])]}).status_code == 200
-    (copy / "model.keras").write_bytes(b"changed")
+        before = c.post("/v1/models/flowers/versions/2:predict", json={"instances": [b64(images[0])]})
+        assert before.status_code == 200
+    (copy / "model.keras").write_bytes(b"changed")  # the run changes after registration: nothing served does
+    with TestClient(create_app("flowers@production", registry_url=url)) as c:
+        after = c.post("/v1/models/flowers/versions/2:predict", json={"instances": [b64(images[0])]})
+        assert after.json() == before.json()
+    stored = Path(create_app("flowers@production", registry_url=url).state.source.path)
+    stored.chmod(0o644)
+    stored.write_bytes(b"changed")  # the registry's own copy tampered with: refused
     with pytest.raises(RegistryError, match="missing or changed since it was registered"):
         create_app("flowers@production", registry_url=url)
 
@@ -350,6 +466,13 @@ def test_serving_from_the_registry(run_dir, images, tmp_path):
 def test_settings_and_sources_are_checked(run_dir, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="max_batch_size must be >= 1"):
         ServeSettings(max_batch_size=0)
+    with pytest.raises(ConfigError, match="request_timeout_s must be > 0"):
+        ServeSettings(request_timeout_s=0)
+    with pytest.raises(ConfigError, match="max_queue must be >= 1"):
+        ServeSettings(max_queue=0)
+    monkeypatch.setenv("CNNKIT_REQUEST_TIMEOUT_S", "2.5")
+    monkeypatch.setenv("CNNKIT_MAX_QUEUE", "64")
+    assert (ServeSettings.from_env().request_timeout_s, ServeSettings.from_env().max_queue) == (2.5, 64)
     with pytest.raises(RunNotFoundError):
         create_app(tmp_path / "nothing")
     monkeypatch.delenv("CNNKIT_MODEL", raising=False)
@@ -405,6 +528,22 @@ def test_cnnkit_serve_on_a_real_uvicorn(run_dir, images):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_load_benchmark_quick_run(run_dir, tmp_path):
+    """bench/serve_load.py --quick, shortened: no 5xx, no dropped or hung request, no wrong answer."""
+    out = tmp_path / "serve_load.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"),
+                           "--quick", "--seconds", "4", "--clients", "8", "--run", str(run_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["valid_requests"] > 0 and result["by_client"]["predict"]["codes"].keys() == {"200"}
+    assert result["server_errors_5xx"] == result["dropped_or_hung"] == result["wrong_answers"] == 0
+    malformed = result["by_client"]["malformed"]["codes"]
+    assert malformed and all(code.startswith("4") for code in malformed), malformed
+    assert result["rss_mb"]["end"] > 0 and "p99 " in proc.stdout
 
 
 def test_cli_serve_reports_a_missing_model(tmp_path):

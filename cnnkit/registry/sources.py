@@ -1,7 +1,8 @@
 """Registry stage: what ``serve``, ``ui`` and ``docker`` were asked for -> the model file to use.
 
 A source is a run directory, a ``.keras`` file, or a registry reference (``NAME@production``,
-``NAME@3``); a registered artifact is checked against its recorded SHA-256 before use.
+``NAME@3``); a registered artifact (the registry's immutable copy, not the run's file) is checked
+against its recorded SHA-256 before use.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnkit.errors import RegistryError
+from cnnkit.registry.artifacts import local_artifact
 from cnnkit.registry.store import Registry, sha256_file
 from cnnkit.rundir import model_path, run_folder
 
@@ -38,7 +40,7 @@ def resolve_source(source: str | Path, name: str | None = None, registry_url: st
     if "@" in text and not Path(text).exists():
         with Registry(registry_url) as registry:
             version = registry.get(text)
-        path = Path(version.artifact_path)
+        path = local_artifact(version.artifact_path, version.sha256)  # a URL is fetched into the cache
         if not path.is_file() or sha256_file(path) != version.sha256:
             raise RegistryError(f"The artifact of {version.ref} ({path}) is missing or changed since it was registered; "
                                 "refusing to serve it. Run 'cnnkit registry verify' and register the run again.")

@@ -1,10 +1,17 @@
 """Registry stage: the ``Registry``, numbered and staged model versions of run directories in a SQL database.
 
 ``Registry`` records, for each registered version of a model name: version number, creation
-time, the artifact (``model.keras``) path and its SHA-256, architecture, backend, Keras/cnnkit
+time, the artifact and its SHA-256, architecture, backend, Keras/cnnkit
 versions, image size, colour mode, class names, data hash, split sizes, augmentation,
 hyper-parameters, metrics (validation, test, and every ``cnnkit evaluate`` report), stage
 (``none|staging|production|archived``) and notes.
+
+The artifact is immutable: ``add`` copies the run's ``model.keras`` into a content-addressed store
+(``cnnkit.registry.artifacts``: ``<artifact root>/<sha256>/model.keras``, by default ``artifacts/``
+beside the SQLite file or ``$CNNKIT_HOME/artifacts``), and the version points only at that copy, so
+changing the run afterwards (``calibrate``, ``--resume``, a new training) changes nothing served.
+``verify`` re-hashes the copies; deleting the last version that uses a copy removes it. Versions
+registered before the store existed (schema 0001) keep their path into the run folder.
 
 The store is any SQLAlchemy URL: by default a SQLite file ``$CNNKIT_HOME/registry.db``
 (``CNNKIT_HOME`` defaults to ``~/.cnnkit``), or ``CNNKIT_REGISTRY_URL`` / ``url=`` (e.g.
@@ -35,6 +42,7 @@ from typing import Any
 
 from cnnkit.config import cnnkit_home
 from cnnkit.errors import CnnkitError, RegistryError, RunNotFoundError, VersionNotFoundError
+from cnnkit.registry.artifacts import ArtifactStore, artifact_sha256, default_artifact_root, remove_artifact, store_of
 from cnnkit.rundir import MODEL_FILE, RUN_JSON, read_json, read_model_metadata
 
 STAGES = ("none", "staging", "production", "archived")
@@ -49,8 +57,11 @@ class ModelVersion:
     Attributes:
         name, version: ``name@version`` identifies it; versions count from 1 per name.
         created: when it was registered (UTC).
-        artifact_path: absolute path of its ``model.keras``; sha256: the file's SHA-256 at registration.
+        artifact_path: its immutable copy in the artifact store (path or URL); sha256: the copy's SHA-256.
         run_dir: the run directory it came from (None for a bare ``.keras`` file).
+        artifact_stored: True when ``artifact_path`` is the registry's own copy (False for versions
+            registered before the store, which point into their run folder).
+        source_path: the file that was copied (provenance only: it may have changed since).
         stage: "none", "staging", "production" or "archived".
         metrics: ``val_*`` and ``test_*`` from training, plus ``eval`` (report name -> metrics).
     """
@@ -75,6 +86,8 @@ class ModelVersion:
     metrics: dict[str, Any] = field(default_factory=dict)
     stage: str = "none"
     notes: str = ""
+    artifact_stored: bool = False
+    source_path: str | None = None
 
     @property
     def ref(self) -> str:
@@ -138,6 +151,8 @@ class Registry:
 
     Args:
         url: a SQLAlchemy URL; default ``CNNKIT_REGISTRY_URL`` or ``sqlite:///$CNNKIT_HOME/registry.db``.
+        artifact_root: where ``add`` stores the immutable copies: a folder or URL (default
+            ``CNNKIT_ARTIFACT_ROOT``, else ``artifacts/`` beside a SQLite file, else ``$CNNKIT_HOME/artifacts``).
 
     Raises:
         RegistryError: the database cannot be opened or migrated (the URL is in the message).
@@ -149,8 +164,9 @@ class Registry:
         >>> path = registry.get("flowers@production").artifact_path
     """
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, artifact_root: str | Path | None = None) -> None:
         self.url = normalize_url(url or default_url())
+        self.artifact_root = str(artifact_root or default_artifact_root(self.url))
         self._engine = _create_engine(self.url)
         self._migrate()
         self._table = _table()
@@ -189,6 +205,8 @@ class Registry:
     def add(self, run: str | Path, name: str, notes: str = "", stage: str = "none") -> ModelVersion:
         """Register the model of a run directory (or a ``.keras`` file) as a new version of ``name``.
 
+        The model file is copied into the artifact store first; the version points at the copy.
+
         Returns:
             The new ModelVersion (its ``version`` is the next free number for ``name``).
 
@@ -198,11 +216,19 @@ class Registry:
         """
         _check_name(name)
         _check_stage(stage)
-        record = _record_from_run(Path(run))
+        artifact, run_json = _run_files(Path(run))
+        store = ArtifactStore(self.artifact_root)
+        with store.stage(artifact) as (staged, digest):
+            record = _record_from_run(artifact, staged, run_json)
+            # Publish and insert under the store's lock: a concurrent delete of the last version using
+            # this copy cannot remove it between the two.
+            with store.lock():
+                location = store.publish(staged, digest)
+                record.update(artifact_path=location, sha256=digest, artifact_stored=True)
+                version = self._insert(name, record, notes, "none" if stage == "production" else stage)
         if stage == "production":
-            version = self._insert(name, record, notes, "none")
             return self.promote(name, version.version, "production")
-        return self._insert(name, record, notes, stage)
+        return version
 
     def _insert(self, name: str, record: dict[str, Any], notes: str, stage: str) -> ModelVersion:
         from sqlalchemy import func, select
@@ -250,7 +276,10 @@ class Registry:
         return self.get(f"{name}@{version}")
 
     def delete(self, name: str, version: int, force: bool = False) -> ModelVersion:
-        """Remove ``name@version`` from the registry (the artifact file is left alone).
+        """Remove ``name@version`` from the registry, and its stored copy when no other version uses it.
+
+        A version registered before the artifact store (``artifact_stored`` False) never has its file
+        removed: that file is in the run folder.
 
         Raises:
             RegistryError: it is the production version (promote another first, or ``force``).
@@ -260,9 +289,17 @@ class Registry:
             raise RegistryError(f"'{target.ref}' is the production version of '{name}'; refusing to delete it. "
                                 f"Promote another version first (cnnkit registry promote {name}@N --stage production), "
                                 "or archive it (--stage archived).")
+        from sqlalchemy import func, select
+
         t = self._table
-        with self._database(f"delete {target.ref}"), self._engine.begin() as conn:
-            conn.execute(t.delete().where((t.c.name == name) & (t.c.version == version)))
+        store = store_of(target.artifact_path) if target.artifact_stored else None
+        with store.lock() if store else contextlib.nullcontext():
+            with self._database(f"delete {target.ref}"), self._engine.begin() as conn:
+                conn.execute(t.delete().where((t.c.name == name) & (t.c.version == version)))
+                users = conn.execute(select(func.count()).where(
+                    (t.c.artifact_path == target.artifact_path) & t.c.artifact_stored)).scalar()
+            if store and not users:
+                remove_artifact(target.artifact_path)
         return target
 
     # -- reading ---------------------------------------------------------------------------------
@@ -314,16 +351,12 @@ class Registry:
         return _to_version(row._asdict())
 
     def verify(self, name: str | None = None) -> list[VerifyResult]:
-        """Re-hash every artifact (of ``name``); report each as ok, missing or changed."""
+        """Re-hash every version's artifact (its stored copy) of ``name``; report each as ok, missing or changed."""
         results = []
         for v in self.list(name):
-            path = Path(v.artifact_path)
-            if not path.is_file():
-                results.append(VerifyResult(v.ref, v.artifact_path, "missing", v.sha256))
-                continue
-            actual = sha256_file(path)
-            results.append(VerifyResult(v.ref, v.artifact_path, "ok" if actual == v.sha256 else "changed",
-                                        v.sha256, actual))
+            actual = artifact_sha256(v.artifact_path)
+            status = "missing" if actual is None else "ok" if actual == v.sha256 else "changed"
+            results.append(VerifyResult(v.ref, v.artifact_path, status, v.sha256, actual))
         return results
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -406,12 +439,13 @@ def _table():
         sa.Column("image_size", sa.JSON), sa.Column("color_mode", sa.String), sa.Column("class_names", sa.JSON),
         sa.Column("data_hash", sa.String), sa.Column("split_sizes", sa.JSON), sa.Column("augmentation", sa.JSON),
         sa.Column("hyperparameters", sa.JSON), sa.Column("metrics", sa.JSON), sa.Column("stage", sa.String),
-        sa.Column("notes", sa.Text),
+        sa.Column("notes", sa.Text), sa.Column("artifact_stored", sa.Boolean), sa.Column("source_path", sa.Text),
     )
 
 
 def _to_version(row: dict[str, Any]) -> ModelVersion:
     row = {k: v for k, v in row.items() if k != "id"}
+    row["artifact_stored"] = bool(row.get("artifact_stored"))
     created = row["created"]
     if created.tzinfo is None:  # SQLite stores naive datetimes; they were written as UTC
         row["created"] = created.replace(tzinfo=_dt.timezone.utc)
@@ -432,26 +466,29 @@ def _check_stage(stage: str) -> None:
                             + (f" Did you mean '{near[0]}'?" if near else "") + f" Received: stage={stage!r}")
 
 
-def _record_from_run(run: Path) -> dict[str, Any]:
-    """The columns describing a run directory (or a bare ``.keras`` file), from run.json and the model."""
+def _run_files(run: Path) -> tuple[Path, Path]:
+    """(model file, run.json) of a run directory or a bare ``.keras`` file."""
     if run.is_dir():
         artifact, run_json = run / MODEL_FILE, run / RUN_JSON
         if not artifact.is_file():
             raise RunNotFoundError(f"No model.keras in '{run}'. Pass a run directory written by 'cnnkit train'.")
-    elif run.is_file() and run.suffix == ".keras":
-        artifact, run_json = run, run.parent / RUN_JSON
-    else:
-        raise RunNotFoundError(f"No run directory or .keras file at '{run}'. Pass a run written by 'cnnkit train'.")
+        return artifact, run_json
+    if run.is_file() and run.suffix == ".keras":
+        return run, run.parent / RUN_JSON
+    raise RunNotFoundError(f"No run directory or .keras file at '{run}'. Pass a run written by 'cnnkit train'.")
+
+
+def _record_from_run(artifact: Path, staged: Path, run_json: Path) -> dict[str, Any]:
+    """The columns describing a run, from its run.json and the staged copy of its model (what is stored)."""
     try:
-        meta = read_model_metadata(artifact) or {}
+        meta = read_model_metadata(staged) or {}
     except CnnkitError as exc:
-        raise RegistryError(f"{exc} Not registered.") from exc
+        raise RegistryError(f"{str(exc).replace(str(staged), str(artifact))} Not registered.") from exc
     info = read_json(run_json) if run_json.is_file() else {}
     config = info.get("config", {})
     versions = info.get("versions", {})
     return {
-        "artifact_path": str(artifact.resolve()),
-        "sha256": sha256_file(artifact),
+        "source_path": str(artifact.resolve()),
         "run_dir": str(artifact.parent.resolve()) if info else None,
         "architecture": meta.get("architecture") or config.get("model", {}).get("name", "unknown"),
         "backend": versions.get("backend", "unknown"),

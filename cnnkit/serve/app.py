@@ -12,9 +12,10 @@ Routes (``cnnkit.serve.routes``; ``{name}`` is the served model's name, ``{v}`` 
     GET  /healthz  /readyz  /metrics  /docs
 
 The model is loaded and warmed in the lifespan (``/readyz`` answers 503 until then). Images are
-decoded on worker threads by ``Predictor.load`` (the training decode); model calls go through a
-``MicroBatcher`` unless batching is off. Every bad request is a 4xx ``{"error": "..."}``, mapped
-here in one place. The ``CNNKIT_*`` variables are read here, once.
+decoded on worker threads by ``Predictor.load`` (the training decode); every model call goes
+through one bounded queue on one thread (``MicroBatcher``: 429 when full, 504 past the deadline,
+503 while shutting down). Every bad request is a 4xx ``{"error": "..."}``, mapped here in one
+place. The ``CNNKIT_*`` variables are read here, once.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cnnkit.errors import CnnkitError, ConfigError, DataError
 from cnnkit.registry import resolve_source
-from cnnkit.serve.batching import MicroBatcher
 from cnnkit.serve.inputs import RequestError
 from cnnkit.serve.prometheus import MeasureRequests, Metrics
 from cnnkit.serve.routes import router
@@ -77,14 +77,10 @@ def create_app(
     async def lifespan(app: FastAPI):
         served = await run_in_threadpool(Served, resolved, settings)
         await run_in_threadpool(served.warm_up)
-        if settings.batching:
-            served.batcher = MicroBatcher(served.predictor.predict_arrays, settings.max_batch_size,
-                                          settings.max_wait_ms, on_batch=metrics.batch_size.observe)
-            await served.batcher.start()
+        await served.start(on_batch=metrics.batch_size.observe)
         app.state.served, served.ready = served, True
         yield
-        if served.batcher is not None:
-            await served.batcher.stop()
+        await served.stop()  # answers what is queued (up to shutdown_timeout_s), refuses the rest with 503
 
     app = FastAPI(title=f"cnnkit: {resolved.name}", version=resolved.version, lifespan=lifespan,
                   description="TensorFlow-Serving-compatible REST API for a cnnkit image classifier.")
@@ -103,7 +99,9 @@ def _error(status: int, message: str) -> JSONResponse:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        response = _error(exc.status, exc.message)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(CnnkitError)
     async def _cnnkit_error(request: Request, exc: CnnkitError) -> JSONResponse:
@@ -117,7 +115,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # a bug: say so, keep serving

@@ -28,17 +28,25 @@ from cnnkit.data.decode import DecodeError
 from cnnkit.predict import Predictor
 
 INPUT_SCALES = ("0-255", "0-1")
+# A pixel-array body nests 5 deep ({"instances": [image [row [pixel [channel]]]]}), a columnar one 6;
+# past 32 it is no image. Bounding the depth before parsing keeps the decoder far from Python's
+# recursion limit: a body nested 5,000 deep made json.loads raise RecursionError (a 500).
+MAX_JSON_DEPTH = 32
+_BRACKETS_ONLY = bytes(c for c in range(256) if c not in b"[]{}")
+_DEPTH_STEP = np.zeros(256, np.int8)
+_DEPTH_STEP[list(b"[{")], _DEPTH_STEP[list(b"]}")] = 1, -1
 _KEYS = {"instances", "inputs", "signature_name", "input_scale", "top_k"}
 _EXAMPLE = '{"instances": [{"b64": "<base64 JPEG/PNG bytes>"}]}'
 
 
 class RequestError(Exception):
-    """A bad request: ``status`` (4xx) and a message saying what to send instead."""
+    """A request the service cannot answer: ``status`` (4xx, or 503/504), a message saying what to do, headers."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 @dataclass
@@ -55,12 +63,16 @@ def parse_body(body: bytes, max_instances: int) -> PredictRequest:
     """Parse and check the JSON shape of a ``:predict`` body.
 
     Raises:
-        RequestError: 400 for invalid JSON, a wrong shape, no or too many instances.
+        RequestError: 400 for invalid JSON, JSON nested deeper than ``MAX_JSON_DEPTH``, a wrong shape,
+            no or too many instances.
     """
+    _check_depth(body)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"The request body is not valid JSON ({exc}). Send e.g. {_EXAMPLE}") from None
+    except RecursionError:  # the depth check counts brackets; this is the decoder's own limit, never a 500
+        raise _too_deep(None) from None
     if not isinstance(data, dict):
         raise RequestError(400, f"The request body must be a JSON object, e.g. {_EXAMPLE}. "
                                 f"Received: a JSON {type(data).__name__}")
@@ -87,6 +99,26 @@ def parse_body(body: bytes, max_instances: int) -> PredictRequest:
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise RequestError(400, f"'top_k' must be a positive integer. Received: top_k={top_k!r}")
     return PredictRequest(instances, columnar, scale, top_k)
+
+
+def _check_depth(body: bytes) -> None:
+    """400 when ``body``'s brackets nest deeper than ``MAX_JSON_DEPTH`` (counted in C, before any parsing).
+
+    Brackets inside strings count too: a valid request's strings (base64, "0-1") hold none, so this
+    can only refuse a malformed body sooner.
+    """
+    brackets = body.translate(None, _BRACKETS_ONLY)
+    if len(brackets) <= MAX_JSON_DEPTH:
+        return
+    depth = int(np.cumsum(_DEPTH_STEP[np.frombuffer(brackets, np.uint8)], dtype=np.int64).max())
+    if depth > MAX_JSON_DEPTH:
+        raise _too_deep(depth)
+
+
+def _too_deep(depth: int | None) -> RequestError:
+    return RequestError(400, f"The request body nests JSON {depth or 'too many'} levels deep; an image request needs "
+                             f"at most 6 and the server reads at most {MAX_JSON_DEPTH}. Send e.g. {_EXAMPLE}. "
+                             f"Received: depth={depth or 'over the decoder limit'}")
 
 
 def _columns_to_rows(inputs: Any) -> Any:

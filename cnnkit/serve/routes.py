@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from cnnkit.plots import overlay, png_base64
 from cnnkit.predict import UNKNOWN_LABEL
@@ -50,6 +50,46 @@ _BODY_DOC = {
         }}},
     }
 }
+
+
+_UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {"file": {"type": "string", "format": "binary", "description": "An image file; send "
+                                    "several files under any field names."}},
+            "required": ["file"],
+        }}},
+    }
+}
+
+
+class ErrorResponse(BaseModel):
+    """Every error: what is wrong and what to send instead."""
+
+    error: str
+
+
+# Declared for every route, so clients (and the schema tests) know each status a route may answer.
+_ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "Bad request: invalid JSON (or nested too deeply), base64, image, shape or parameter",
+    404: "No such model or version here",
+    405: "Method not allowed",
+    413: "Request body over max_body_bytes",
+    415: "Unsupported content type",
+    422: "The request's images cannot be used",
+    429: "Overloaded: the model queue is full; retry after the Retry-After header's seconds",
+    500: "A bug in the server (never a bad request or load)",
+    503: "Loading, or shutting down",
+    504: "No answer within request_timeout_s",
+}.items()}
+
+
+class Readiness(BaseModel):
+    status: str
+    model: str | None = None
+    version: str | None = None
 
 
 class PredictResponse(BaseModel):
@@ -119,7 +159,21 @@ def version_served(name: str, version: str, source: SourceDep) -> None:
                                 f"serves version {source.version}.")
 
 
-router = APIRouter()
+class _NoVerb(Convertor):
+    """A path segment without ':', which TF Serving puts before a verb: the status routes then never
+    match ``/v1/models/x:predict``, so other methods on it get 405 with ``Allow: POST``, not ``GET``."""
+
+    regex = "[^/:]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("noverb", _NoVerb())
+router = APIRouter(responses=_ERRORS)
 _MODEL = [Depends(model_named)]
 _VERSION = [Depends(version_served)]
 
@@ -143,13 +197,13 @@ def _status(source: ModelSource) -> dict[str, Any]:
 # -- TensorFlow Serving's REST API ---------------------------------------------------------------------
 
 
-@router.get("/v1/models/{name}", tags=["TensorFlow Serving"], dependencies=_MODEL)
+@router.get("/v1/models/{name:noverb}", tags=["TensorFlow Serving"], dependencies=_MODEL)
 async def model_status(source: SourceDep, served: ServedDep) -> dict[str, Any]:
     """Model status, as TF Serving reports it."""
     return _status(source)
 
 
-@router.get("/v1/models/{name}/versions/{version}", tags=["TensorFlow Serving"], dependencies=_VERSION)
+@router.get("/v1/models/{name}/versions/{version:noverb}", tags=["TensorFlow Serving"], dependencies=_VERSION)
 async def model_version_status(source: SourceDep, served: ServedDep) -> dict[str, Any]:
     return _status(source)
 
@@ -226,7 +280,7 @@ async def model_explain(request: Request, served: ServedDep, settings: SettingsD
     _, images = await _decoded(request, served, settings, metrics)
     probs = await served.predict(images)
     best = probs.argmax(axis=1)
-    heatmaps, _, layer = await run_in_threadpool(compute_gradcam, served.predictor.model, images, best)
+    heatmaps, _, layer = await served.run_alone(compute_gradcam, served.predictor.model, images, best)
     results = []
     for image, heatmap, index, row in zip(images, heatmaps, best, probs):
         results.append({"class_name": served.predictor.class_names[int(index)], "class_index": int(index),
@@ -239,7 +293,7 @@ async def model_explain(request: Request, served: ServedDep, settings: SettingsD
 # -- plain file upload ------------------------------------------------------------------------------
 
 
-@router.post("/predict", tags=["friendly"], response_model=FriendlyResponse)
+@router.post("/predict", tags=["friendly"], response_model=FriendlyResponse, openapi_extra=_UPLOAD_DOC)
 async def predict_files(request: Request, source: SourceDep, served: ServedDep, settings: SettingsDep,
                         metrics: MetricsDep,
                         top_k: int = Query(3, ge=1, description="Classes listed per image.")) -> JSONResponse:
@@ -271,7 +325,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["operations"])
+@router.get("/readyz", tags=["operations"], response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(request: Request, source: SourceDep) -> JSONResponse:
     """Readiness: the model is loaded and warmed (503 before)."""
     state = request.app.state.served

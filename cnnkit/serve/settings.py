@@ -23,6 +23,13 @@ class ServeSettings:
         max_pixels: images with more pixels are refused as decompression bombs (``CNNKIT_MAX_PIXELS``;
             default: the model's own limit).
         top_k: classes listed by ``:classify`` and ``/predict`` by default.
+        max_queue: most images waiting for the model; a request that would pass it gets 429 with
+            ``Retry-After`` at once (``CNNKIT_MAX_QUEUE``). 512 is about two seconds of a small CNN on
+            two CPU cores; raise it for fast models, lower it to shed load sooner.
+        request_timeout_s: a request not answered this many seconds after its images were queued for
+            the model gets 504 (``CNNKIT_REQUEST_TIMEOUT_S``).
+        shutdown_timeout_s: on shutdown, how long queued requests are still answered; the rest get
+            503 (``CNNKIT_SHUTDOWN_TIMEOUT_S``).
     """
 
     max_batch_size: int = 32
@@ -32,13 +39,20 @@ class ServeSettings:
     max_instances: int = 256
     max_pixels: int | None = None
     top_k: int = 5
+    max_queue: int = 512
+    request_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for key in ("max_batch_size", "max_body_bytes", "max_instances", "top_k"):
+        for key in ("max_batch_size", "max_body_bytes", "max_instances", "top_k", "max_queue"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"Serve setting {key} must be >= 1. Received: {key}={getattr(self, key)}")
-        if self.max_wait_ms < 0:
-            raise ConfigError(f"Serve setting max_wait_ms must be >= 0. Received: max_wait_ms={self.max_wait_ms}")
+        for key in ("max_wait_ms", "shutdown_timeout_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"Serve setting {key} must be >= 0. Received: {key}={getattr(self, key)}")
+        if not self.request_timeout_s > 0:
+            raise ConfigError("Serve setting request_timeout_s must be > 0 seconds. "
+                              f"Received: request_timeout_s={self.request_timeout_s}")
 
     @classmethod
     def from_env(cls, **given: Any) -> ServeSettings:
@@ -51,7 +65,7 @@ class ServeSettings:
                 raw = os.environ[f"CNNKIT_{f.name.upper()}"]
                 try:
                     values[f.name] = raw.lower() in ("1", "true", "yes", "on") if f.name == "batching" else (
-                        float(raw) if f.name == "max_wait_ms" else int(raw))
+                        float(raw) if f.type == "float" else int(raw))
                 except ValueError:
                     raise ConfigError(f"Environment variable CNNKIT_{f.name.upper()} must be a number. "
                                       f"Received: {raw!r}") from None

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 from cnnkit.models.saving import load_model
 from cnnkit.predict import Predictor
 from cnnkit.registry import ModelSource
 from cnnkit.serve.batching import MicroBatcher
+from cnnkit.serve.inputs import RequestError
 from cnnkit.serve.settings import ServeSettings
 
 
@@ -43,8 +45,31 @@ class Served:
         for n in sorted({1, self.settings.max_batch_size}):
             self.predictor.predict_arrays(np.zeros((n, *self.predictor.input_shape), np.uint8))
 
-    async def predict(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities (N, num_classes), micro-batched with other requests when batching is on."""
+    async def start(self, on_batch: Callable[[int], None] | None = None) -> None:
+        """Start the model queue: micro-batches, or one request per model call with batching off (no ``on_batch``).
+
+        Either way every model call runs on the queue's one thread, behind its bound and deadline.
+        """
+        s = self.settings
+        self.batcher = MicroBatcher(self.predictor.predict_arrays, s.max_batch_size if s.batching else 1,
+                                    s.max_wait_ms if s.batching else 0.0, on_batch if s.batching else None,
+                                    max_queue=s.max_queue, timeout_s=s.request_timeout_s)
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        """Refuse new requests; answer the queued ones for up to ``shutdown_timeout_s``, then refuse the rest."""
         if self.batcher is not None:
-            return await self.batcher.predict(images)
-        return await run_in_threadpool(self.predictor.predict_arrays, images)
+            await self.batcher.stop(self.settings.shutdown_timeout_s)
+
+    async def predict(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities (N, num_classes), through the model queue (micro-batched when on)."""
+        return await self._queue().predict(images)
+
+    async def run_alone(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the model thread, alone: for model work other than ``predict`` (Grad-CAM)."""
+        return await self._queue().run_alone(fn, *args)
+
+    def _queue(self) -> MicroBatcher:
+        if self.batcher is None:
+            raise RequestError(503, "The model is still loading; retry when /readyz answers 200.")
+        return self.batcher
