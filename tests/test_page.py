@@ -313,6 +313,7 @@ class Tab:
         self.context.route("**/*", self._route)
         self.page = self.context.new_page()
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        self.page.on("console", lambda m: self.errors.append(m.text) if "Content Security Policy" in m.text else None)
         self.page.goto(origin + "/")
         self.page.wait_for_selector("#choose:not([disabled])", timeout=30_000)
         self.page.wait_for_selector("#card-facts dt", timeout=30_000)
@@ -351,7 +352,8 @@ class Tab:
     def close(self) -> None:
         assert self.errors == [], self.errors
         assert self.outside == [], f"requests left 127.0.0.1: {self.outside}"
-        assert self.requests and all(u.startswith(self.origin + "/") for u in self.requests), self.requests
+        assert all(u.startswith(self.origin + "/") for u in self.requests), self.requests
+        assert {"/", "/static/page.js", "/readyz"} <= {u[len(self.origin):] for u in self.requests}  # it saw them
         self.context.close()
 
 
