@@ -4,14 +4,13 @@ real browser (Debian's Chromium driven by Playwright) against a real ``cnnkit se
 The browser tests skip, saying why, when Playwright or Chromium is missing (``apt-get install chromium``;
 ``pip install -e ".[test]"`` brings Playwright; no browser is ever downloaded). Screenshots and timings are
 written under pytest's tmp dir (the path is printed); ``CNNKIT_UI_SCREENSHOT=1`` also copies the desktop
-screenshot to docs/ui.png for the README.
+screenshot to docs/ui.png for the README; ``CNNKIT_TEST_ARTEFACTS=DIR`` keeps them all in DIR.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import html.parser
-import io
 import json
 import os
 import re
@@ -140,7 +139,7 @@ def test_nothing_on_the_page_comes_from_another_host():
     assert sorted(parser.urls) == ["#results-heading", "/static/page.css", "/static/page.js", "data:,"]
     for path in STATIC.iterdir():
         text = path.read_text(encoding="utf-8")
-        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, flags=re.I), path.name
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, flags=re.IGNORECASE), path.name
         assert "@import" not in text and "url(" not in text, path.name
 
 
@@ -296,7 +295,10 @@ def chromium():
 
 @pytest.fixture(scope="module")
 def artefacts(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("page-artefacts")
+    """Screenshots and timings: under pytest's tmp dir, or ``CNNKIT_TEST_ARTEFACTS`` to keep them."""
+    kept = os.environ.get("CNNKIT_TEST_ARTEFACTS")
+    folder = Path(kept) if kept else tmp_path_factory.mktemp("page-artefacts")
+    folder.mkdir(parents=True, exist_ok=True)
     print(f"\npage screenshots and timings: {folder}")
     return folder
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
@@ -49,7 +50,7 @@ router = APIRouter()
 
 
 @router.api_route("/", methods=["GET", "HEAD"], tags=["page"], include_in_schema=False)
-async def page() -> FileResponse:
+async def index() -> FileResponse:
     """The web page."""
     return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
                         headers={**_HEADERS, "Content-Security-Policy": _PAGE_POLICY})

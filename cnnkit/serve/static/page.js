@@ -147,7 +147,8 @@
     const { q, node } = item;
     node.dataset.state = "error";
     const box = q(".error");
-    box.replaceChildren(strong(`${kind}:`), ` ${message}`);
+    const named = `'${item.file.name}': `;  // the API names the file; here its name is just above
+    box.replaceChildren(strong(`${kind}:`), ` ${message.startsWith(named) ? message.slice(named.length) : message}`);
     box.hidden = false;
     q(".verdict").hidden = true;
   }
@@ -289,8 +290,8 @@
       ["Data hash", card.data_hash || "unknown", "mono"],
       ["Abstains below", card.calibration.min_confidence == null ? "never (not calibrated with a threshold)"
         : percent(card.calibration.min_confidence)],
-      ["Temperature", String(card.calibration.temperature)],
-      ["Request limit", `${(card.limits.max_body_bytes / 1048576).toFixed(1)} MiB, ${card.limits.max_instances} images`],
+      ["Temperature", String(Number(card.calibration.temperature.toPrecision(4)))],
+      ["Request limit", `${size(card.limits.max_body_bytes)}, ${card.limits.max_instances} images`],
     ];
     el("card-facts").replaceChildren(...facts.filter(([, v]) => v != null).flatMap(([k, v, cls]) => {
       const dt = document.createElement("dt");
@@ -346,6 +347,10 @@
     if (/accuracy|precision|recall|f1|coverage/.test(key) && value >= 0 && value <= 1) return percent(value);
     if (Number.isInteger(value)) return String(value);
     return String(Number(value.toPrecision(4)));
+  }
+
+  function size(bytes) {
+    return bytes >= 1048576 ? `${Number((bytes / 1048576).toPrecision(3))} MiB` : `${Math.round(bytes / 1024)} KiB`;
   }
 
   function date(text) { return text ? text.replace("T", " ").replace(/\+00:00$/, " UTC") : "unknown"; }
