@@ -706,6 +706,29 @@ def serve(
     uvicorn.run(api, host=host, port=port, log_level=log_level)
 
 
+@app.command()
+@_handle_errors
+def ui(
+    source: Annotated[str, typer.Argument(help="Run directory, .keras file, or NAME@production / NAME@VERSION.")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 0,
+    browser: Annotated[bool, typer.Option("--browser/--no-browser", help="Open the page (--no-browser: print its URL).")] = True,
+    registry_url: _RegistryUrl = None,
+) -> None:
+    """Open the web page for a model: drop images, see predictions, Grad-CAM and the model card (Ctrl-C stops)."""
+    _import_keras_quietly()
+    import webbrowser
+
+    from cnnkit.serve import create_app
+    from cnnkit.serve.page import serve_locally
+
+    def ready(url: str) -> None:
+        typer.echo(url)
+        if browser and not webbrowser.open(url):
+            _error(f"no web browser found; open {url} yourself.")
+
+    serve_locally(create_app(source, registry_url=registry_url), port=port, on_ready=ready)
+
+
 # -- export -----------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ Routes (``cnnkit.serve.routes``; ``{name}`` is the served model's name, ``{v}`` 
     POST /v1/models/{name}:explain          Grad-CAM PNGs (base64)
     POST /predict                           multipart image files (?top_k=) -> label, confidence, top-k
     GET  /healthz  /readyz  /metrics  /docs
+    GET  /   /v1/models/{name}/card   /v1/models/{name}/reports/{report}   the web page (``cnnkit.serve.page``)
 
 The model is loaded and warmed in the lifespan (``/readyz`` answers 503 until then). Images are
 decoded on worker threads by ``Predictor.load`` (the training decode); every model call goes
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cnnkit.errors import CnnkitError, ConfigError, DataError
 from cnnkit.registry import resolve_source
 from cnnkit.serve.inputs import RequestError
+from cnnkit.serve.page import router as page_router
 from cnnkit.serve.prometheus import MeasureRequests, Metrics
 from cnnkit.serve.routes import router
 from cnnkit.serve.settings import ServeSettings
@@ -69,8 +71,8 @@ def create_app(
         raise ConfigError("No model to serve: pass a run directory, a .keras file or NAME@production "
                           "(or set CNNKIT_MODEL).")
     settings = settings or ServeSettings.from_env(**setting_overrides)
-    resolved = resolve_source(source, name or os.environ.get("CNNKIT_MODEL_NAME"),
-                              registry_url or os.environ.get("CNNKIT_REGISTRY_URL"))
+    registry_url = registry_url or os.environ.get("CNNKIT_REGISTRY_URL")
+    resolved = resolve_source(source, name or os.environ.get("CNNKIT_MODEL_NAME"), registry_url)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -86,9 +88,11 @@ def create_app(
                   description="TensorFlow-Serving-compatible REST API for a cnnkit image classifier.")
     app.state.served = None
     app.state.source, app.state.settings, app.state.metrics = resolved, settings, metrics
+    app.state.registry_url = registry_url  # the page's model card reads the version's row (and its stage)
     _add_error_handlers(app)
     app.add_middleware(MeasureRequests, metrics=metrics)
     app.include_router(router)
+    app.include_router(page_router)
     return app
 
 

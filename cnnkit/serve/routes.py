@@ -72,7 +72,7 @@ class ErrorResponse(BaseModel):
 
 
 # Declared for every route, so clients (and the schema tests) know each status a route may answer.
-_ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "Bad request: invalid JSON (or nested too deeply), base64, image, shape or parameter",
     404: "No such model or version here",
     405: "Method not allowed",
@@ -173,7 +173,7 @@ class _NoVerb(Convertor):
 
 
 register_url_convertor("noverb", _NoVerb())
-router = APIRouter(responses=_ERRORS)
+router = APIRouter(responses=ERRORS)
 _MODEL = [Depends(model_named)]
 _VERSION = [Depends(version_served)]
 
