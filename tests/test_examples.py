@@ -54,13 +54,22 @@ def test_readme_python_examples_run(world):
     assert (world / "runs" / "first" / "eval" / "test" / "metrics.json").is_file()  # cnnkit.evaluate ran
 
 
+# Packages that only optional extras bring; a module that needs one is skipped where it is missing.
+OPTIONAL_PACKAGES = {"torch", "jax", "jaxlib", "ray", "onnxruntime", "tf2onnx", "onnx"}
+
+
 def _docstring_examples() -> list[doctest.DocTest]:
     finder = doctest.DocTestFinder(exclude_empty=True)
     tests = []
     for info in pkgutil.walk_packages(cnnkit.__path__, prefix="cnnkit."):
         if ".registry.migrations" in info.name:
             continue
-        module = __import__(info.name, fromlist=["_"])
+        try:
+            module = __import__(info.name, fromlist=["_"])
+        except ModuleNotFoundError as error:  # a shim for a backend or extra this machine lacks
+            if (error.name or "").split(".")[0] in OPTIONAL_PACKAGES:
+                continue
+            raise
         tests += [t for t in finder.find(module, info.name, extraglobs={"cnnkit": cnnkit}) if t.examples]
     tests += [t for t in finder.find(cnnkit, "cnnkit") if t.examples and t.name == "cnnkit"]
     return sorted(tests, key=lambda t: t.name)
