@@ -138,8 +138,8 @@ class ModelConfig:
         head_width: backbones only: units of a hidden Dense(relu) layer in the head; 0 = none.
         dropout: backbones only: dropout rate before the classifier.
         width: fast only: "small" (stem 24, blocks 32-64-128), "medium" (32, 48-96-192), "large"
-            (32, 64-128-256) or "auto": medium, or under a time budget the width that budget
-            affords (``cnnkit.models.fast.width_for_budget``).
+            (32, 64-128-256) or "auto": medium, or under a time budget the widest width that
+            the budget affords at the speed measured on this machine (``cnnkit.training.budget``).
         upscale_size: backbones only: inputs smaller than this (in pixels, per side) are upscaled
             inside the model; they always are to the backbone's minimum of 32. ``None`` = 32.
     """

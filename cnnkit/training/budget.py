@@ -1,58 +1,224 @@
-"""Training stage: ``--time-budget``, a wall-clock budget for a whole run.
+"""Training stage: ``--time-budget``, a wall-clock budget for a whole run, kept on any machine.
 
-``TimeBudget`` is a callback: the one-cycle rate follows the fraction of the wall-clock budget used
-instead of the step count, and training stops when the budget is spent, so the schedule fits the
-budget whatever the machine's speed (or its swings) turns out to be. The reserve for the work after
-training (BatchNorm re-estimation, final evaluation, saving) is re-measured from the first
-validation pass. ``fast_width`` picks ``fast``'s width from what the budget affords per image.
+A budget is a promise: the run (decoding, training, final evaluation, saving) ends within a few
+seconds of the time asked, on a fast CPU or one five times slower. Nothing here reads a table
+measured on another machine:
+
+* ``measure_throughput`` times a few real training steps and one inference pass of a model on
+  this machine, in the precision it will train in (images per second).
+* ``plan_budget`` does it for each candidate width of ``fast`` (narrowest first, skipping widths
+  that could not pay off even at the narrower one's speed), picks the widest width whose
+  affordable epochs reach ``cnnkit.models.fast.MIN_EPOCHS``, and says why. It prices the work after
+  training (BatchNorm re-estimation, the final evaluation with its flip views, one last validation
+  pass) from the measured inference speed, and keeps that much in reserve.
+* ``TimeBudget``, a callback, fits the one-cycle rate to the fraction of the training time used,
+  and stops at the last step that still fits (an epoch's last step counts its validation pass).
+  It re-measures the inference speed on every validation pass after the first (which compiles) and
+  the time an epoch spends on checkpoints, so a slow or noisy machine moves the reserve, not the
+  deadline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import keras
 
 from cnnkit._progress import say
 from cnnkit.config import RunConfig
+from cnnkit.data.batches import ArrayBatches
 from cnnkit.data.dataset import LoadedData
 from cnnkit.errors import ConfigError
 from cnnkit.models.augment import trains_with_flips
-from cnnkit.training.fitting import BATCHNORM_IMAGES
-from cnnkit.training.optim import onecycle_rate
+from cnnkit.models.fast import MIN_EPOCHS
+from cnnkit.training.fitting import BATCHNORM_IMAGES, build_for_training
+from cnnkit.training.optim import make_loss, make_optimizer, onecycle_rate
 
 # Under a time budget, epochs are not planned: training stops when the budget is spent.
 BUDGET_MAX_EPOCHS = 100_000
+# Seconds for saving the model, history and curves after the final evaluation.
+SAVE_SECONDS = 4.0
+# Timed training steps per throughput probe (after one step that compiles).
+PROBE_STEPS = 2
+# Measuring widths may take this share of the budget; a wider width's probe costs up to this
+# factor of the narrower one's.
+PROBE_SHARE = 0.08
+PROBE_GROWTH = 1.5
+# A forward pass in training mode (BatchNorm re-estimation) against one in inference mode.
+TRAINING_FORWARD_COST = 1.5
+# Margin on the priced work after training: predictions of the speed are not exact.
+RESERVE_MARGIN = 1.15
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """A model's speed on this machine, measured on real batches."""
+
+    train: float  # training images per second
+    predict: float  # inference images per second
+    seconds: float  # what the measurement cost (building and compiling included)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"train_images_per_s": round(self.train, 1), "predict_images_per_s": round(self.predict, 1),
+                "probe_seconds": round(self.seconds, 2)}
+
+
+def measure_throughput(model: keras.Model, batches: ArrayBatches, cfg: RunConfig, started: float | None = None,
+                       steps: int = PROBE_STEPS) -> Throughput:
+    """Time ``steps`` training steps and as many inference passes of ``model`` on real batches.
+
+    Fetching each batch (reading the cache, augmenting) is timed with it, as in training. The model
+    is compiled here (with the run's optimizer and loss) and trained by these steps: use a throw-away
+    copy. A first step and a first inference pass compile and are not timed.
+    """
+    started = time.monotonic() if started is None else started
+    model.compile(optimizer=make_optimizer(cfg.train, 1e-3, 1, schedule="plateau"),
+                  loss=make_loss(cfg.train.label_smoothing))
+
+    def timed(step) -> float:
+        step(*batches[0])  # compiles
+        images = 0
+        tick = time.monotonic()
+        for index in range(1, steps + 1):
+            batch = batches[index % len(batches)]
+            step(*batch)
+            images += len(batch[0])
+        return images / max(time.monotonic() - tick, 1e-9)
+
+    train = timed(model.train_on_batch)
+    predict = timed(lambda images, labels: keras.ops.convert_to_numpy(model.predict_on_batch(images)))
+    return Throughput(train, predict, time.monotonic() - started)
+
+
+@dataclass
+class BudgetPlan:
+    """What a time budget measured and decided; recorded in run.json as ``time_budget``."""
+
+    seconds: float
+    train_images: int
+    validation_images: int
+    after_training_images: float  # inference-equivalent images after training
+    probes: dict[str, Throughput] = field(default_factory=dict)
+    width: str | None = None
+    reason: str = ""
+
+    def reserve(self, predict_rate: float) -> float:
+        """Seconds kept for the work after training, at ``predict_rate`` images per second."""
+        last_validation = self.validation_images
+        return (self.after_training_images + last_validation) / max(predict_rate, 1e-9) * RESERVE_MARGIN + SAVE_SECONDS
+
+    def epochs_affordable(self, rate: Throughput, seconds_left: float) -> float:
+        """Epochs (with their validation passes) that ``seconds_left`` buys at ``rate``."""
+        training = seconds_left - self.reserve(rate.predict)
+        epoch = self.train_images / max(rate.train, 1e-9) + self.validation_images / max(rate.predict, 1e-9)
+        return max(training, 0.0) / max(epoch, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "width": self.width, "reason": self.reason,
+                "probes": {name: rate.to_dict() for name, rate in self.probes.items()}}
+
+
+def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy: str,
+                deadline: float) -> tuple[RunConfig, BudgetPlan]:
+    """Measure this machine and plan the run: for ``fast`` with width "auto", the width; else the model.
+
+    Returns the configuration to train (the width filled in) and the plan. Probes are throw-away
+    models; the caller seeds again before building the real one.
+    """
+    views = 2 if trains_with_flips(cfg.train.augment) else 1
+    sizes = {split: len(data.split_rows(split)[0]) for split in ("train", "validation", "test")}
+    after = ((sizes["validation"] + sizes["test"]) * views
+             + TRAINING_FORWARD_COST * min(BATCHNORM_IMAGES, sizes["train"]))
+    plan = BudgetPlan(cfg.train.time_budget, sizes["train"], sizes["validation"], after)
+    num_classes = len(data.class_names)
+    auto = cfg.model.name == "fast" and cfg.model.width == "auto"
+
+    def probe(width: str | None) -> Throughput:
+        probe_cfg = cfg if width is None else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width))
+        started = time.monotonic()
+        model = build_for_training(probe_cfg, num_classes, policy)
+        rate = measure_throughput(model, train_ds, probe_cfg, started)
+        del model
+        gc.collect()
+        return rate
+
+    if not auto:
+        rate = plan.probes[cfg.model.name] = probe(None)
+        epochs = plan.epochs_affordable(rate, deadline - time.monotonic())
+        plan.reason = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here"
+        return cfg, plan
+    width = choose_width(plan, probe, deadline)
+    rate = plan.probes[width]
+    epochs = plan.epochs_affordable(rate, deadline - time.monotonic())
+    wider = [w for w in MIN_EPOCHS if MIN_EPOCHS[w] > MIN_EPOCHS[width]]
+    why = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here" + (
+        f"; {wider[0]} needs {MIN_EPOCHS[wider[0]]:g} to pay off" if wider else "")
+    plan.width, plan.reason = width, f"width {width}: {why}"
+    say(f"model width for this budget: [bold]{width}[/] ({why}; --width to choose)")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width)), plan
+
+
+def choose_width(plan: BudgetPlan, probe: Callable[[str], Throughput], deadline: float) -> str:
+    """The widest width of ``fast`` whose affordable epochs reach its ``MIN_EPOCHS``, probing as needed.
+
+    Widths are probed narrowest first (``probe(width)`` measures one, and its cost comes out of the
+    budget); a wider one is not probed when even the narrower one's speed could not buy its epochs,
+    or when its probe would take measuring past ``PROBE_SHARE`` of the budget.
+    """
+    chosen: str | None = None
+    for width in sorted(MIN_EPOCHS, key=MIN_EPOCHS.get):
+        if chosen is not None and \
+                plan.epochs_affordable(plan.probes[chosen], deadline - time.monotonic()) < MIN_EPOCHS[width]:
+            break  # a wider model is slower: it cannot buy its epochs if the narrower one could not
+        spent = sum(rate.seconds for rate in plan.probes.values())
+        if chosen is not None and spent + PROBE_GROWTH * plan.probes[chosen].seconds > PROBE_SHARE * plan.seconds:
+            break  # measuring may take only a small share of the budget
+        plan.probes[width] = probe(width)
+        if chosen is not None and \
+                plan.epochs_affordable(plan.probes[width], deadline - time.monotonic()) < MIN_EPOCHS[width]:
+            break
+        chosen = width
+    assert chosen is not None
+    return chosen
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Fits the one-cycle schedule to a wall-clock budget and stops training when it is spent.
+    """Fits the one-cycle schedule to a wall-clock budget and stops training at the last step that fits.
 
     Args:
         deadline: ``time.monotonic()`` value by which ``cnnkit train`` must be done.
         learning_rate: the peak rate of the one-cycle schedule.
-        reserve: seconds kept for the work after training (BatchNorm re-estimation, final
-            evaluation, saving); refined from the measured speed of the first validation pass.
-        after_training_images: images passed forward after training (for that estimate).
-        validation_images: images of one validation pass (0: none).
+        plan: the budget's plan (it prices the work after training).
+        predict_rate: measured inference images per second (refined on later validation passes).
     """
 
-    def __init__(self, deadline: float, learning_rate: float, reserve: float, after_training_images: int,
-                 validation_images: int = 0) -> None:
+    def __init__(self, deadline: float, learning_rate: float, plan: BudgetPlan, predict_rate: float) -> None:
         super().__init__()
-        self.deadline, self.learning_rate, self.reserve = deadline, learning_rate, reserve
-        self.after_training_images, self.validation_images = after_training_images, validation_images
-        self.reserve_measured = False
-        # A first validation pass includes compiling: never let its estimate eat the budget.
-        self.max_reserve = max(reserve, 0.25 * (deadline - time.monotonic()))
+        self.deadline, self.learning_rate, self.plan = deadline, learning_rate, plan
+        self.predict_rate = predict_rate
         self.started: float | None = None
         self.steps = 0
         self.last_rate = 0.0  # the rate of the last step taken
+        self.step_seconds = 0.0  # a running estimate of one step
+        self._last_tick = 0.0
         self._test_started = 0.0
+        self._epoch_started = 0.0
+        self._test_ended = 0.0
+        self._validation_passes = 0
+        self.epoch_overhead = 0.0  # seconds an epoch spends outside its steps and validation (checkpoints)
+
+    @property
+    def reserve(self) -> float:
+        """The work after training, and the checkpoints of the epoch that stops."""
+        return self.plan.reserve(self.predict_rate) + self.epoch_overhead
 
     @property
     def end(self) -> float:
+        """When training must stop for the rest of the run to end by the deadline."""
         return self.deadline - self.reserve
 
     def progress(self, now: float | None = None) -> float:
@@ -64,9 +230,13 @@ class TimeBudget(keras.callbacks.Callback):
     def remaining(self) -> float:
         return max(0.0, self.end - time.monotonic())
 
+    def validation_seconds(self) -> float:
+        return self.plan.validation_images / max(self.predict_rate, 1e-9)
+
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self.started is None:
             self.started = time.monotonic()
+        self._last_tick = time.monotonic()
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         if keras.backend.backend() == "jax":
@@ -77,50 +247,60 @@ class TimeBudget(keras.callbacks.Callback):
         self.model.optimizer.learning_rate = self.last_rate
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        now = time.monotonic()
+        seconds, self._last_tick = now - self._last_tick, now
         self.steps += 1
-        if time.monotonic() >= self.end:
+        if self.steps > 1:  # the first step compiles
+            self.step_seconds = seconds if self.step_seconds == 0 else 0.7 * self.step_seconds + 0.3 * seconds
+        needed = self.step_seconds
+        steps_per_epoch = (self.params or {}).get("steps")
+        if steps_per_epoch and batch + 1 >= steps_per_epoch:
+            # the epoch's validation pass and checkpoints come before the next step
+            needed += self.validation_seconds() + self.epoch_overhead
+        if now + needed >= self.end:
             self.model.stop_training = True
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        now = time.monotonic()
+        if self._epoch_started:  # what the last epoch spent after its validation pass (checkpoints, callbacks)
+            self.epoch_overhead = max(0.0, now - self._test_ended)
+        self._last_tick = self._epoch_started = now
 
     def on_test_begin(self, logs: dict | None = None) -> None:
         self._test_started = time.monotonic()
 
     def on_test_end(self, logs: dict | None = None) -> None:
-        if self.reserve_measured:
-            return
-        seconds = time.monotonic() - self._test_started
-        if self.validation_images and seconds > 0:
-            self.reserve = min(self.max_reserve, 3.0 + self.after_training_images * seconds / self.validation_images)
-            self.reserve_measured = True
+        self._test_ended = time.monotonic()
+        seconds = self._test_ended - self._test_started
+        self._validation_passes += 1
+        if self._validation_passes > 1 and self.plan.validation_images and seconds > 0:
+            # This machine's inference speed as it is now (the first pass compiles: the probe's figure stands).
+            self.predict_rate = self.plan.validation_images / seconds
+
+    def record(self) -> dict[str, Any]:
+        """run.json's ``time_budget``: the plan, and what training used."""
+        return {**self.plan.to_dict(),
+                "training_seconds": round(time.monotonic() - self.started, 1) if self.started else 0.0,
+                "reserve_seconds": round(self.reserve, 1), "steps": self.steps,
+                "peak_learning_rate": self.learning_rate, "last_learning_rate": self.last_rate}
 
 
-def make_time_budget(deadline: float, learning_rate: float, data: LoadedData, cfg: RunConfig) -> TimeBudget:
-    """The budget callback; what runs after training is estimated from the first validation pass.
+def make_time_budget(deadline: float, learning_rate: float, cfg: RunConfig, plan: BudgetPlan) -> TimeBudget:
+    """The budget callback for a planned run.
 
     Raises:
-        ConfigError: decoding already spent most of the budget.
+        ConfigError: decoding and measuring already spent most of the budget.
     """
-    views = 2 if trains_with_flips(cfg.train.augment) else 1
-    held_out = sum(len(data.split_rows(s)[0]) for s in ("validation", "test"))
-    after = held_out * views + min(BATCHNORM_IMAGES, len(data.split_rows("train")[0]))
-    budget = TimeBudget(deadline, learning_rate, reserve=0.05 * cfg.train.time_budget + 5, after_training_images=after,
-                        validation_images=len(data.split_rows("validation")[0]))
+    probe = plan.probes[plan.width] if plan.width else next(iter(plan.probes.values()))
+    budget = TimeBudget(deadline, learning_rate, plan, probe.predict)
     if budget.remaining() < 0.2 * cfg.train.time_budget:
+        spent = cfg.train.time_budget - (deadline - time.monotonic())
         raise ConfigError(
-            f"--time-budget {clock(cfg.train.time_budget)} is spent before training starts (decoding took "
-            f"{clock(cfg.train.time_budget - (deadline - time.monotonic()))}): give a larger budget. The decoded images "
-            f"are cached, so a second run starts sooner. Received: time_budget={cfg.train.time_budget:g}")
+            f"--time-budget {clock(cfg.train.time_budget)} is too short for this data on this machine: decoding and "
+            f"measuring took {clock(spent)}, and the final evaluation needs about {clock(budget.reserve)} "
+            f"(at {budget.predict_rate:,.0f} images/s). Give a larger budget. The decoded images are cached, so a "
+            f"second run starts sooner. Received: time_budget={cfg.train.time_budget:g}")
     return budget
-
-
-def fast_width(cfg: RunConfig, data: LoadedData, deadline: float | None) -> RunConfig:
-    """``fast``'s width: medium, or what the time left after decoding affords per training image."""
-    from cnnkit.models.fast import DEFAULT_WIDTH, width_for_budget
-
-    width = DEFAULT_WIDTH
-    if deadline is not None:
-        width = width_for_budget(deadline - time.monotonic(), len(data.split_rows("train")[0]), cfg.data.image_size)
-        say(f"model width for this budget: [bold]{width}[/] (--width to choose)")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width))
 
 
 def clock(seconds: float) -> str:

@@ -42,7 +42,7 @@ from cnnkit.training.precision import dtype_policy
 # would keep a model trained at a high rate, so they run to the end and keep the best checkpoint.
 DECAYING_SCHEDULES = ("cosine", "onecycle")
 # Training images whose statistics re-estimate the BatchNorm layers after the last step.
-BATCHNORM_IMAGES = 10_000
+BATCHNORM_IMAGES = 5_120
 
 
 def is_pretrained(cfg: RunConfig) -> bool:

@@ -37,6 +37,7 @@ from cnnkit.errors import ConfigError, DataError
 from cnnkit.metrics import cross_entropy
 from cnnkit.models import get_spec
 from cnnkit.models.augment import augment_config, trains_with_flips
+from cnnkit.models.fast import DEFAULT_WIDTH
 from cnnkit.models.saving import ModelMeta, as_float32, save_model
 from cnnkit.rundir import (
     HISTORY_CSV,
@@ -49,7 +50,7 @@ from cnnkit.rundir import (
     write_json,
     write_split_csv,
 )
-from cnnkit.training.budget import BUDGET_MAX_EPOCHS, clock, fast_width, make_time_budget
+from cnnkit.training.budget import BUDGET_MAX_EPOCHS, BudgetPlan, clock, make_time_budget, plan_budget
 from cnnkit.training.diagnostics import data_warnings, diagnose_history
 from cnnkit.training.fitting import (
     DECAYING_SCHEDULES,
@@ -193,10 +194,13 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     write_split_csv(run.path / SPLIT_CSV, split_rows(data))
     _describe_data(data, run.final)
     warnings = [_warn(message) for message in data_warnings(data)]
-    if cfg.model.name == "fast" and cfg.model.width == "auto" and resume is None:
-        cfg = fast_width(cfg, data, deadline)
-    keras.utils.set_random_seed(cfg.data.seed)
     train_ds, val_ds = make_batches(data, cfg)
+    budget_plan: BudgetPlan | None = None
+    if deadline is not None:  # measure this machine: the speed decides the width and prices the final work
+        cfg, budget_plan = plan_budget(cfg, data, train_ds, precision_policy(cfg.train.mixed_precision), deadline)
+    if cfg.model.name == "fast" and cfg.model.width == "auto":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=DEFAULT_WIDTH))
+    keras.utils.set_random_seed(cfg.data.seed)  # after any probe: the same model whether one ran or not
     if val_ds is None:
         warnings.append(_warn("No validation images: EarlyStopping and the checkpoint follow the training loss, "
                               "which cannot show overfitting. Keep val_split > 0 or add a validation/ folder."))
@@ -206,11 +210,11 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     monitor = "val_loss" if val_ds is not None else "loss"
     fitter = Fitter(plan.model, cfg, run.path, train_ds, val_ds, monitor, _class_weight(cfg, data, plan.extra),
                     extra_callbacks, plan.history, total_epochs=sum(p.epochs for p in plan.phases))
-    if deadline is not None:
+    if budget_plan is not None:
         plan.phases = [Phase(1, BUDGET_MAX_EPOCHS, plan.phases[0].learning_rate)]
-        fitter.budget = make_time_budget(deadline, plan.phases[0].learning_rate, data, cfg)
-        say(f"time budget {clock(cfg.train.time_budget)}: {clock(fitter.budget.remaining())} left for training "
-            f"after decoding")
+        fitter.budget = make_time_budget(deadline, plan.phases[0].learning_rate, cfg, budget_plan)
+        say(f"time budget {clock(cfg.train.time_budget)}: {clock(fitter.budget.remaining())} for training, "
+            f"{clock(fitter.budget.reserve)} kept for the final evaluation and saving")
     status = _fit_phases(fitter, plan.phases, len(data.class_names), cfg, warnings)
     model = _final_model(fitter, plan, data, cfg, status, deadline)
     history = fitter.recorder.history
@@ -274,10 +278,7 @@ def _final_model(fitter: Fitter, plan: _Plan, data: LoadedData, cfg: RunConfig, 
         plan.extra["batchnorm_reestimated_on"] = reestimate_batchnorm(model, _plain_train_batches(data, cfg))
     plan.extra["phases"] = fitter.phases
     if fitter.budget is not None:
-        plan.extra["time_budget"] = {"seconds": cfg.train.time_budget, "training_seconds": round(
-            time.monotonic() - fitter.budget.started, 1) if fitter.budget.started else 0.0,
-            "steps": fitter.budget.steps, "peak_learning_rate": fitter.budget.learning_rate,
-            "last_learning_rate": fitter.budget.last_rate}
+        plan.extra["time_budget"] = fitter.budget.record()
     return as_float32(model)  # the saved model computes in float32 on any machine
 
 
