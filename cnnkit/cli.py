@@ -259,6 +259,7 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
     TrainOption("upscale_size", int, "Backbones: upscale smaller inputs to this size inside the model (min 32)."),
     TrainOption("width", str, "fast only: small, medium, large, or auto (medium; under --time-budget, what the "
                               "budget affords)."),
+    TrainOption("stem", str, "fast only: conv (default) or whiten (a frozen patch-whitening first layer)."),
     TrainOption("epochs", int, "Maximum epochs (phase 1: backbone frozen). With --resume: how many more."),
     TrainOption("fine_tune_epochs", int, "Phase 2 epochs: unfreeze the backbone's top layers and train on."),
     TrainOption("fine_tune_layers", str, "How many backbone layers to unfreeze in phase 2, or 'all'."),
@@ -277,6 +278,10 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
     TrainOption("mixed_precision", bool, "float16 on GPU, bfloat16 on CPU.", ("--mixed-precision/--no-mixed-precision",)),
     TrainOption("time_budget", str, "Fit the schedule to a wall-clock budget for the whole run, e.g. 10m, 600s, 1h "
                                     "(replaces --epochs).", parse=_parse_duration),
+    TrainOption("ema", float, "Keep an exponential moving average of the weights with this momentum (e.g. 0.99; "
+                              "0 = off)."),
+    TrainOption("tta", str, "Views of the final *_accuracy_tta metrics: auto (flip when the augmentation flips), "
+                            "none, flip or flip+crop."),
     TrainOption("augment", str, "none, light, standard, strong, screens (screenshots/documents: no flips) or "
                                 "flip-translate (on whole batches in the loader; --model fast's default)."),
     TrainOption("patience", int, "Epochs without val_loss improvement before stopping a phase."),

@@ -29,6 +29,8 @@ AugmentName = Literal["none", "light", "standard", "strong", "screens", "flip-tr
 OptimizerName = Literal["adam", "sgd", "adamw"]
 ScheduleName = Literal["plateau", "cosine", "onecycle"]
 FastWidth = Literal["auto", "small", "medium", "large"]
+FastStem = Literal["conv", "whiten"]
+FinalTTA = Literal["auto", "none", "flip", "flip+crop"]
 ClassWeightName = Literal["none", "auto"]
 
 # Pillow refuses images over ~179 M pixels by default with a warning first; we refuse earlier:
@@ -142,6 +144,8 @@ class ModelConfig:
             the budget affords at the speed measured on this machine (``cnnkit.training.budget``).
         upscale_size: backbones only: inputs smaller than this (in pixels, per side) are upscaled
             inside the model; they always are to the backbone's minimum of 32. ``None`` = 32.
+        stem: fast only: "conv" (a trained 3x3 convolution) or "whiten" (a frozen 2x2 convolution
+            that whitens pixel patches, set from the training images' patch covariance, as airbench).
     """
 
     name: str = "simple"
@@ -150,9 +154,14 @@ class ModelConfig:
     dropout: float = 0.2
     upscale_size: int | None = None
     width: FastWidth = "auto"
+    stem: FastStem = "conv"
 
     def __post_init__(self) -> None:
         _check_choice("model", "width", self.width, FastWidth)
+        _check_choice("model", "stem", self.stem, FastStem)
+        if self.stem != "conv" and self.name != "fast":
+            raise ConfigError(f"[model] stem applies to the fast model only, not to '{self.name}'. "
+                              f"Received: stem={self.stem!r}")
         if self.width != "auto" and self.name != "fast":
             raise ConfigError(f"[model] width applies to the fast model only, not to '{self.name}'. "
                               f"Received: width={self.width!r}")
@@ -204,6 +213,10 @@ class TrainConfig:
         time_budget: seconds for the whole run (decoding, training, final evaluation): the
             one-cycle schedule follows the fraction of the budget used and training stops when
             it is spent; ``epochs`` is then not used. ``None``: train for ``epochs``.
+        ema: average the weights over the last steps (exponential moving average with this
+            momentum, e.g. 0.99; Keras's optimizer ``use_ema``) and keep the average; 0 = off.
+        tta: the views behind the final ``*_accuracy_tta`` metrics: "auto" (flip when the
+            augmentation flips), "none", "flip" or "flip+crop" (flip and four 1/16 shifts).
     """
 
     epochs: int = 10
@@ -224,8 +237,13 @@ class TrainConfig:
     class_weight: ClassWeightName = "none"
     mixed_precision: bool = False
     time_budget: float | None = None
+    ema: float = 0.0
+    tta: FinalTTA = "auto"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"[train] ema must be in [0, 1) (0 = off; e.g. 0.99). Received: ema={self.ema}")
+        _check_choice("train", "tta", self.tta, FinalTTA)
         if self.epochs < 0 or (self.epochs == 0 and not self.fine_tune_epochs):
             raise ConfigError(f"[train] epochs must be >= 1. Received: epochs={self.epochs}")
         if self.batch_size < 1:

@@ -229,3 +229,61 @@ def test_width_is_for_the_fast_model_only():
 def test_a_budget_brings_the_one_cycle_schedule_to_any_model():
     cfg = load_config(None, {"model.name": "simple", "train.time_budget": 120})
     assert cfg.train.schedule == "onecycle"
+
+
+def test_whitening_stem_whitens_the_patches_it_sees():
+    from cnnkit.models.fast import WHITEN_LAYER, set_whitening
+
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)
+    images = np.repeat(np.repeat(coarse, 2, axis=1), 2, axis=2)  # neighbouring pixels strongly correlated
+    model = build_model("fast", 10, stem="whiten", width="small")
+    stem = model.get_layer(WHITEN_LAYER)
+    assert not stem.trainable and stem.kernel.shape == (2, 2, 3, 24)
+    assert set_whitening(model, images) and not set_whitening(build_model("fast", 10), images)
+    features = keras.Model(model.input, stem.output)(images[:100].astype("float32"))
+    patches = keras.ops.convert_to_numpy(features)[:, :-1, :-1, :12].reshape(-1, 12)
+    covariance = np.cov(patches.T)
+    assert np.allclose(np.diag(covariance), 1.0, atol=0.05)  # unit variance along every direction
+    assert np.abs(covariance - np.diag(np.diag(covariance))).max() < 0.05  # decorrelated
+    with pytest.raises(ConfigError, match="fast model only"):
+        load_config(None, {"model.name": "vgg", "model.stem": "whiten"})
+
+
+def test_ema_keeps_the_average_of_the_weights():
+    from cnnkit.config import TrainConfig
+    from cnnkit.training.optim import make_loss, make_optimizer
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 64)
+    moved = {}
+    for ema in (0.0, 0.999):
+        keras.utils.set_random_seed(0)
+        model = build_model("simple", 3, image_size=(16, 16))
+        start = [w.copy() for w in model.get_weights()]
+        cfg = TrainConfig(optimizer="sgd", ema=ema)
+        model.compile(optimizer=make_optimizer(cfg, 0.5, 10, schedule="plateau"), loss=make_loss(0.0))
+        model.fit(images, labels, batch_size=16, epochs=2, verbose=0)
+        moved[ema] = max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), start))
+    # 8 steps at momentum 0.999 move the average less than 1% of the way the weights went
+    assert moved[0.999] < 0.05 * moved[0.0], moved
+    with pytest.raises(ConfigError, match="ema"):
+        TrainConfig(ema=1.0)
+
+
+def test_final_metrics_with_flip_and_crop_views(tmp_path):
+    from cnnkit.data.batches import tta_views
+    from cnnkit.data.dataset import load_image_folder
+    from cnnkit.config import DataConfig
+
+    data = write_class_folder(tmp_path / "data", per_class=30, size=32)
+    result = cnnkit.train(data, tmp_path / "run", epochs=1, batch_size=16, test_split=0.3, tta="flip+crop")
+    model = keras.saving.load_model(result.run_dir / "model.keras", compile=False)
+    test = load_image_folder(data, DataConfig(image_size=(32, 32), val_split=0.2, test_split=0.3))
+    rows, labels = test.split_rows("test")
+    views = tta_views(np.asarray(test.cache.images[np.sort(rows)]), "flip+crop")
+    order = np.argsort(rows)
+    averaged = np.mean([keras.ops.convert_to_numpy(model.predict_on_batch(v)) for v in views], axis=0)
+    assert len(views) == 6
+    assert result.metrics["test_accuracy_tta"] == pytest.approx(float(np.mean(averaged.argmax(1) == labels[order])))

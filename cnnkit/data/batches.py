@@ -59,6 +59,10 @@ class BatchAugment:
 TTA_MODES = ("flip", "flip+crop")
 
 
+# How many views each test-time augmentation mode passes through the model.
+TTA_VIEW_COUNT = {None: 1, "flip": 2, "flip+crop": 6}
+
+
 def tta_views(images: np.ndarray, mode: str | None) -> list[np.ndarray]:
     """The test-time views of a uint8 batch (N, H, W, C): the images first, then their transforms.
 

@@ -100,3 +100,10 @@ def _preset(augment: str) -> list[tuple[str, dict[str, Any]]]:
         raise ModelError(f"Unknown augmentation preset '{augment}'. Available: {', '.join(names)}. "
                          f"Received: augment={augment!r}")
     return AUGMENT_PRESETS[augment]
+
+
+def final_tta(tta: str, augment: str) -> str | None:
+    """The test-time views of a run's final metrics: ``tta`` ("auto": flip when ``augment`` flips)."""
+    if tta == "auto":
+        return "flip" if trains_with_flips(augment) else None
+    return None if tta == "none" else tta

@@ -20,7 +20,10 @@ is applied by ``cnnkit.config`` as the defaults of ``--model fast``.
 
 from __future__ import annotations
 
+import numpy as np
 from keras import layers
+
+from cnnkit.models.saving import all_layers
 
 from cnnkit.models.zoo import register
 
@@ -51,10 +54,25 @@ def _conv_bn(x, filters: int, name: str, pool: bool = False):
     return layers.Activation(ACTIVATION, name=f"{name}_act")(x)
 
 
-def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH]):
+# The whitening stem: a frozen 2x2 convolution whose filters are the eigenvectors of the 2x2 pixel
+# patches' covariance (each with its negative, so the ReLU after it loses nothing), scaled by
+# 1/sqrt(eigenvalue + WHITEN_EPS): airbench's first layer. ``set_whitening`` fits it to the data.
+WHITEN_KERNEL = 2
+WHITEN_EPS = 5e-4
+WHITEN_LAYER = "stem_whiten"
+
+
+def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH], stem: str = "conv"):
     """The feature extractor; ``x`` is scaled to [0, 1]."""
     x = layers.Rescaling(2.0, offset=-1.0, name="center")(x)  # [0, 1] -> [-1, 1]
-    x = _conv_bn(x, widths[0], "stem")
+    if stem == "whiten":
+        channels = 2 * WHITEN_KERNEL * WHITEN_KERNEL * x.shape[-1]
+        x = layers.Conv2D(channels, WHITEN_KERNEL, padding="same", use_bias=False, trainable=False,
+                          name=WHITEN_LAYER)(x)
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, scale=False, name="stem_bn")(x)
+        x = layers.Activation(ACTIVATION, name="stem_act")(x)
+    else:
+        x = _conv_bn(x, widths[0], "stem")
     for index, filters in enumerate(widths[1:], start=1):
         x = _conv_bn(x, filters, f"block{index}a", pool=True)
         x = _conv_bn(x, filters, f"block{index}b")
@@ -63,7 +81,29 @@ def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH]):
     return layers.Rescaling(LOGIT_SCALE, name="logit_scale")(x)
 
 
+def set_whitening(model, images: np.ndarray, max_images: int = 2_000) -> bool:
+    """Fit the whitening stem of a ``fast`` model to uint8 ``images`` (N, H, W, C); False if it has none.
+
+    The filters whiten the 2x2 patches of the images as the model sees them ([-1, 1]): patches times
+    the filters have unit variance along every principal direction.
+    """
+    layer = next((l for l in all_layers(model) if l.name == WHITEN_LAYER), None)
+    if layer is None:
+        return False
+    x = np.asarray(images[:max_images], dtype=np.float32) / 127.5 - 1.0
+    k = WHITEN_KERNEL
+    n, h, w, c = x.shape
+    patches = np.stack([x[:, i : h - k + 1 + i, j : w - k + 1 + j] for i in range(k) for j in range(k)], axis=3)
+    patches = patches.reshape(-1, k * k * c)  # (pixels, i*k+j major, then channel) = kernel (k, k, c) order
+    patches = patches - patches.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh((patches.T @ patches).astype(np.float64) / len(patches))
+    filters = eigenvectors / np.sqrt(eigenvalues + WHITEN_EPS)  # one per column
+    filters = np.concatenate([filters, -filters], axis=1).reshape(k, k, c, 2 * k * k * c)
+    layer.kernel.assign(filters.astype("float32"))
+    return True
+
+
 @register("fast", (32, 32), "cnnkit's fast BatchNorm CNN (stem 32, blocks 48-96-192) with its one-cycle recipe; "
-          "the default for images up to 64 px", options=("width",))
-def fast_model(x, num_classes: int, width: str = "auto"):
-    return fast_body(x, WIDTHS[DEFAULT_WIDTH if width == "auto" else width])
+          "the default for images up to 64 px", options=("width", "stem"))
+def fast_model(x, num_classes: int, width: str = "auto", stem: str = "conv"):
+    return fast_body(x, WIDTHS[DEFAULT_WIDTH if width == "auto" else width], stem)

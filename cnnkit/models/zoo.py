@@ -91,6 +91,7 @@ def build_model(
     dropout: float = 0.2,
     upscale_size: int | None = None,
     width: str = "auto",
+    stem: str = "conv",
 ) -> keras.Model:
     """Build an uncompiled classifier from the zoo.
 
@@ -108,6 +109,8 @@ def build_model(
         upscale_size: backbones only: upscale inputs smaller than this inside the model (at least
             to the backbone's minimum).
         width: ``fast`` only: small, medium, large (or auto = medium).
+        stem: ``fast`` only: conv, or whiten (a frozen patch-whitening layer; fit it to the data
+            with ``cnnkit.models.fast.set_whitening``).
 
     Returns:
         A ``keras.Model`` mapping raw 0-255 pixels (batch, height, width, channels) to class
@@ -132,9 +135,12 @@ def build_model(
         x = spec.body(x, num_classes=num_classes, weights=weights, head_width=head_width, dropout=dropout)
     else:
         x = layers.Rescaling(1.0 / 255, name="rescale_0_255")(x)
-        options = {"width": width} if "width" in spec.options else {}
-        if width != "auto" and not options:
-            raise ModelError(f"width applies to the fast model only, not to '{name}'. Received: width={width!r}")
+        given = {"width": (width, "auto"), "stem": (stem, "conv")}
+        for option, (value, default) in given.items():
+            if value != default and option not in spec.options:
+                raise ModelError(f"{option} applies to the fast model only, not to '{name}'. "
+                                 f"Received: {option}={value!r}")
+        options = {option: value for option, (value, _) in given.items() if option in spec.options}
         x = spec.body(x, num_classes=num_classes, **options)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)

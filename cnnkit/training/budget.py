@@ -30,10 +30,10 @@ import keras
 
 from cnnkit._progress import say
 from cnnkit.config import RunConfig
-from cnnkit.data.batches import ArrayBatches
+from cnnkit.data.batches import TTA_VIEW_COUNT, ArrayBatches
 from cnnkit.data.dataset import LoadedData
 from cnnkit.errors import ConfigError
-from cnnkit.models.augment import trains_with_flips
+from cnnkit.models.augment import final_tta
 from cnnkit.models.fast import MIN_EPOCHS
 from cnnkit.training.fitting import BATCHNORM_IMAGES, build_for_training
 from cnnkit.training.optim import make_loss, make_optimizer, onecycle_rate
@@ -129,7 +129,7 @@ def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy
     Returns the configuration to train (the width filled in) and the plan. Probes are throw-away
     models; the caller seeds again before building the real one.
     """
-    views = 2 if trains_with_flips(cfg.train.augment) else 1
+    views = TTA_VIEW_COUNT[final_tta(cfg.train.tta, cfg.train.augment)]
     sizes = {split: len(data.split_rows(split)[0]) for split in ("train", "validation", "test")}
     after = ((sizes["validation"] + sizes["test"]) * views
              + TRAINING_FORWARD_COST * min(BATCHNORM_IMAGES, sizes["train"]))

@@ -94,7 +94,8 @@ def build_for_training(cfg: RunConfig, num_classes: int, policy: str) -> keras.M
         model = build_model(cfg.model.name, num_classes, cfg.data.image_size, cfg.data.channels,
                             augment=cfg.train.augment, seed=cfg.data.seed, weights=cfg.model.weights,
                             head_width=cfg.model.head_width, dropout=cfg.model.dropout,
-                            upscale_size=cfg.model.upscale_size, width=cfg.model.width)
+                            upscale_size=cfg.model.upscale_size, width=cfg.model.width,
+                            stem=cfg.model.stem)
     if is_pretrained(cfg):
         set_backbone_frozen(model)
     return model

@@ -35,8 +35,10 @@ def make_optimizer(cfg: TrainConfig, learning_rate: float, total_steps: int,
     """
     rate = make_schedule(schedule or cfg.schedule, learning_rate, total_steps)
     kwargs: dict = {"lr_multipliers": lr_multipliers} if lr_multipliers else {}
-    classes = _LAYERWISE if kwargs else {"sgd": keras.optimizers.SGD, "adamw": keras.optimizers.AdamW,
+    classes = _LAYERWISE if lr_multipliers else {"sgd": keras.optimizers.SGD, "adamw": keras.optimizers.AdamW,
                                          "adam": keras.optimizers.Adam}
+    if cfg.ema:  # the model's weights become the average when fit ends (finalize_variable_values)
+        kwargs.update(use_ema=True, ema_momentum=cfg.ema)
     if cfg.optimizer == "sgd":
         optimizer = classes["sgd"](rate, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay or None, **kwargs)
     elif cfg.optimizer == "adamw":

@@ -36,8 +36,8 @@ from cnnkit.data.dataset import LoadedData, load_image_folder, split_rows, write
 from cnnkit.errors import ConfigError, DataError
 from cnnkit.metrics import cross_entropy
 from cnnkit.models import get_spec
-from cnnkit.models.augment import augment_config, trains_with_flips
-from cnnkit.models.fast import DEFAULT_WIDTH
+from cnnkit.models.augment import augment_config, final_tta
+from cnnkit.models.fast import DEFAULT_WIDTH, set_whitening
 from cnnkit.models.saving import ModelMeta, as_float32, save_model
 from cnnkit.rundir import (
     HISTORY_CSV,
@@ -235,6 +235,9 @@ def _plan(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, resume: Resu
         extra["resumed_from"] = resume.resumed_from
         return _Plan(cfg, resume.model, resume.plan, extra, resume.history)
     model = build_for_training(cfg, len(data.class_names), policy)
+    if cfg.model.stem == "whiten":
+        rows = data.split_rows("train")[0]
+        set_whitening(model, data.cache.images[np.sort(rows[:2_000])])
     learning_rate = cfg.train.learning_rate
     if learning_rate == "auto":
         probe = build_for_training(cfg, len(data.class_names), policy)  # a throw-away copy
@@ -331,22 +334,21 @@ def _final_metrics(model: keras.Model, data: LoadedData, cfg: RunConfig, history
         metrics["epochs_run"] = len(history[monitor])
         metrics["train_accuracy"] = history["accuracy"][best]
         metrics["train_loss"] = history["loss"][best]
-    flip = trains_with_flips(cfg.train.augment)
+    mode = final_tta(cfg.train.tta, cfg.train.augment)
     for split, prefix in (("validation", "val_"), ("test", "test_")):
         rows, labels = data.split_rows(split)
         if len(rows):
             ds = ArrayBatches(data.cache.images, rows, labels, max(cfg.train.batch_size, 256))
-            probs, mirrored = _predict_batches(model, ds, f"Evaluating {split}", flip)
+            probs, averaged = _predict_batches(model, ds, f"Evaluating {split}", mode)
             metrics[f"{prefix}loss"] = cross_entropy(probs, labels)
             metrics[f"{prefix}accuracy"] = float(np.mean(probs.argmax(axis=1) == labels))
-            if mirrored is not None:
-                averaged = (probs + mirrored) / 2
+            if averaged is not None:
                 metrics[f"{prefix}accuracy_tta"] = float(np.mean(averaged.argmax(axis=1) == labels))
     if "val_accuracy" in metrics:
         def shown(prefix: str) -> str:
             text = f"{metrics[prefix + 'accuracy']:.2%}"
-            return text + (f" ({metrics[prefix + 'accuracy_tta']:.2%} with flip TTA)" if prefix + "accuracy_tta" in metrics
-                           else "")
+            return text + (f" ({metrics[prefix + 'accuracy_tta']:.2%} with {mode} TTA)"
+                           if prefix + "accuracy_tta" in metrics else "")
 
         say(f"[bold green]validation accuracy {shown('val_')}[/]"
             + (f", test accuracy {shown('test_')}" if "test_accuracy" in metrics else ""))
@@ -354,18 +356,17 @@ def _final_metrics(model: keras.Model, data: LoadedData, cfg: RunConfig, history
 
 
 def _predict_batches(model: keras.Model, batches: ArrayBatches, title: str,
-                     flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Class probabilities of every batch (and of its mirror image when ``flip``)."""
-    plain, mirrored = [], []
-    with progress_task(title + (" (and mirrored)" if flip else ""), len(batches)) as advance:
+                     mode: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities of every batch, and their average over the ``mode`` views (None: no TTA)."""
+    plain, averaged = [], []
+    with progress_task(title + (f" ({mode} views)" if mode else ""), len(batches)) as advance:
         for index in range(len(batches)):
-            views = tta_views(batches[index][0], "flip" if flip else None)
+            views = tta_views(batches[index][0], mode)
             probs = [np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(v)), dtype=np.float64) for v in views]
             plain.append(probs[0])
-            if flip:
-                mirrored.append(probs[1])
+            averaged.append(np.mean(probs, axis=0))
             advance(1)
-    return np.concatenate(plain), (np.concatenate(mirrored) if flip else None)
+    return np.concatenate(plain), (np.concatenate(averaged) if mode else None)
 
 
 def versions() -> dict[str, str]:
