@@ -4,7 +4,13 @@
 a ``requirements.txt`` pinned to the versions installed here, cnnkit's own source, and a
 multi-stage ``Dockerfile`` (CPU TensorFlow, non-root user, HEALTHCHECK on ``/healthz``) whose
 entry command is ``cnnkit serve /model``. A model mounted at run time (``-v runs/x:/model``)
-replaces the baked-in one. ``build_image`` runs ``docker build`` when a daemon answers, else
+replaces the baked-in one.
+
+With ``engine="onnxruntime"`` the image is slim: the model is its ONNX export (``model/model.onnx``
++ ``cnnkit.json`` + ``run.json``) and the requirements are ONNX Runtime, numpy, Pillow, FastAPI,
+uvicorn, python-multipart, prometheus-client and Typer (cnnkit itself installed without its
+dependencies): no TensorFlow, no Keras. It answers like ``cnnkit predict`` (within 1e-4);
+``:explain`` answers 501. ``build_image`` runs ``docker build`` when a daemon answers, else
 returns the command to run.
 """
 
@@ -16,9 +22,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnkit.engines import engine_for, write_onnx_export
 from cnnkit.errors import CnnkitError
 from cnnkit.registry import resolve_source
-from cnnkit.rundir import RUN_JSON, atomic_directory
+from cnnkit.rundir import RUN_JSON, atomic_directory, is_onnx_export
 
 # The image installs cnnkit's own requirements plus these extras (no JAX/torch, no test tools), with
 # environment markers evaluated for the image: Linux, CPython 3.11.
@@ -30,10 +37,13 @@ _IMAGE_ENV = {"platform_system": "Linux", "sys_platform": "linux", "os_name": "p
 _FALLBACK = ["keras", "tensorflow-cpu", "numpy", "pillow", "scikit-learn", "matplotlib", "typer", "rich",
              "sqlalchemy", "alembic", "psycopg[binary]", "fastapi", "uvicorn[standard]", "python-multipart",
              "prometheus-client"]
+# The slim image (engine onnxruntime): what `cnnkit serve /model --engine onnxruntime` imports, nothing more.
+SLIM_REQUIREMENTS = ("onnxruntime", "numpy", "pillow", "fastapi", "uvicorn", "python-multipart", "prometheus-client",
+                     "typer")
 _PORT = 8501
 
 DOCKERFILE = """\
-# A cnnkit model server: TensorFlow Serving's REST API on port {port} (cnnkit serve).
+# A cnnkit model server: TensorFlow Serving's REST API on port {port} (cnnkit serve, engine {engine}).
 #   docker build -t {tag} .            (BASE defaults to python:3.11-slim)
 #   docker run -p 127.0.0.1:{port}:{port} {tag}
 #   docker run -p 127.0.0.1:{port}:{port} -v "$PWD/runs/other:/model:ro" {tag}    (another model, mounted)
@@ -55,7 +65,7 @@ RUN useradd --create-home --uid 10001 cnnkit
 COPY --from=build /opt/venv /opt/venv
 COPY --chown=cnnkit model /model
 ENV PATH=/opt/venv/bin:$PATH \\
-    KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2 \\
+    {engine_env} \\
     CNNKIT_HOME=/home/cnnkit/.cnnkit CNNKIT_MODEL_NAME={name}
 USER cnnkit
 EXPOSE {port}
@@ -72,6 +82,7 @@ class BuildContext:
     path: Path
     tag: str
     name: str
+    engine: str = "keras"
 
     @property
     def build_command(self) -> list[str]:
@@ -116,33 +127,56 @@ def pinned_requirements() -> list[str]:
     return lines
 
 
+def slim_requirements() -> list[str]:
+    """``package==version`` for the slim (onnxruntime) image, pinned to the versions installed here."""
+    lines = []
+    for name in SLIM_REQUIREMENTS:
+        try:
+            lines.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(name)
+    return lines
+
+
 def write_build_context(source: str | Path, out: str | Path, tag: str | None = None,
-                        registry_url: str | None = None) -> BuildContext:
-    """Write a Docker build context serving ``source`` (run dir, ``.keras``, or ``NAME@stage``).
+                        registry_url: str | None = None, engine: str = "keras") -> BuildContext:
+    """Write a Docker build context serving ``source`` (run dir, ``.keras``, ONNX export folder, or ``NAME@stage``).
 
     Args:
         source: what to serve; a registry reference is resolved and its sha256 checked.
         out: the folder to write (replaced if it exists and holds a Dockerfile).
-        tag: the image tag (default ``cnnkit-<name>:<version>``).
+        tag: the image tag (default ``cnnkit-<name>:<version>``, ``-slim`` added for onnxruntime).
+        engine: "keras" (TensorFlow inside) or "onnxruntime" (the slim image: no TensorFlow).
 
     Raises:
+        ConfigError: unknown engine, or keras asked for an ONNX export folder.
         RunNotFoundError / VersionNotFoundError / RegistryError: the model cannot be found or changed.
     """
+    engine = engine_for(source, engine)
     resolved = resolve_source(source, registry_url=registry_url)
     out = Path(out)
     if out.exists() and not (out / "Dockerfile").exists() and any(out.iterdir()):
         raise CnnkitError(f"'{out}' exists and is not a cnnkit build context (no Dockerfile); choose another --out.")
-    tag = tag or f"cnnkit-{resolved.name.lower()}:{resolved.version}"
+    slim = engine == "onnxruntime"
+    tag = tag or f"cnnkit-{resolved.name.lower()}:{resolved.version}{'-slim' if slim else ''}"
     with atomic_directory(out) as work:
-        (work / "model").mkdir()
-        shutil.copy2(resolved.path, work / "model" / "model.keras")
+        if not slim:
+            (work / "model").mkdir()
+            shutil.copy2(resolved.path, work / "model" / "model.keras")
+        elif is_onnx_export(resolved.path):
+            shutil.copytree(resolved.path, work / "model")
+        else:
+            write_onnx_export(resolved.path, work / "model")
         if resolved.run_dir is not None and (resolved.run_dir / RUN_JSON).exists():
             shutil.copy2(resolved.run_dir / RUN_JSON, work / "model" / RUN_JSON)
-        (work / "requirements.txt").write_text("\n".join(pinned_requirements()) + "\n", encoding="utf-8")
+        requirements = slim_requirements() if slim else pinned_requirements()
+        (work / "requirements.txt").write_text("\n".join(requirements) + "\n", encoding="utf-8")
         _copy_cnnkit_source(work / "cnnkit-src")
-        (work / "Dockerfile").write_text(DOCKERFILE.format(port=_PORT, tag=tag, name=resolved.name), encoding="utf-8")
+        engine_env = "CNNKIT_ENGINE=onnxruntime" if slim else "KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2"
+        (work / "Dockerfile").write_text(DOCKERFILE.format(port=_PORT, tag=tag, name=resolved.name, engine=engine,
+                                                           engine_env=engine_env), encoding="utf-8")
         (work / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n", encoding="utf-8")
-    return BuildContext(out, tag, resolved.name)
+    return BuildContext(out, tag, resolved.name, engine)
 
 
 def _copy_cnnkit_source(target: Path) -> None:
