@@ -109,6 +109,8 @@ class OnnxEngine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1  # one model call at a time (the server's queue has one thread)
+        # Idle threads sleep instead of spinning: Predictor's decode threads need those cores between calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.folder / ONNX_MODEL), options,
                                                 providers=["CPUExecutionProvider"])

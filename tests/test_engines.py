@@ -195,6 +195,7 @@ def test_slim_docker_context(digits, tmp_path):
     assert not requirements & {"tensorflow", "tensorflow-cpu", "keras", "jax", "torch", "scikit-learn", "matplotlib"}
     dockerfile = (context.path / "Dockerfile").read_text()
     assert "CNNKIT_ENGINE=onnxruntime" in dockerfile and "KERAS_BACKEND" not in dockerfile
-    assert "--no-deps" in dockerfile
+    assert "--no-deps" in dockerfile and "pip uninstall -y -q pip setuptools" in dockerfile
+    assert '"uvicorn", "--factory", "cnnkit.serve.app:create_app"' in dockerfile and "CNNKIT_MODEL=/model" in dockerfile
     # a mounted or exported ONNX folder is served by resolving it like the image's CMD does
     assert resolve_source(model, "digits").path == model and (model / ONNX_MODEL).stat().st_size > 1000

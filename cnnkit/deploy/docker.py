@@ -8,8 +8,8 @@ replaces the baked-in one.
 
 With ``engine="onnxruntime"`` the image is slim: the model is its ONNX export (``model/model.onnx``
 + ``cnnkit.json`` + ``run.json``) and the requirements are ONNX Runtime, numpy, Pillow, FastAPI,
-uvicorn, python-multipart, prometheus-client and Typer (cnnkit itself installed without its
-dependencies): no TensorFlow, no Keras. It answers like ``cnnkit predict`` (within 1e-4);
+uvicorn, python-multipart and prometheus-client (cnnkit itself installed without its dependencies;
+no pip, no CLI: uvicorn runs ``create_app``): no TensorFlow, no Keras. It answers like ``cnnkit predict`` (within 1e-4);
 ``:explain`` answers 501. ``build_image`` runs ``docker build`` when a daemon answers, else
 returns the command to run.
 """
@@ -38,8 +38,7 @@ _FALLBACK = ["keras", "tensorflow-cpu", "numpy", "pillow", "scikit-learn", "matp
              "sqlalchemy", "alembic", "psycopg[binary]", "fastapi", "uvicorn[standard]", "python-multipart",
              "prometheus-client"]
 # The slim image (engine onnxruntime): what `cnnkit serve /model --engine onnxruntime` imports, nothing more.
-SLIM_REQUIREMENTS = ("onnxruntime", "numpy", "pillow", "fastapi", "uvicorn", "python-multipart", "prometheus-client",
-                     "typer")
+SLIM_REQUIREMENTS = ("onnxruntime", "numpy", "pillow", "fastapi", "uvicorn", "python-multipart", "prometheus-client")
 _PORT = 8501
 
 DOCKERFILE = """\
@@ -58,7 +57,7 @@ COPY cnnkit-src /tmp/cnnkit-src
 RUN --mount=type=secret,id=extra_ca,required=false \\
     export PIP_CERT=$( [ -s /run/secrets/extra_ca ] && echo /run/secrets/extra_ca ); \\
     pip install --no-cache-dir "setuptools>=68" -r /tmp/requirements.txt \\
-    && pip install --no-cache-dir --no-deps --no-build-isolation /tmp/cnnkit-src
+    && pip install --no-cache-dir --no-deps --no-build-isolation /tmp/cnnkit-src{trim}
 
 FROM ${{BASE}}
 RUN useradd --create-home --uid 10001 cnnkit
@@ -71,8 +70,13 @@ USER cnnkit
 EXPOSE {port}
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \\
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=2)"]
-CMD ["cnnkit", "--quiet", "serve", "/model", "--host", "0.0.0.0", "--port", "{port}"]
+CMD {cmd}
 """
+_CMD = '["cnnkit", "--quiet", "serve", "/model", "--host", "0.0.0.0", "--port", "{port}"]'
+# The slim image has no CLI (Typer, Rich and Pygments are 25 MB): uvicorn calls create_app(), which
+# reads CNNKIT_MODEL and CNNKIT_ENGINE; pip and setuptools leave the image once cnnkit is installed.
+_SLIM_CMD = ('["uvicorn", "--factory", "cnnkit.serve.app:create_app", "--host", "0.0.0.0", "--port", "{port}"]')
+_SLIM_TRIM = " \\\n    && pip uninstall -y -q pip setuptools"
 
 
 @dataclass
@@ -172,9 +176,12 @@ def write_build_context(source: str | Path, out: str | Path, tag: str | None = N
         requirements = slim_requirements() if slim else pinned_requirements()
         (work / "requirements.txt").write_text("\n".join(requirements) + "\n", encoding="utf-8")
         _copy_cnnkit_source(work / "cnnkit-src")
-        engine_env = "CNNKIT_ENGINE=onnxruntime" if slim else "KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2"
-        (work / "Dockerfile").write_text(DOCKERFILE.format(port=_PORT, tag=tag, name=resolved.name, engine=engine,
-                                                           engine_env=engine_env), encoding="utf-8")
+        engine_env = "CNNKIT_ENGINE=onnxruntime CNNKIT_MODEL=/model" if slim else \
+            "KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2"
+        dockerfile = DOCKERFILE.format(port=_PORT, tag=tag, name=resolved.name, engine=engine, engine_env=engine_env,
+                                       trim=_SLIM_TRIM if slim else "",
+                                       cmd=(_SLIM_CMD if slim else _CMD).format(port=_PORT))
+        (work / "Dockerfile").write_text(dockerfile, encoding="utf-8")
         (work / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n", encoding="utf-8")
     return BuildContext(out, tag, resolved.name, engine)
 
