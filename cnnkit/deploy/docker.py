@@ -74,9 +74,12 @@ CMD {cmd}
 """
 _CMD = '["cnnkit", "--quiet", "serve", "/model", "--host", "0.0.0.0", "--port", "{port}"]'
 # The slim image has no CLI (Typer, Rich and Pygments are 25 MB): uvicorn calls create_app(), which
-# reads CNNKIT_MODEL and CNNKIT_ENGINE; pip and setuptools leave the image once cnnkit is installed.
+# reads CNNKIT_MODEL and CNNKIT_ENGINE; pip and setuptools leave the image once cnnkit is installed, and
+# so do numpy's test suites and ONNX Runtime's model-conversion tools (26 MB that serving never imports).
 _SLIM_CMD = ('["uvicorn", "--factory", "cnnkit.serve.app:create_app", "--host", "0.0.0.0", "--port", "{port}"]')
-_SLIM_TRIM = " \\\n    && pip uninstall -y -q pip setuptools"
+_SLIM_TRIM = (" \\\n    && pip uninstall -y -q pip setuptools \\\n"
+              "    && cd /opt/venv/lib/python3*/site-packages \\\n"
+              "    && rm -rf numpy/tests numpy/*/tests onnxruntime/transformers onnxruntime/quantization onnxruntime/tools")
 
 
 @dataclass
