@@ -62,6 +62,7 @@ def main() -> None:
     from cnnkit.engines import DEFAULT_ENGINE, ENGINES
 
     rows, engines, probs = [], {}, {}
+    load_before = os.getloadavg()[0]  # other jobs on the machine slow every row (the one-image loop most)
     sample = test_paths[:: max(1, len(test_paths) // (100 if args.quick else 500))]
     tutorial_loop(result.model, sample[:5])  # warm-up
     loop = tutorial_loop(result.model, sample)
@@ -108,8 +109,9 @@ def main() -> None:
                                     "default_engine": DEFAULT_ENGINE, "engines": engines,
                                     "max_abs_prob_diff": max_diff, "same_top_label": same_labels,
                                     "cnnkit_images_per_s": default["images_per_s"], "ratio": default["ratio"],
-                                    "best": best})
-    print(f"results: {path}")
+                                    "best": best, "load_average": [load_before, os.getloadavg()[0]]})
+    print(f"results: {path} (1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
+          f"on {os.cpu_count()} cores)")
     print(f"headline: cnnkit predict ({DEFAULT_ENGINE}, batch {default['batch_size']}) is {default['ratio']:.0f}x the "
           f"tutorials' one-image loop ({args.model} model); fastest: {best['engine']} at batch {best['batch_size']}, "
           f"{best['ratio']:.0f}x")
