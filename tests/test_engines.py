@@ -59,7 +59,7 @@ def test_onnxruntime_equals_keras_on_the_evaluation_set(digits):
     assert np.abs(probabilities(got, classes) - probabilities(got, classes)[::-1]).max() > TOLERANCE
 
 
-def test_the_default_engine_is_one_that_answers_alike(digits):
+def test_predictor_uses_the_default_engine(digits):
     run, _ = digits
     assert DEFAULT_ENGINE in ENGINES
     assert cnnkit.Predictor(run).engine.name == DEFAULT_ENGINE
