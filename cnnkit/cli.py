@@ -44,6 +44,19 @@ class OutputFormat(str, Enum):
     csv = "csv"
 
 
+class EngineName(str, Enum):
+    keras = "keras"
+    onnxruntime = "onnxruntime"
+
+
+_ENGINE_HELP = ("Inference engine: keras, or onnxruntime (the model's ONNX export on ONNX Runtime, exported once and "
+                "cached; same probabilities within 1e-4). Default: onnxruntime for an ONNX export folder, else keras.")
+
+
+def _engine_value(engine: EngineName | None) -> str | None:
+    return engine.value if engine is not None else None
+
+
 class ReportFormat(str, Enum):
     table = "table"
     json = "json"
@@ -68,7 +81,11 @@ def _import_keras_quietly() -> None:
     """
     if "keras" in sys.modules:
         return
+    import importlib.util
     import tempfile
+
+    if importlib.util.find_spec("keras") is None:  # a slim install (ONNX Runtime only): nothing to import
+        return
 
     sys.stderr.flush()
     saved = os.dup(2)
@@ -458,16 +475,17 @@ def evaluate(
 @app.command()
 @_handle_errors
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run directory or .keras file.")],
+    run: Annotated[Path, typer.Argument(help="Run directory, .keras file or ONNX export folder.")],
     paths: Annotated[list[str], typer.Argument(help="Images, folders (recursive) or glob patterns.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
     output: Annotated[OutputFormat, typer.Option("--format", help="table, json or csv on stdout.")] = OutputFormat.table,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
+    engine: Annotated[Optional[EngineName], typer.Option(help=_ENGINE_HELP)] = None,
 ) -> None:
     """Predict the class of images; exit 1 if any input could not be read."""
     from cnnkit.predict import Predictor
 
-    results = Predictor(run, batch_size=batch_size).predict(paths, top_k=top_k)
+    results = Predictor(run, batch_size=batch_size, engine=_engine_value(engine)).predict(paths, top_k=top_k)
     if output is OutputFormat.json:
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
     elif output is OutputFormat.csv:
@@ -695,16 +713,21 @@ def serve(
     request_timeout_s: Annotated[Optional[float], typer.Option(help="Seconds a queued request may wait before 504 (default 30).")] = None,
     registry_url: _RegistryUrl = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    engine: Annotated[Optional[EngineName], typer.Option(help=_ENGINE_HELP + " Env: CNNKIT_ENGINE.")] = None,
 ) -> None:
     """Serve a model over TensorFlow Serving's REST API (plus /predict, /healthz, /readyz, /metrics, /docs)."""
-    _import_keras_quietly()
+    from cnnkit.engines import engine_for
+
+    chosen = _engine_value(engine) or os.environ.get("CNNKIT_ENGINE") or None
+    if engine_for(source, chosen) == "keras":  # onnxruntime serves without importing Keras at all
+        _import_keras_quietly()
     import uvicorn
 
     from cnnkit.serve import create_app
 
     api = create_app(source, name=name, registry_url=registry_url, max_batch_size=max_batch_size,
                      max_wait_ms=max_wait_ms, batching=batching, max_body_bytes=max_body_bytes, max_queue=max_queue,
-                     request_timeout_s=request_timeout_s)
+                     request_timeout_s=request_timeout_s, engine=chosen)
     served = api.state.source
     _progress.say(f"serving [bold]{served.path}[/] as http://{host}:{port}/v1/models/{served.name} "
                   f"(version {served.version})")
@@ -761,12 +784,15 @@ def docker(
     out: Annotated[Path, typer.Option("--out", "-o", help="Build context folder to write.")] = Path("docker-context"),
     build: Annotated[bool, typer.Option("--build/--no-build", help="Run docker build when a daemon is available.")] = True,
     registry_url: _RegistryUrl = None,
+    engine: Annotated[EngineName, typer.Option(help=(
+        "keras: TensorFlow inside (every route); onnxruntime: a slim image of ONNX Runtime, numpy, Pillow and "
+        "FastAPI, no TensorFlow (:explain answers 501)."))] = EngineName.keras,
 ) -> None:
     """Write a Docker build context serving a model (and build it when Docker is available)."""
     _import_keras_quietly()
     from cnnkit.deploy import build_image, write_build_context
 
-    context = write_build_context(source, out, tag=tag, registry_url=registry_url)
+    context = write_build_context(source, out, tag=tag, registry_url=registry_url, engine=engine.value)
     typer.echo(f"build context: {context.path} (model '{context.name}', tag {context.tag})")
     if build and build_image(context):
         typer.echo(f"built {context.tag}; run: docker run -p 127.0.0.1:8501:8501 {context.tag}")

@@ -9,6 +9,10 @@ next batch on worker threads while the model runs on the current one. Unreadable
 as per-file errors; the others are still predicted. A calibrated model (``cnnkit calibrate``) has
 its temperature applied, and a prediction less confident than its ``min_confidence`` comes back as
 ``unknown``: the same rule for one image, a folder, and the server.
+
+The forward pass runs on an engine (``cnnkit.engines``): Keras, or ONNX Runtime over the model's
+ONNX export (``engine="onnxruntime"``), which imports no Keras at all. Decoding, batching,
+calibration and abstaining are the same code for both.
 """
 
 from __future__ import annotations
@@ -18,16 +22,20 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import keras  # noqa: F401  (the model's backend)
 import numpy as np
 
 from cnnkit._progress import progress_task
 from cnnkit.data.decode import DecodeError, load_image
 from cnnkit.data.scan import IMAGE_EXTENSIONS, expand_inputs
-from cnnkit.errors import ConfigError, DataError
+from cnnkit.engines import Engine, KerasEngine, open_engine
+from cnnkit.errors import ConfigError, DataError, ModelError
 from cnnkit.metrics import apply_temperature
-from cnnkit.models.saving import ModelMeta, load_model
+from cnnkit.rundir import ModelMeta
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
 
 # The label of a prediction less confident than the calibrated abstain threshold.
 UNKNOWN_LABEL = "unknown"
@@ -61,28 +69,55 @@ class Predictor:
     """Loads a model once and predicts images with exactly the training decode path.
 
     Args:
-        source: a run directory (``model.keras`` inside) or a ``.keras`` file.
+        source: a run directory (``model.keras`` inside), a ``.keras`` file, or an ONNX export folder.
         batch_size: images per model call.
         workers: decode threads (default: every core).
+        engine: "keras" or "onnxruntime" (``cnnkit.engines``; default: onnxruntime for an ONNX
+            export folder, else ``DEFAULT_ENGINE``). With onnxruntime, a ``.keras`` source is exported
+            to ONNX once (cached by its SHA-256).
 
     Example:
         >>> predictor = cnnkit.Predictor("runs/first")
         >>> labels = [p.label for p in predictor.predict(["some.jpg", "other_folder/"])]
+        >>> onnx = cnnkit.Predictor("runs/first", engine="onnxruntime")   # same answers within 1e-4
     """
 
-    def __init__(self, source: str | Path, batch_size: int = 64, workers: int | None = None) -> None:
+    def __init__(self, source: str | Path, batch_size: int = 64, workers: int | None = None,
+                 engine: str | None = None) -> None:
         _check_positive("batch_size", batch_size)
-        self.model, self.meta = load_model(source)
+        self._setup(open_engine(source, engine), None, batch_size, workers)
+
+    @classmethod
+    def from_model(cls, model: keras.Model, meta: ModelMeta, batch_size: int = 64) -> Predictor:
+        """A Predictor over a Keras model already in memory."""
+        return cls.from_engine(KerasEngine(model, meta), batch_size=batch_size)
+
+    @classmethod
+    def from_engine(cls, engine: Engine, meta: ModelMeta | None = None, batch_size: int = 64) -> Predictor:
+        """A Predictor over an open engine; ``meta`` replaces the engine's (e.g. a lower ``max_pixels``)."""
+        self = cls.__new__(cls)
+        self._setup(engine, meta, batch_size, None)
+        return self
+
+    def _setup(self, engine: Engine, meta: ModelMeta | None, batch_size: int, workers: int | None) -> None:
+        _check_positive("batch_size", batch_size)
+        self.engine, self.meta = engine, meta or engine.meta
         self.batch_size = batch_size
         self.workers = workers or os.cpu_count() or 1
         self._use_calibration()
 
-    @classmethod
-    def from_model(cls, model: keras.Model, meta: ModelMeta, batch_size: int = 64) -> Predictor:
-        self = cls.__new__(cls)
-        self.model, self.meta, self.batch_size, self.workers = model, meta, batch_size, os.cpu_count() or 1
-        self._use_calibration()
-        return self
+    @property
+    def model(self) -> Any:
+        """The Keras model (keras engine only: Grad-CAM needs it).
+
+        Raises:
+            ModelError: the engine is not keras.
+        """
+        if not isinstance(self.engine, KerasEngine):
+            raise ModelError(f"This predictor runs on the {self.engine.name} engine, which has no Keras model; "
+                             "Grad-CAM and other model work need engine='keras'. "
+                             f"Received: engine={self.engine.name!r}")
+        return self.engine.model
 
     def _use_calibration(self) -> None:
         """Temperature and abstain threshold stored by ``cnnkit calibrate`` (set them to override)."""
@@ -123,7 +158,7 @@ class Predictor:
         return apply_temperature(probs, self.temperature)
 
     def _call(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model.predict_on_batch(batch.astype(np.float32)), dtype=np.float32)
+        return self.engine.predict_proba(batch)
 
     def top_k(self, probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         _check_positive("top_k", k)

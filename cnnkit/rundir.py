@@ -26,10 +26,11 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cnnkit._version import __version__
 from cnnkit.errors import ModelError, RunDamagedError, RunExistsError, RunNotFoundError
 
 MODEL_FILE = "model.keras"
@@ -40,6 +41,10 @@ HISTORY_CSV = "history.csv"
 SPLIT_COLUMNS = ("path", "class", "split", "sha256")
 # The model's own metadata, an extra member of the .keras zip archive (class names, image size, ...).
 META_MEMBER = "cnnkit.json"
+# An ONNX export folder (``cnnkit export -f onnx``, the onnxruntime engine's cache, the slim image's
+# /model): the network, its metadata (``META_MEMBER``) and the SHA-256 of the .keras it came from.
+ONNX_MODEL = "model.onnx"
+SOURCE_SHA256 = "source.sha256"
 
 
 # -- temporary names and atomic replacement -------------------------------------------------------------
@@ -499,6 +504,61 @@ def read_model_metadata(path: str | Path) -> dict[str, Any] | None:
             return json.loads(archive.read(META_MEMBER))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         raise ModelError(f"'{path}' is not a valid .keras model file ({exc}). Train one with 'cnnkit train'.") from exc
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a model needs besides its weights to be used correctly.
+
+    Plain Python (read from the ``cnnkit.json`` member of a ``.keras`` file, or the file of that
+    name in an ONNX export folder), so the server can use it without Keras.
+
+    Attributes:
+        class_names: output index -> class name.
+        image_size: (height, width) the model takes.
+        color_mode: "rgb" or "grayscale".
+        resize_mode: how images are fitted to ``image_size`` ("stretch", "pad", "crop").
+        architecture: the zoo name it was built from.
+        input_scale: the pixel range the model takes: "0-255" (raw; cnnkit models always).
+        max_pixels: the decompression-bomb limit used when decoding for it.
+        extra: anything else (calibration, ...), for later stages.
+    """
+
+    class_names: list[str]
+    image_size: tuple[int, int]
+    color_mode: str = "rgb"
+    resize_mode: str = "stretch"
+    architecture: str = "unknown"
+    input_scale: str = "0-255"
+    max_pixels: int = 80_000_000
+    cnnkit_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelMeta:
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        known["image_size"] = tuple(known["image_size"])
+        return cls(**known)
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    """True for a folder holding ``model.onnx`` and its ``cnnkit.json`` (an ONNX export)."""
+    path = Path(path)
+    return path.is_dir() and (path / ONNX_MODEL).is_file() and (path / META_MEMBER).is_file()
+
+
+def read_export_meta(folder: str | Path) -> ModelMeta:
+    """The ``cnnkit.json`` written beside exported model files.
+
+    Raises:
+        ModelError: missing or not valid JSON metadata.
+    """
+    path = Path(folder) / META_MEMBER
+    try:
+        return ModelMeta.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"Cannot read the model metadata '{path}' ({exc}). Export the model again with "
+                         f"'cnnkit export RUN -f onnx'. Received: path='{path}'") from exc
 
 
 def output_folder(source: str | Path, *parts: str) -> Path:

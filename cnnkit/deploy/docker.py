@@ -4,7 +4,13 @@
 a ``requirements.txt`` pinned to the versions installed here, cnnkit's own source, and a
 multi-stage ``Dockerfile`` (CPU TensorFlow, non-root user, HEALTHCHECK on ``/healthz``) whose
 entry command is ``cnnkit serve /model``. A model mounted at run time (``-v runs/x:/model``)
-replaces the baked-in one. ``build_image`` runs ``docker build`` when a daemon answers, else
+replaces the baked-in one.
+
+With ``engine="onnxruntime"`` the image is slim: the model is its ONNX export (``model/model.onnx``
++ ``cnnkit.json`` + ``run.json``) and the requirements are ONNX Runtime, numpy, Pillow, FastAPI,
+uvicorn, python-multipart and prometheus-client (cnnkit itself installed without its dependencies;
+no pip, no CLI: uvicorn runs ``create_app``): no TensorFlow, no Keras. It answers like ``cnnkit predict`` (within 1e-4);
+``:explain`` answers 501. ``build_image`` runs ``docker build`` when a daemon answers, else
 returns the command to run.
 """
 
@@ -16,9 +22,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnkit.engines import engine_for, write_onnx_export
 from cnnkit.errors import CnnkitError
 from cnnkit.registry import resolve_source
-from cnnkit.rundir import RUN_JSON, atomic_directory
+from cnnkit.rundir import RUN_JSON, atomic_directory, is_onnx_export
 
 # The image installs cnnkit's own requirements plus these extras (no JAX/torch, no test tools), with
 # environment markers evaluated for the image: Linux, CPython 3.11.
@@ -30,10 +37,12 @@ _IMAGE_ENV = {"platform_system": "Linux", "sys_platform": "linux", "os_name": "p
 _FALLBACK = ["keras", "tensorflow-cpu", "numpy", "pillow", "scikit-learn", "matplotlib", "typer", "rich",
              "sqlalchemy", "alembic", "psycopg[binary]", "fastapi", "uvicorn[standard]", "python-multipart",
              "prometheus-client"]
+# The slim image (engine onnxruntime): what `cnnkit serve /model --engine onnxruntime` imports, nothing more.
+SLIM_REQUIREMENTS = ("onnxruntime", "numpy", "pillow", "fastapi", "uvicorn", "python-multipart", "prometheus-client")
 _PORT = 8501
 
 DOCKERFILE = """\
-# A cnnkit model server: TensorFlow Serving's REST API on port {port} (cnnkit serve).
+# A cnnkit model server: TensorFlow Serving's REST API on port {port} (cnnkit serve, engine {engine}).
 #   docker build -t {tag} .            (BASE defaults to python:3.11-slim)
 #   docker run -p 127.0.0.1:{port}:{port} {tag}
 #   docker run -p 127.0.0.1:{port}:{port} -v "$PWD/runs/other:/model:ro" {tag}    (another model, mounted)
@@ -48,21 +57,29 @@ COPY cnnkit-src /tmp/cnnkit-src
 RUN --mount=type=secret,id=extra_ca,required=false \\
     export PIP_CERT=$( [ -s /run/secrets/extra_ca ] && echo /run/secrets/extra_ca ); \\
     pip install --no-cache-dir "setuptools>=68" -r /tmp/requirements.txt \\
-    && pip install --no-cache-dir --no-deps --no-build-isolation /tmp/cnnkit-src
+    && pip install --no-cache-dir --no-deps --no-build-isolation /tmp/cnnkit-src{trim}
 
 FROM ${{BASE}}
 RUN useradd --create-home --uid 10001 cnnkit
 COPY --from=build /opt/venv /opt/venv
 COPY --chown=cnnkit model /model
 ENV PATH=/opt/venv/bin:$PATH \\
-    KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2 \\
+    {engine_env} \\
     CNNKIT_HOME=/home/cnnkit/.cnnkit CNNKIT_MODEL_NAME={name}
 USER cnnkit
 EXPOSE {port}
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \\
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=2)"]
-CMD ["cnnkit", "--quiet", "serve", "/model", "--host", "0.0.0.0", "--port", "{port}"]
+CMD {cmd}
 """
+_CMD = '["cnnkit", "--quiet", "serve", "/model", "--host", "0.0.0.0", "--port", "{port}"]'
+# The slim image has no CLI (Typer, Rich and Pygments are 25 MB): uvicorn calls create_app(), which
+# reads CNNKIT_MODEL and CNNKIT_ENGINE; pip and setuptools leave the image once cnnkit is installed, and
+# so do numpy's test suites and ONNX Runtime's model-conversion tools (26 MB that serving never imports).
+_SLIM_CMD = ('["uvicorn", "--factory", "cnnkit.serve.app:create_app", "--host", "0.0.0.0", "--port", "{port}"]')
+_SLIM_TRIM = (" \\\n    && pip uninstall -y -q pip setuptools \\\n"
+              "    && cd /opt/venv/lib/python3*/site-packages \\\n"
+              "    && rm -rf numpy/tests numpy/*/tests onnxruntime/transformers onnxruntime/quantization onnxruntime/tools")
 
 
 @dataclass
@@ -72,6 +89,7 @@ class BuildContext:
     path: Path
     tag: str
     name: str
+    engine: str = "keras"
 
     @property
     def build_command(self) -> list[str]:
@@ -116,33 +134,59 @@ def pinned_requirements() -> list[str]:
     return lines
 
 
+def slim_requirements() -> list[str]:
+    """``package==version`` for the slim (onnxruntime) image, pinned to the versions installed here."""
+    lines = []
+    for name in SLIM_REQUIREMENTS:
+        try:
+            lines.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(name)
+    return lines
+
+
 def write_build_context(source: str | Path, out: str | Path, tag: str | None = None,
-                        registry_url: str | None = None) -> BuildContext:
-    """Write a Docker build context serving ``source`` (run dir, ``.keras``, or ``NAME@stage``).
+                        registry_url: str | None = None, engine: str = "keras") -> BuildContext:
+    """Write a Docker build context serving ``source`` (run dir, ``.keras``, ONNX export folder, or ``NAME@stage``).
 
     Args:
         source: what to serve; a registry reference is resolved and its sha256 checked.
         out: the folder to write (replaced if it exists and holds a Dockerfile).
-        tag: the image tag (default ``cnnkit-<name>:<version>``).
+        tag: the image tag (default ``cnnkit-<name>:<version>``, ``-slim`` added for onnxruntime).
+        engine: "keras" (TensorFlow inside) or "onnxruntime" (the slim image: no TensorFlow).
 
     Raises:
+        ConfigError: unknown engine, or keras asked for an ONNX export folder.
         RunNotFoundError / VersionNotFoundError / RegistryError: the model cannot be found or changed.
     """
+    engine = engine_for(source, engine)
     resolved = resolve_source(source, registry_url=registry_url)
     out = Path(out)
     if out.exists() and not (out / "Dockerfile").exists() and any(out.iterdir()):
         raise CnnkitError(f"'{out}' exists and is not a cnnkit build context (no Dockerfile); choose another --out.")
-    tag = tag or f"cnnkit-{resolved.name.lower()}:{resolved.version}"
+    slim = engine == "onnxruntime"
+    tag = tag or f"cnnkit-{resolved.name.lower()}:{resolved.version}{'-slim' if slim else ''}"
     with atomic_directory(out) as work:
-        (work / "model").mkdir()
-        shutil.copy2(resolved.path, work / "model" / "model.keras")
+        if not slim:
+            (work / "model").mkdir()
+            shutil.copy2(resolved.path, work / "model" / "model.keras")
+        elif is_onnx_export(resolved.path):
+            shutil.copytree(resolved.path, work / "model")
+        else:
+            write_onnx_export(resolved.path, work / "model")
         if resolved.run_dir is not None and (resolved.run_dir / RUN_JSON).exists():
             shutil.copy2(resolved.run_dir / RUN_JSON, work / "model" / RUN_JSON)
-        (work / "requirements.txt").write_text("\n".join(pinned_requirements()) + "\n", encoding="utf-8")
+        requirements = slim_requirements() if slim else pinned_requirements()
+        (work / "requirements.txt").write_text("\n".join(requirements) + "\n", encoding="utf-8")
         _copy_cnnkit_source(work / "cnnkit-src")
-        (work / "Dockerfile").write_text(DOCKERFILE.format(port=_PORT, tag=tag, name=resolved.name), encoding="utf-8")
+        engine_env = "CNNKIT_ENGINE=onnxruntime CNNKIT_MODEL=/model" if slim else \
+            "KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2"
+        dockerfile = DOCKERFILE.format(port=_PORT, tag=tag, name=resolved.name, engine=engine, engine_env=engine_env,
+                                       trim=_SLIM_TRIM if slim else "",
+                                       cmd=(_SLIM_CMD if slim else _CMD).format(port=_PORT))
+        (work / "Dockerfile").write_text(dockerfile, encoding="utf-8")
         (work / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n", encoding="utf-8")
-    return BuildContext(out, tag, resolved.name)
+    return BuildContext(out, tag, resolved.name, engine)
 
 
 def _copy_cnnkit_source(target: Path) -> None:

@@ -10,47 +10,15 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import keras
 
 from cnnkit._progress import warn
-from cnnkit._version import __version__
 from cnnkit.errors import ModelError
-from cnnkit.rundir import META_MEMBER, atomic_path, model_path, read_model_metadata
-
-@dataclass(frozen=True)
-class ModelMeta:
-    """What a model needs besides its weights to be used correctly.
-
-    Attributes:
-        class_names: output index -> class name.
-        image_size: (height, width) the model takes.
-        color_mode: "rgb" or "grayscale".
-        resize_mode: how images are fitted to ``image_size`` ("stretch", "pad", "crop").
-        architecture: the zoo name it was built from.
-        input_scale: the pixel range the model takes: "0-255" (raw; cnnkit models always).
-        max_pixels: the decompression-bomb limit used when decoding for it.
-        extra: anything else (calibration, ...), for later stages.
-    """
-
-    class_names: list[str]
-    image_size: tuple[int, int]
-    color_mode: str = "rgb"
-    resize_mode: str = "stretch"
-    architecture: str = "unknown"
-    input_scale: str = "0-255"
-    max_pixels: int = 80_000_000
-    cnnkit_version: str = __version__
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelMeta:
-        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
-        known["image_size"] = tuple(known["image_size"])
-        return cls(**known)
+from cnnkit.rundir import META_MEMBER, ModelMeta, atomic_path, model_path, read_model_metadata
 
 
 def as_float32(model: keras.Model) -> keras.Model:

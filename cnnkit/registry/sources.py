@@ -1,6 +1,7 @@
 """Registry stage: what ``serve``, ``ui`` and ``docker`` were asked for -> the model file to use.
 
-A source is a run directory, a ``.keras`` file, or a registry reference (``NAME@production``,
+A source is a run directory, a ``.keras`` file, an ONNX export folder (``model.onnx`` +
+``cnnkit.json``: served on ONNX Runtime, without Keras), or a registry reference (``NAME@production``,
 ``NAME@3``); a registered artifact (the registry's immutable copy, not the run's file) is checked
 against its recorded SHA-256 before use.
 """
@@ -14,12 +15,12 @@ from pathlib import Path
 from cnnkit.errors import RegistryError
 from cnnkit.registry.artifacts import local_artifact
 from cnnkit.registry.store import Registry, sha256_file
-from cnnkit.rundir import model_path, run_folder
+from cnnkit.rundir import RUN_JSON, is_onnx_export, model_path, run_folder
 
 
 @dataclass
 class ModelSource:
-    """Where a served model comes from: its ``.keras`` file, URL name, version and run directory."""
+    """Where a served model comes from: its ``.keras`` file (or ONNX export folder), URL name, version and run directory."""
 
     path: Path
     name: str
@@ -30,7 +31,7 @@ class ModelSource:
 
 
 def resolve_source(source: str | Path, name: str | None = None, registry_url: str | None = None) -> ModelSource:
-    """``RUN`` dir, ``model.keras`` or ``NAME@production`` (``NAME@3``) -> a ModelSource.
+    """``RUN`` dir, ``model.keras``, an ONNX export folder or ``NAME@production`` (``NAME@3``) -> a ModelSource.
 
     Raises:
         RunNotFoundError / VersionNotFoundError: nothing there.
@@ -46,9 +47,19 @@ def resolve_source(source: str | Path, name: str | None = None, registry_url: st
                                 "refusing to serve it. Run 'cnnkit registry verify' and register the run again.")
         return ModelSource(path, name or version.name, str(version.version),
                            Path(version.run_dir) if version.run_dir else None, version.sha256, version.stage)
+    if is_onnx_export(text):
+        return _onnx_source(Path(text), name)
     path = model_path(text)
     default = path.parent.name if path.stem == "model" else path.stem
     return ModelSource(path, name or url_name(default), "1", run_folder(path))
+
+
+def _onnx_source(folder: Path, name: str | None) -> ModelSource:
+    """``RUN/export/onnx`` is named after its run; a folder with a ``run.json`` (the slim image's /model) is its own run."""
+    full = folder.resolve()
+    run = full.parents[1] if full.name == "onnx" and full.parent.name == "export" else full
+    run_dir = run if (run / RUN_JSON).is_file() else None
+    return ModelSource(folder, name or url_name(run.name), "1", run_dir)
 
 
 def url_name(text: str) -> str:

@@ -239,7 +239,7 @@ def _metadata(source: ModelSource, served: Served) -> dict[str, Any]:
                    "color_mode": meta.color_mode, "resize_mode": meta.resize_mode,
                    "input_scale": meta.input_scale, "architecture": meta.architecture,
                    "temperature": served.temperature, "min_confidence": served.min_confidence,
-                   "max_pixels": meta.max_pixels},
+                   "max_pixels": meta.max_pixels, "engine": served.engine},
     }
 
 
@@ -272,9 +272,18 @@ async def model_classify(request: Request, served: ServedDep, settings: Settings
     return JSONResponse({"results": [[[label, score] for label, score in row] for row in ranked]})
 
 
-@router.post("/v1/models/{name}:explain", tags=["TensorFlow Serving"], openapi_extra=_BODY_DOC, dependencies=_MODEL)
+_NOT_IMPLEMENTED = {501: {"model": ErrorResponse, "description": "Not available on this server's inference engine "
+                                                                  "(Grad-CAM needs the keras engine)"}}
+
+
+@router.post("/v1/models/{name}:explain", tags=["TensorFlow Serving"], openapi_extra=_BODY_DOC, dependencies=_MODEL,
+             responses=_NOT_IMPLEMENTED)
 async def model_explain(request: Request, served: ServedDep, settings: SettingsDep, metrics: MetricsDep) -> JSONResponse:
-    """Grad-CAM of the predicted class per image: heatmap and overlay as base64 PNGs."""
+    """Grad-CAM of the predicted class per image: heatmap and overlay as base64 PNGs (keras engine only: else 501)."""
+    if served.engine != "keras":
+        raise RequestError(501, f"Grad-CAM needs the model's gradients, which the {served.engine} engine does not "
+                                "compute. Serve the run's .keras with --engine keras (CNNKIT_ENGINE=keras) for "
+                                f":explain. Received: engine={served.engine!r}")
     from cnnkit.gradcam import compute_gradcam
 
     _, images = await _decoded(request, served, settings, metrics)

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from cnnkit.engines import check_engine
 from cnnkit.errors import ConfigError
 
 
@@ -30,6 +31,9 @@ class ServeSettings:
             the model gets 504 (``CNNKIT_REQUEST_TIMEOUT_S``).
         shutdown_timeout_s: on shutdown, how long queued requests are still answered; the rest get
             503 (``CNNKIT_SHUTDOWN_TIMEOUT_S``).
+        engine: what runs the model: "keras" or "onnxruntime" (``CNNKIT_ENGINE``; default:
+            onnxruntime for an ONNX export folder, else ``cnnkit.engines.DEFAULT_ENGINE``). On
+            onnxruntime the server imports no Keras, and ``:explain`` answers 501.
     """
 
     max_batch_size: int = 32
@@ -42,8 +46,10 @@ class ServeSettings:
     max_queue: int = 512
     request_timeout_s: float = 30.0
     shutdown_timeout_s: float = 10.0
+    engine: str | None = None
 
     def __post_init__(self) -> None:
+        check_engine(self.engine)
         for key in ("max_batch_size", "max_body_bytes", "max_instances", "top_k", "max_queue"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"Serve setting {key} must be >= 1. Received: {key}={getattr(self, key)}")
@@ -65,7 +71,7 @@ class ServeSettings:
                 raw = os.environ[f"CNNKIT_{f.name.upper()}"]
                 try:
                     values[f.name] = raw.lower() in ("1", "true", "yes", "on") if f.name == "batching" else (
-                        float(raw) if f.type == "float" else int(raw))
+                        raw if f.name == "engine" else float(raw) if f.type == "float" else int(raw))
                 except ValueError:
                     raise ConfigError(f"Environment variable CNNKIT_{f.name.upper()} must be a number. "
                                       f"Received: {raw!r}") from None

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit.models.saving import load_model
+from cnnkit.engines import open_engine
 from cnnkit.predict import Predictor
 from cnnkit.registry import ModelSource
 from cnnkit.serve.batching import MicroBatcher
@@ -21,16 +21,23 @@ class Served:
 
     Calibration (temperature and abstain threshold) is the Predictor's own, read from the model's
     metadata, where ``cnnkit calibrate`` stores it: served answers equal ``cnnkit predict``'s.
+    The engine (``settings.engine``) runs the forward pass: Keras, or ONNX Runtime without Keras.
     """
 
     def __init__(self, source: ModelSource, settings: ServeSettings) -> None:
-        model, meta = load_model(source.path)
+        engine = open_engine(source.path, settings.engine)
+        meta = engine.meta
         if settings.max_pixels is not None:
             meta = dataclasses.replace(meta, max_pixels=min(meta.max_pixels, settings.max_pixels))
         self.source, self.settings = source, settings
-        self.predictor = Predictor.from_model(model, meta, batch_size=max(settings.max_batch_size, 1))
+        self.predictor = Predictor.from_engine(engine, meta, batch_size=max(settings.max_batch_size, 1))
         self.batcher: MicroBatcher | None = None
         self.ready = False
+
+    @property
+    def engine(self) -> str:
+        """The engine's name: "keras" or "onnxruntime"."""
+        return self.predictor.engine.name
 
     @property
     def temperature(self) -> float:

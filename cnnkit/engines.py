@@ -1,0 +1,226 @@
+"""Inference engines: what runs a model's forward pass for ``Predictor`` and the server.
+
+Every engine has one contract: raw 0-255 pixels (N, height, width, channels) in, float32 class
+probabilities (N, num_classes) out, plus the model's ``ModelMeta`` (class names, decode settings,
+calibration). Two engines:
+
+    keras         the ``.keras`` file on the Keras backend (TensorFlow, JAX or PyTorch).
+    onnxruntime   the model exported to ONNX, run by ONNX Runtime: no Keras and no deep-learning
+                  backend in the process (the slim serving image holds only this engine).
+
+``open_engine(source, engine)`` takes a run directory, a ``.keras`` file or an ONNX export folder
+(``model.onnx`` + ``cnnkit.json``; ``cnnkit export RUN -f onnx`` writes one). For a ``.keras``
+source the onnxruntime engine exports once into ``$CNNKIT_HOME/onnx/<sha256 of the .keras>/``
+(written in a temporary folder and renamed), so a calibrated or retrained model gets a new export.
+Keras is imported only by the keras engine and by that export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from cnnkit.config import cnnkit_home
+from cnnkit.errors import ConfigError, ModelError
+from cnnkit.rundir import (
+    META_MEMBER,
+    ONNX_MODEL,
+    SOURCE_SHA256,
+    ModelMeta,
+    atomic_directory,
+    is_onnx_export,
+    model_path,
+    read_export_meta,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+ENGINES = ("keras", "onnxruntime")
+# Measured with bench/predict.py (README, "Inference engines"): ONNX Runtime was not faster than
+# Keras on TensorFlow for the `fast` model on this project's 2-core CPUs, so Keras stays the default.
+DEFAULT_ENGINE = "keras"
+
+
+class Engine(Protocol):
+    """What ``Predictor`` needs from an engine."""
+
+    name: str
+    meta: ModelMeta
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, num_classes), float32, for raw 0-255 pixels (N, height, width, channels)."""
+        ...
+
+
+class KerasEngine:
+    """A Keras model (``model.predict_on_batch``) and its metadata.
+
+    Example:
+        >>> engine = KerasEngine.load("runs/first")
+        >>> engine.predict_proba(np.zeros((2, *engine.meta.image_size, 3), np.uint8)).shape[0]
+        2
+    """
+
+    name = "keras"
+
+    def __init__(self, model: keras.Model, meta: ModelMeta) -> None:
+        self.model, self.meta = model, meta
+
+    @classmethod
+    def load(cls, source: str | Path) -> KerasEngine:
+        from cnnkit.models.saving import load_model
+
+        return cls(*load_model(source))
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict_on_batch(np.asarray(images, np.float32)), dtype=np.float32)
+
+
+class OnnxEngine:
+    """An ONNX export folder run by ONNX Runtime on the CPU (imports no Keras).
+
+    Args:
+        folder: holds ``model.onnx`` and ``cnnkit.json``.
+        threads: threads for one model call (default: every core).
+
+    Example:
+        >>> engine = OnnxEngine(onnx_export("runs/first"))   # or a folder from 'cnnkit export RUN -f onnx'
+        >>> engine.predict_proba(np.zeros((2, *engine.meta.image_size, 3), np.uint8)).shape[0]
+        2
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ModelError("The onnxruntime engine needs ONNX Runtime: pip install onnxruntime "
+                             f"(or use --engine keras). Received: engine='onnxruntime' ({exc})") from exc
+        self.folder = Path(folder)
+        self.meta = read_export_meta(self.folder)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1  # one model call at a time (the server's queue has one thread)
+        # Idle threads sleep instead of spinning: Predictor's decode threads need those cores between calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(self.folder / ONNX_MODEL), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises its own types for unreadable models
+            raise ModelError(f"ONNX Runtime cannot load '{self.folder / ONNX_MODEL}' ({exc}). Export it again with "
+                             f"'cnnkit export RUN -f onnx'. Received: folder='{self.folder}'") from exc
+        self._input = self.session.get_inputs()[0].name
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(images, dtype=np.float32)
+        return np.asarray(self.session.run(None, {self._input: batch})[0], dtype=np.float32)
+
+
+def check_engine(engine: str | None) -> None:
+    """Raises ConfigError unless ``engine`` is None (automatic) or one of ``ENGINES``."""
+    if engine is not None and engine not in ENGINES:
+        raise ConfigError(f"Unknown inference engine '{engine}'. Engines: {', '.join(ENGINES)} "
+                          f"(default {DEFAULT_ENGINE}). Received: engine={engine!r}")
+
+
+def engine_for(source: str | Path, engine: str | None = None) -> str:
+    """The engine that will run ``source``: ``engine`` if given, onnxruntime for an ONNX export, else the default.
+
+    Raises:
+        ConfigError: an unknown engine, or keras asked to run an ONNX export (it has no ``.keras``).
+    """
+    check_engine(engine)
+    onnx = is_onnx_export(source)
+    if engine == "keras" and onnx:
+        raise ConfigError(f"'{source}' is an ONNX export: the keras engine needs a run directory or .keras file. "
+                          "Use --engine onnxruntime, or pass the run. Received: engine='keras'")
+    return engine or ("onnxruntime" if onnx else DEFAULT_ENGINE)
+
+
+def open_engine(source: str | Path, engine: str | None = None, threads: int | None = None) -> Engine:
+    """A run directory, ``.keras`` file or ONNX export folder -> a ready engine.
+
+    Args:
+        source: what to run.
+        engine: "keras" or "onnxruntime" (default: onnxruntime for an ONNX export, else ``DEFAULT_ENGINE``).
+        threads: the onnxruntime engine's threads per call.
+
+    Raises:
+        ConfigError: unknown engine. RunNotFoundError / ModelError: nothing usable there.
+    """
+    name = engine_for(source, engine)
+    if name == "keras":
+        return KerasEngine.load(source)
+    folder = Path(source) if is_onnx_export(source) else onnx_export(source)
+    return OnnxEngine(folder, threads)
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def onnx_export(source: str | Path, cache: str | Path | None = None) -> Path:
+    """The ONNX export of a run's ``.keras`` in ``cache`` (default ``$CNNKIT_HOME/onnx``), made on first use.
+
+    The folder is named by the ``.keras`` file's SHA-256, so a changed model (calibrated, retrained)
+    is exported again; a complete folder is reused as it is.
+    """
+    path = model_path(source)
+    digest = sha256_of(path)
+    folder = Path(cache or cnnkit_home() / "onnx") / digest
+    if is_onnx_export(folder) and _recorded_sha(folder) == digest:
+        return folder
+    return write_onnx_export(path, folder, digest)
+
+
+def _recorded_sha(folder: Path) -> str | None:
+    try:
+        return (folder / SOURCE_SHA256).read_text(encoding="utf-8").split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def write_onnx_export(source: str | Path, out: str | Path, digest: str | None = None) -> Path:
+    """Export ``source`` (run or ``.keras``) to ONNX in the folder ``out``: ``model.onnx``, ``cnnkit.json``, ``source.sha256``.
+
+    The folder is written beside ``out`` and renamed into place (replacing ``out``). Needs Keras and,
+    on TensorFlow, ``tf2onnx``.
+
+    Raises:
+        ModelError: the converter is missing or fails.
+    """
+    from cnnkit.models.saving import as_float32, load_model
+
+    path = model_path(source)
+    digest = digest or sha256_of(path)
+    model, meta = load_model(path)
+    model = as_float32(model)
+    out = Path(out)
+    with atomic_directory(out) as work:
+        _write_onnx(model, work / ONNX_MODEL)
+        (work / META_MEMBER).write_text(json.dumps(asdict(meta), indent=2), encoding="utf-8")
+        (work / SOURCE_SHA256).write_text(f"{digest}  {path.name}\n", encoding="utf-8")
+    return out
+
+
+def _write_onnx(model: Any, target: Path) -> None:
+    shape = tuple(1 if d is None else int(d) for d in model.inputs[0].shape)
+    model(np.zeros(shape, "float32"), training=False)  # Keras' ONNX exporter needs a model that has been called
+    try:
+        model.export(str(target), format="onnx", verbose=False)
+    except ImportError as exc:
+        raise ModelError(f"ONNX export needs extra packages ({exc}). Install them with 'pip install tf2onnx onnx' "
+                         "(TensorFlow backend) or 'pip install onnxscript' (torch), or use --engine keras. "
+                         f"Received: target='{target}'") from exc

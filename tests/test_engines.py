@@ -1,0 +1,201 @@
+"""Inference engines: ONNX Runtime answers like Keras (within 1e-4) on the shipped digits' test split,
+through Predictor, the CLI and the server, and the onnxruntime server imports no Keras or TensorFlow."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cnnkit
+from cnnkit.demo import extract_demo_data
+from cnnkit.engines import DEFAULT_ENGINE, ENGINES, KerasEngine, OnnxEngine, engine_for, onnx_export
+from cnnkit.errors import ConfigError, ModelError
+from cnnkit.registry import resolve_source
+from cnnkit.rundir import ONNX_MODEL, SOURCE_SHA256, is_onnx_export
+
+pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install -e '.[export]')")
+pytest.importorskip("tf2onnx", reason="tf2onnx not installed (pip install -e '.[export]')")
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="ONNX export runs on TensorFlow here")
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4  # the bar for an engine to be used at all (README, "Inference engines")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[Path, Path]:
+    """(a `fast` run trained one epoch on the shipped digits, their test folder)."""
+    root = tmp_path_factory.mktemp("engines")
+    data = extract_demo_data(root / "data")
+    cnnkit.train(data, root / "digits", model="fast", epochs=1, image_size=16, cache_root=root / "cache")
+    return root / "digits", data / "test"
+
+
+def probabilities(predictions: list[cnnkit.Prediction], classes: list[str]) -> np.ndarray:
+    return np.array([[dict(p.top_k)[name] for name in classes] for p in predictions])
+
+
+def test_onnxruntime_equals_keras_on_the_evaluation_set(digits):
+    run, test = digits
+    keras_predictor = cnnkit.Predictor(run, engine="keras")
+    onnx_predictor = cnnkit.Predictor(run, engine="onnxruntime")
+    assert isinstance(keras_predictor.engine, KerasEngine) and isinstance(onnx_predictor.engine, OnnxEngine)
+    classes = keras_predictor.class_names
+    expected = keras_predictor.predict([test], top_k=len(classes))
+    got = onnx_predictor.predict([test], top_k=len(classes))
+    assert len(got) == len(expected) > 300 and [p.path for p in got] == [p.path for p in expected]
+    diff = np.abs(probabilities(got, classes) - probabilities(expected, classes))
+    assert diff.max() <= TOLERANCE, f"onnxruntime differs from keras by {diff.max():.2e} on {test}"
+    assert [p.label for p in got] == [p.label for p in expected]
+    # and the comparison can fail: a different model's answers are far apart
+    assert np.abs(probabilities(got, classes) - probabilities(got, classes)[::-1]).max() > TOLERANCE
+
+
+def test_predictor_uses_the_default_engine(digits):
+    run, _ = digits
+    assert DEFAULT_ENGINE in ENGINES
+    assert cnnkit.Predictor(run).engine.name == DEFAULT_ENGINE
+
+
+def test_export_is_cached_by_the_model_file_hash(digits, monkeypatch):
+    run, test = digits
+    folder = onnx_export(run)
+    assert folder.parent == Path(os.environ["CNNKIT_HOME"]) / "onnx" and is_onnx_export(folder)
+    assert (folder / SOURCE_SHA256).read_text().split()[0] == folder.name
+    import cnnkit.engines as engines
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the .keras file did not change")
+
+    monkeypatch.setattr(engines, "write_onnx_export", no_export)
+    assert onnx_export(run) == folder  # reused
+    image = sorted(test.rglob("*.png"))[0]
+    assert cnnkit.Predictor(run, engine="onnxruntime").predict_image(image).label
+
+
+def test_calibration_travels_with_the_export(digits, tmp_path):
+    from cnnkit.models.saving import update_meta
+
+    run, test = digits
+    model = tmp_path / "calibrated.keras"
+    model.write_bytes((run / "model.keras").read_bytes())
+    update_meta(model, temperature=2.5)
+    images = sorted(test.rglob("*.png"))[:20]
+    onnx = cnnkit.Predictor(model, engine="onnxruntime")
+    assert onnx.temperature == 2.5
+    pixels = np.stack([onnx.load(p) for p in images])
+    np.testing.assert_allclose(onnx.predict_arrays(pixels), cnnkit.Predictor(model).predict_arrays(pixels),
+                               atol=TOLERANCE, rtol=0)
+
+
+def test_an_onnx_export_folder_is_a_source(digits):
+    run, test = digits
+    folder = cnnkit.export(run, "onnx").out_dir
+    assert engine_for(folder) == "onnxruntime" and engine_for(run) == DEFAULT_ENGINE
+    source = resolve_source(folder)
+    assert source.name == run.name and source.run_dir == run.resolve() and source.path == folder
+    predictor = cnnkit.Predictor(folder)
+    assert predictor.engine.name == "onnxruntime" and predictor.class_names == cnnkit.Predictor(run).class_names
+    with pytest.raises(ConfigError, match="is an ONNX export"):
+        cnnkit.Predictor(folder, engine="keras")
+    with pytest.raises(ConfigError, match="Engines: keras, onnxruntime"):
+        cnnkit.Predictor(run, engine="tensorrt")
+    with pytest.raises(ModelError, match="engine='keras'"):
+        predictor.model  # noqa: B018  (Grad-CAM needs the Keras model)
+
+
+def test_cli_predict_engine(digits):
+    from cnnkit.cli import app
+
+    run, test = digits
+    images = [str(p) for p in sorted(test.rglob("*.png"))[:30]]
+    answers = {}
+    for engine in ENGINES:
+        result = CliRunner().invoke(app, ["predict", str(run), *images, "--format", "json", "--top-k", "10",
+                                          "--engine", engine])
+        assert result.exit_code == 0, result.output
+        answers[engine] = json.loads(result.stdout)
+    for a, b in zip(answers["keras"], answers["onnxruntime"]):
+        assert a["label"] == b["label"]
+        pa = {t["label"]: t["probability"] for t in a["top_k"]}
+        for t in b["top_k"]:
+            assert abs(pa[t["label"]] - t["probability"]) <= TOLERANCE
+
+
+def test_serve_settings_engine(monkeypatch):
+    from cnnkit.serve import ServeSettings
+
+    assert ServeSettings.from_env().engine is None
+    monkeypatch.setenv("CNNKIT_ENGINE", "onnxruntime")
+    assert ServeSettings.from_env().engine == "onnxruntime"
+    monkeypatch.setenv("CNNKIT_ENGINE", "tflite")
+    with pytest.raises(ConfigError, match="Received: engine='tflite'"):
+        ServeSettings.from_env()
+
+
+SERVE_WITHOUT_KERAS = r"""
+import base64, json, sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("keras", "tensorflow", "jax", "torch"):
+            raise ImportError("blocked in this test: " + name)
+sys.meta_path.insert(0, Blocked())
+from fastapi.testclient import TestClient
+from cnnkit.serve import create_app
+folder, image = sys.argv[1], sys.argv[2]
+body = {"instances": [{"b64": base64.b64encode(open(image, "rb").read()).decode()}]}
+with TestClient(create_app(folder, engine="onnxruntime")) as client:
+    predicted = client.post("/v1/models/digits:predict", json=body)
+    explained = client.post("/v1/models/digits:explain", json=body)
+    engine = client.get("/v1/models/digits/metadata").json()["cnnkit"]["engine"]
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "tensorflow", "jax", "torch"))
+print(json.dumps({"predict": [predicted.status_code, predicted.json()], "engine": engine,
+                  "explain": [explained.status_code, explained.json()], "heavy": heavy}))
+"""
+
+
+def test_onnxruntime_server_imports_no_keras(digits):
+    run, test = digits
+    folder = cnnkit.export(run, "onnx").out_dir
+    image = sorted(test.rglob("*.png"))[3]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_KERAS, str(folder), str(image)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["heavy"] == [] and answer["engine"] == "onnxruntime"
+    status, body = answer["predict"]
+    assert status == 200, body
+    predictor = cnnkit.Predictor(run, engine="keras")
+    local = dict(predictor.predict([image], top_k=len(predictor.class_names))[0].top_k)
+    expected = [local[name] for name in predictor.class_names]
+    np.testing.assert_allclose(body["predictions"][0], expected, atol=TOLERANCE, rtol=0)
+    status, body = answer["explain"]
+    assert status == 501 and "--engine keras" in body["error"] and body["error"].endswith("Received: engine='onnxruntime'")
+
+
+def test_slim_docker_context(digits, tmp_path):
+    from cnnkit.deploy.docker import write_build_context
+
+    run, _ = digits
+    context = write_build_context(run, tmp_path / "ctx", engine="onnxruntime")
+    assert context.tag == "cnnkit-digits:1-slim" and context.engine == "onnxruntime"
+    model = context.path / "model"
+    assert is_onnx_export(model) and (model / "run.json").is_file() and not (model / "model.keras").exists()
+    requirements = {line.split("==")[0] for line in (context.path / "requirements.txt").read_text().split()}
+    assert {"onnxruntime", "numpy", "pillow", "fastapi", "uvicorn", "python-multipart"} <= requirements
+    assert not requirements & {"tensorflow", "tensorflow-cpu", "keras", "jax", "torch", "scikit-learn", "matplotlib"}
+    dockerfile = (context.path / "Dockerfile").read_text()
+    assert "CNNKIT_ENGINE=onnxruntime" in dockerfile and "KERAS_BACKEND" not in dockerfile
+    assert "--no-deps" in dockerfile and "pip uninstall -y -q pip setuptools" in dockerfile
+    assert '"uvicorn", "--factory", "cnnkit.serve.app:create_app"' in dockerfile and "CNNKIT_MODEL=/model" in dockerfile
+    # a mounted or exported ONNX folder is served by resolving it like the image's CMD does
+    assert resolve_source(model, "digits").path == model and (model / ONNX_MODEL).stat().st_size > 1000
