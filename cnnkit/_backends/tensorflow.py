@@ -13,3 +13,15 @@ def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarr
         probs = head(x, training=False)
         score = tf.reduce_sum(tf.gather(tf.cast(probs, tf.float32), class_indices, axis=1, batch_dims=1))
     return tape.gradient(score, x).numpy()
+
+
+def version() -> str:
+    return tf.__version__
+
+
+def devices() -> list[str]:
+    return [f"{d.device_type.lower()}:{d.name.rsplit(':', 1)[-1]}" for d in tf.config.list_physical_devices()]
+
+
+def accelerators() -> list[str]:
+    return [f"gpu:{d.name.rsplit(':', 1)[-1]}" for d in tf.config.list_physical_devices("GPU")]
