@@ -1,4 +1,4 @@
-"""TensorFlow gradient shim (``tf.GradientTape``)."""
+"""TensorFlow shim: gradients (``tf.GradientTape``), devices, the TFLite converter."""
 
 from __future__ import annotations
 
@@ -25,3 +25,11 @@ def devices() -> list[str]:
 
 def accelerators() -> list[str]:
     return [f"gpu:{d.name.rsplit(':', 1)[-1]}" for d in tf.config.list_physical_devices("GPU")]
+
+
+def tflite_from_saved_model(saved_model: str, optimize: bool) -> bytes:
+    """A TFLite flatbuffer from a SavedModel; ``optimize``: dynamic-range int8 weights."""
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+    if optimize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return converter.convert()
