@@ -28,6 +28,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from cnnkit._backends import require_gradients
 from cnnkit._progress import esc, progress_task, say, warn
 from cnnkit._version import __version__
 from cnnkit.config import RunConfig, resolve_config
@@ -140,6 +141,7 @@ def train(
         >>> result = cnnkit.train("dataset", out="runs/first", model="simple", epochs=10, overwrite=True)
         >>> accuracy = result.metrics["val_accuracy"]
     """
+    require_gradients("train")
     if resume is not None:
         point = prepare_resume(Path(resume), options)
         with RunDirectory(Path(out) if out is not None else Path(resume), overwrite=True, resuming=True) as run:
