@@ -126,6 +126,7 @@ def test_onecycle_warms_up_then_decays():
     assert rates[0] < rates[1] < rates[2] > rates[3] > rates[4]
 
 
+@pytest.mark.backends  # also run on JAX and PyTorch (.ci/backends)
 def test_precision_follows_the_hardware_and_says_why():
     # Any x86-64 CPU: the decision is made from the flags given, so both kinds of CPU are checked on either.
     avx2 = choose_precision(True, flags=frozenset({"sse4_2", "avx", "avx2", "fma"}), gpus=[])
@@ -150,6 +151,7 @@ def test_precision_reads_the_cpu_flags_from_cpuinfo(tmp_path):
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()  # not Linux: unknown, treated as absent
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("cpu", ["avx2", "this machine"])
 def test_mixed_precision_keeps_a_float32_output(cpu, colours, tmp_path, monkeypatch):
     if cpu == "avx2":  # play a CPU without bfloat16: training falls back to float32 and says so
@@ -190,6 +192,7 @@ def test_discriminative_rates_lower_for_earlier_blocks():
     assert layer_lr_multipliers(model, 1.0) == {}
 
 
+@pytest.mark.backends  # also run on JAX and PyTorch (.ci/backends)
 def test_discriminative_rates_scale_each_variable_step():
     a, b = keras.Variable(np.zeros(3, "float32"), name="a"), keras.Variable(np.zeros(3, "float32"), name="b")
     optimizer = make_optimizer(TrainConfig(optimizer="sgd"), 0.1, 10, {b.path: 0.25})
