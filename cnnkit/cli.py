@@ -553,6 +553,74 @@ def demo(
     typer.echo(json.dumps(summary, indent=2))
 
 
+# Each optional extra of pyproject.toml and the modules that show it is installed.
+EXTRAS = {"jax": ("jax",), "torch": ("torch",), "serve": ("fastapi", "uvicorn", "multipart", "prometheus_client", "httpx"),
+          "export": ("tf2onnx", "onnx", "onnxruntime"), "postgres": ("psycopg",)}
+
+
+def machine_info() -> dict[str, Any]:
+    """What ``cnnkit info`` reports: backend, devices, mixed precision, CPU, cnnkit's folders, extras."""
+    import importlib.util
+    import re
+
+    _import_keras_quietly()
+    import keras
+
+    from cnnkit._backends import devices
+    from cnnkit.config import cnnkit_home
+    from cnnkit.data.cache import default_cache_root
+    from cnnkit.registry.artifacts import default_artifact_root
+    from cnnkit.registry.store import default_url
+
+    backend = keras.backend.backend()
+    flags = devices.cpu_flags()
+    precision = devices.choose_precision(True)
+    registry = default_url()
+    extras = {name: all(importlib.util.find_spec(module) is not None for module in modules)
+              for name, modules in EXTRAS.items()}
+    return {
+        "cnnkit": __version__, "python": sys.version.split()[0], "keras": keras.__version__,
+        "backend": backend, "backend_version": devices.backend_version(backend),
+        "devices": devices.devices(backend),
+        "mixed_precision": {**precision.as_dict(), "cpu_bfloat16": devices.cpu_has_bfloat16(flags)},
+        "cpu": {"model": devices.cpu_model(), "cores": os.cpu_count(),
+                "vector_extensions": [flag for flag in devices.VECTOR_FLAGS if flag in flags]},
+        "home": str(cnnkit_home()), "cache": str(default_cache_root()),
+        "registry": re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", registry),  # never print a password
+        "artifacts": default_artifact_root(registry),
+        "extras": extras,
+    }
+
+
+@app.command()
+@_handle_errors
+def info(
+    output: Annotated[ReportFormat, typer.Option("--format", help="table or json on stdout.")] = ReportFormat.table,
+) -> None:
+    """The backend and its devices, mixed precision here, the CPU's vector extensions, cnnkit's folders, extras."""
+    facts = machine_info()
+    if output is ReportFormat.json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    mixed = facts["mixed_precision"]
+    rows = [("cnnkit", f"{facts['cnnkit']} (Python {facts['python']}, Keras {facts['keras']})"),
+            ("backend", f"{facts['backend']} {facts['backend_version']}  (set KERAS_BACKEND to change)"),
+            ("devices", ", ".join(facts["devices"])),
+            ("mixed precision", f"{mixed['policy']}: {mixed['reason']}"),
+            ("cpu", f"{facts['cpu']['model']}, {facts['cpu']['cores']} cores"),
+            ("vector extensions", " ".join(facts["cpu"]["vector_extensions"]) or "unknown"),
+            ("home", facts["home"]), ("cache", facts["cache"]), ("registry", facts["registry"]),
+            ("artifacts", facts["artifacts"]),
+            ("extras", "  ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in facts["extras"].items()))]
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/]", escape(str(value)))
+    _stdout_console().print(table)
+
+
 # -- model registry ---------------------------------------------------------------------------------
 
 registry_app = typer.Typer(help="The model registry: numbered, staged versions of trained runs (SQL).",

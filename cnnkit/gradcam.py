@@ -27,7 +27,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from cnnkit._backends import gradients
+from cnnkit._backends import gradients, require_gradients
 from cnnkit._progress import progress_task, warn
 from cnnkit.errors import ModelError
 
@@ -247,6 +247,7 @@ def explain(
     from cnnkit.predict import Predictor
     from cnnkit.rundir import output_folder
 
+    require_gradients("explain")
     run = Path(run)
     predictor = Predictor(run)
     names = predictor.class_names

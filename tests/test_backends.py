@@ -44,3 +44,17 @@ def test_train_evaluate_predict_on_backend(backend, module, tmp_path):
     assert out["test"] > 0.6, out  # chance is 1/3
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["versions"]["backend"] == backend
+
+
+@pytest.mark.parametrize("command", [["train", "{data}", "--epochs", "1"], ["lr-find", "{data}"],
+                                     ["explain", "{data}/test", "{data}/test/red/red_000.png"]])
+def test_inference_only_backend_refuses_training_and_gradcam_in_words(command, tmp_path):
+    """Keras' numpy backend cannot differentiate: a one-line error naming the backends that can, not a traceback."""
+    write_class_folder(tmp_path / "data" / "test", per_class=3)
+    args = [a.format(data=tmp_path / "data") for a in command]
+    env = {**os.environ, "KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-m", "cnnkit.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "inference only" in proc.stderr and "tensorflow, jax, torch" in proc.stderr
+    assert "Received: backend='numpy'" in proc.stderr

@@ -15,7 +15,8 @@ from cnnkit.training.range_test import _suggest
 from cnnkit.models import build_model
 from cnnkit.models.augment import AUGMENT_PRESETS, augment_config
 from cnnkit.models.saving import load_model
-from cnnkit.training.precision import precision_policy
+from cnnkit._backends.devices import cpu_flags, cpu_has_bfloat16, cpu_model
+from cnnkit.training.precision import choose_precision, precision_policy
 from cnnkit.training.optim import (
     SmoothedSparseCrossentropy,
     balanced_class_weight,
@@ -125,8 +126,39 @@ def test_onecycle_warms_up_then_decays():
     assert rates[0] < rates[1] < rates[2] > rates[3] > rates[4]
 
 
-def test_mixed_precision_keeps_a_float32_output(colours, tmp_path):
+@pytest.mark.backends  # also run on JAX and PyTorch (.ci/backends)
+def test_precision_follows_the_hardware_and_says_why():
+    # Any x86-64 CPU: the decision is made from the flags given, so both kinds of CPU are checked on either.
+    avx2 = choose_precision(True, flags=frozenset({"sse4_2", "avx", "avx2", "fma"}), gpus=[])
+    assert avx2.policy == "float32" and avx2.fell_back and "no bfloat16" in avx2.reason
+    for flag in ("avx512_bf16", "amx_bf16"):
+        assert choose_precision(True, flags=frozenset({"avx2", flag}), gpus=[]).policy == "mixed_bfloat16"
+    assert choose_precision(True, flags=frozenset(), gpus=["cuda:0"]).policy == "mixed_float16"
+    off = choose_precision(False, flags=frozenset({"avx512_bf16"}), gpus=["cuda:0"])
+    assert off.policy == "float32" and not off.fell_back
+    # This machine: bfloat16 exactly when /proc/cpuinfo lists it (and no GPU).
+    expected = "mixed_bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"} else "float32"
+    assert choose_precision(True, gpus=[]).policy == expected
+
+
+def test_precision_reads_the_cpu_flags_from_cpuinfo(tmp_path):
+    (tmp_path / "avx2").write_text("processor : 0\nmodel name : AMD EPYC\nflags : fpu sse4_2 avx avx2 fma\n")
+    (tmp_path / "bf16").write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_flags(str(tmp_path / "avx2")) == {"fpu", "sse4_2", "avx", "avx2", "fma"}
+    assert cpu_model(str(tmp_path / "avx2")) == "AMD EPYC"
+    assert not cpu_has_bfloat16(cpu_flags(str(tmp_path / "avx2")))
+    assert cpu_has_bfloat16(cpu_flags(str(tmp_path / "bf16")))
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()  # not Linux: unknown, treated as absent
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("cpu", ["avx2", "this machine"])
+def test_mixed_precision_keeps_a_float32_output(cpu, colours, tmp_path, monkeypatch):
+    if cpu == "avx2":  # play a CPU without bfloat16: training falls back to float32 and says so
+        monkeypatch.setenv("CNNKIT_CPU_FLAGS", "sse4_2 avx avx2 fma")
     policy = precision_policy(True)  # mixed where this machine has the hardware for it, float32 elsewhere
+    if cpu == "avx2":
+        assert policy == "float32" or policy == "mixed_float16"  # (a GPU machine)
     seen = {}
 
     class ComputeDtype(keras.callbacks.Callback):
@@ -137,6 +169,9 @@ def test_mixed_precision_keeps_a_float32_output(colours, tmp_path):
                           mixed_precision=True, callbacks=[ComputeDtype()])
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["dtype_policy"] == policy
+    assert record["precision"]["policy"] == policy and record["precision"]["requested"] is True
+    if policy == "float32":
+        assert "no bfloat16" in record["precision"]["reason"]
     assert seen["conv"] == {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(policy, "float32")
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     # Mixed precision is for training: the saved model computes in float32 on any CPU (and exports).
@@ -157,6 +192,7 @@ def test_discriminative_rates_lower_for_earlier_blocks():
     assert layer_lr_multipliers(model, 1.0) == {}
 
 
+@pytest.mark.backends  # also run on JAX and PyTorch (.ci/backends)
 def test_discriminative_rates_scale_each_variable_step():
     a, b = keras.Variable(np.zeros(3, "float32"), name="a"), keras.Variable(np.zeros(3, "float32"), name="b")
     optimizer = make_optimizer(TrainConfig(optimizer="sgd"), 0.1, 10, {b.path: 0.25})

@@ -21,6 +21,21 @@ _MODULES = {"tensorflow": "cnnkit._backends.tensorflow", "jax": "cnnkit._backend
             "torch": "cnnkit._backends.torch"}
 
 
+def require_gradients(command: str) -> None:
+    """Refuse ``command`` (train, lr-find, explain...) on a Keras backend that cannot differentiate.
+
+    Keras' ``numpy`` and ``openvino`` backends run inference only: predict, evaluate and serve work on
+    them, training and Grad-CAM do not.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend not in _MODULES:
+        raise ModelError(f"'{command}' needs gradients, which the '{backend}' Keras backend cannot compute (it runs "
+                         f"inference only). Set KERAS_BACKEND to one of {', '.join(_MODULES)}. "
+                         f"Received: backend={backend!r}")
+
+
 def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarray:
     """d score[class_indices[i]] / d features[i], for each image i, as float32 numpy.
 
@@ -34,10 +49,8 @@ def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarr
     """
     import keras
 
+    require_gradients("explain")
     backend = keras.backend.backend()
-    if backend not in _MODULES:
-        raise ModelError(f"Grad-CAM needs gradients, which the '{backend}' Keras backend cannot compute. "
-                         f"Set KERAS_BACKEND to one of {', '.join(_MODULES)}. Received: backend={backend!r}")
     module = importlib.import_module(_MODULES[backend])
     grads = module.gradients(head, np.asarray(features, dtype=np.float32), np.asarray(class_indices, dtype=np.int64))
     return np.asarray(grads, dtype=np.float32)

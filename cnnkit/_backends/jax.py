@@ -15,3 +15,16 @@ def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarr
         return jnp.take_along_axis(probs, index[:, None], axis=1).sum()
 
     return np.asarray(jax.grad(score)(jnp.asarray(features)))
+
+
+def version() -> str:
+    return jax.__version__
+
+
+def devices() -> list[str]:
+    return [f"{d.platform}:{d.id}" for d in jax.devices()] + (
+        [f"cpu:{d.id}" for d in jax.devices("cpu")] if jax.default_backend() != "cpu" else [])
+
+
+def accelerators() -> list[str]:
+    return [f"{d.platform}:{d.id}" for d in jax.devices() if d.platform in ("gpu", "cuda", "rocm")]

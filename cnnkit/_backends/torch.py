@@ -14,3 +14,16 @@ def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarr
     probs = head(x, training=False).float()
     probs.gather(1, index[:, None]).sum().backward()
     return x.grad.detach().cpu().numpy()
+
+
+def version() -> str:
+    return torch.__version__
+
+
+def devices() -> list[str]:
+    return ["cpu:0"] + accelerators()
+
+
+def accelerators() -> list[str]:
+    # Keras' torch backend places tensors on CUDA when torch sees it (MPS is not used for mixed precision).
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []

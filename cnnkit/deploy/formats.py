@@ -9,13 +9,19 @@ class probabilities out (the scaling layer is inside the graph). Files land in
     onnx/model.onnx         via Keras' ``model.export(format="onnx")`` (tf2onnx on TensorFlow)
     tflite/model.tflite     float32;  tflite/model_int8.tflite  dynamic-range int8 weights
 
-SavedModel and TFLite need the TensorFlow backend; ONNX needs ``pip install tf2onnx onnx``.
+All three are TensorFlow conversions (ONNX through tf2onnx: ``pip install "cnnkit[export]"``). A
+process on JAX or PyTorch runs the conversion in a TensorFlow subprocess (``KERAS_BACKEND=tensorflow``)
+that loads the ``.keras`` file, which gives the same probabilities on every backend; this is why
+TensorFlow stays a core dependency whichever backend trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,22 +61,47 @@ def export(run: str | Path, format: str, out: str | Path | None = None) -> Expor
     if format not in FORMATS:
         raise ConfigError(f"Unknown export format '{format}'. Formats: {', '.join(FORMATS)}. Received: format={format!r}")
     path = model_path(run)
-    model, meta = load_model(path)
     out_dir = Path(out) if out is not None else path.parent / "export" / format
+    if keras.backend.backend() != "tensorflow":
+        return _export_in_tensorflow(path, format, out_dir)
+    model, meta = load_model(path)
     with atomic_directory(out_dir) as work:
         files = {"savedmodel": _savedmodel, "onnx": _onnx, "tflite": _tflite}[format](model, work)
         (work / META_MEMBER).write_text(json.dumps(dataclasses.asdict(meta), indent=2), encoding="utf-8")
     return ExportResult(format, out_dir, [out_dir / f.relative_to(work) for f in files])
 
 
-def _need_tensorflow(format: str) -> None:
-    if keras.backend.backend() != "tensorflow":
-        raise ModelError(f"Exporting to {format} needs the TensorFlow backend; this process uses "
-                         f"'{keras.backend.backend()}'. Run with KERAS_BACKEND=tensorflow.")
+_CHILD = """
+import json, sys
+from cnnkit.errors import CnnkitError
+from cnnkit.deploy.formats import export
+try:
+    result = export(sys.argv[1], sys.argv[2], sys.argv[3])
+except CnnkitError as exc:
+    print(json.dumps({"error": str(exc)}))
+    sys.exit(2)
+print(json.dumps({"files": [str(f) for f in result.files]}))
+"""
+
+
+def _export_in_tensorflow(path: Path, format: str, out_dir: Path) -> ExportResult:
+    """Run the TensorFlow conversion in a subprocess on the TensorFlow backend (this one is JAX or torch)."""
+    backend = keras.backend.backend()
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), format, str(out_dir)], env=env,
+                          capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    answer = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    if proc.returncode != 0 or "files" not in answer:
+        reason = answer.get("error") or (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelError(f"Exporting to {format} runs TensorFlow in a subprocess (this process uses the '{backend}' "
+                         f"backend), and it failed: {reason} Check that TensorFlow imports "
+                         f"(python -c 'import tensorflow'), or export with KERAS_BACKEND=tensorflow. "
+                         f"Received: format={format!r}, model={str(path)!r}")
+    return ExportResult(format, out_dir, [Path(f) for f in answer["files"]])
 
 
 def _savedmodel(model: keras.Model, work: Path) -> list[Path]:
-    _need_tensorflow("savedmodel")
     target = work / "1"  # TensorFlow Serving loads numbered version folders
     model.export(str(target), format="tf_saved_model", verbose=False)
     return [target]
@@ -91,17 +122,14 @@ def _onnx(model: keras.Model, work: Path) -> list[Path]:
 
 
 def _tflite(model: keras.Model, work: Path) -> list[Path]:
-    _need_tensorflow("tflite")
-    import tensorflow as tf
+    from cnnkit._backends.tensorflow import tflite_from_saved_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model.export(tmp, format="tf_saved_model", verbose=False)
         written = []
         for name, optimize in (("model.tflite", False), ("model_int8.tflite", True)):
-            converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-            if optimize:  # dynamic-range quantization: int8 weights, float activations
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            (work / name).write_bytes(converter.convert())
+            # int8: dynamic-range quantization (int8 weights, float activations)
+            (work / name).write_bytes(tflite_from_saved_model(tmp, optimize))
             written.append(work / name)
     return written
 

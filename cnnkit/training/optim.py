@@ -71,10 +71,11 @@ def layer_lr_multipliers(model: keras.Model, decay: float, blocks: int = 10) -> 
 
 
 class _LayerwiseRates:
-    """Mixin scaling the rate per variable (``update_step`` runs once per variable on TF and JAX).
+    """Mixin scaling the rate per variable (``update_step`` runs once per variable, on every backend).
 
-    PyTorch's Keras optimizers update all variables in one fused call and bypass ``update_step``,
-    so there the multipliers are not applied (``train`` warns).
+    On PyTorch, Keras swaps in its fused ``torch._foreach`` optimizers (which bypass ``update_step``)
+    only for the exact classes ``Adam``, ``AdamW``, ``SGD``...; these subclasses keep the per-variable
+    path, so the multipliers apply on PyTorch too (``tests/test_every_backend.py`` checks it).
     """
 
     def __init__(self, *args, lr_multipliers: dict[str, float] | None = None, **kwargs):

@@ -140,6 +140,9 @@ def lr_find(data_dir: str | Path, out: str | Path | None = None, config: Any = N
     from cnnkit.training.fitting import build_for_training, make_batches
     from cnnkit.training.precision import precision_policy
 
+    from cnnkit._backends import require_gradients
+
+    require_gradients("lr-find")
     cfg = resolve_config(config, **options)
     if cfg.data.image_size is None:
         size = get_spec(cfg.model.name).default_image_size

@@ -28,6 +28,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from cnnkit._backends import require_gradients
 from cnnkit._progress import esc, progress_task, say, warn
 from cnnkit._version import __version__
 from cnnkit.config import RunConfig, resolve_config
@@ -62,7 +63,7 @@ from cnnkit.training.fitting import (
     reestimate_batchnorm,
 )
 from cnnkit.training.optim import balanced_class_weight
-from cnnkit.training.precision import precision_policy
+from cnnkit.training.precision import Precision, choose_precision
 from cnnkit.training.range_test import find_learning_rate
 from cnnkit.training.resume import ResumePoint, copy_checkpoints, prepare_resume
 
@@ -141,6 +142,7 @@ def train(
         >>> result = cnnkit.train("dataset", out="runs/first", model="simple", epochs=10, overwrite=True)
         >>> accuracy = result.metrics["val_accuracy"]
     """
+    require_gradients("train")
     if resume is not None:
         point = prepare_resume(Path(resume), options)
         with RunDirectory(Path(out) if out is not None else Path(resume), overwrite=True, resuming=True) as run:
@@ -204,7 +206,11 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     if val_ds is None:
         warnings.append(_warn("No validation images: EarlyStopping and the checkpoint follow the training loss, "
                               "which cannot show overfitting. Keep val_split > 0 or add a validation/ folder."))
-    plan = _plan(cfg, data, train_ds, resume)
+    precision = choose_precision(cfg.train.mixed_precision)
+    if precision.requested:
+        say(f"precision: [bold]{precision.policy}[/] ({esc(precision.reason)})" if not precision.fell_back else
+            f"[yellow]precision: float32, not mixed[/]: {esc(precision.reason)}")
+    plan = _plan(cfg, data, train_ds, resume, precision)
     # Written now, so a run killed at any moment can be resumed from its partial folder.
     write_json(run.path / RUN_JSON, {**_run_record(cfg, data, data_dir, {}, warnings, "running", 0.0, 0), **plan.extra})
     monitor = "val_loss" if val_ds is not None else "loss"
@@ -227,10 +233,11 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     return TrainResult(run.commit(), model, data.class_names, history, metrics, data.data_hash, warnings, status)
 
 
-def _plan(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, resume: ResumePoint | None) -> _Plan:
+def _plan(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, resume: ResumePoint | None,
+          precision: Precision) -> _Plan:
     """The model and phases: from the resume checkpoint, or built new (after the range test for --lr auto)."""
-    policy = precision_policy(cfg.train.mixed_precision)
-    extra: dict[str, Any] = {"dtype_policy": policy}
+    policy = precision.policy
+    extra: dict[str, Any] = {"dtype_policy": policy, "precision": precision.as_dict()}
     if resume is not None:
         extra["resumed_from"] = resume.resumed_from
         return _Plan(cfg, resume.model, resume.plan, extra, resume.history)
