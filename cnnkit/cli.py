@@ -275,6 +275,9 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
     TrainOption("label_smoothing", float, "Label smoothing, e.g. 0.1 (default 0)."),
     TrainOption("class_weight", str, "auto (balanced, for imbalanced classes) or none."),
     TrainOption("mixed_precision", bool, "float16 on GPU, bfloat16 on CPU.", ("--mixed-precision/--no-mixed-precision",)),
+    TrainOption("devices", str, "Train data-parallel on N devices, or 'all' (JAX: keras.distribution.DataParallel; "
+                                "TensorFlow: tf.distribute.MirroredStrategy). --batch-size is the global batch, split "
+                                "over them; the learning rate is left as it is (default 1)."),
     TrainOption("time_budget", str, "Fit the schedule to a wall-clock budget for the whole run, e.g. 10m, 600s, 1h "
                                     "(replaces --epochs).", parse=_parse_duration),
     TrainOption("augment", str, "none, light, standard, strong, screens (screenshots/documents: no flips) or "
@@ -332,7 +335,7 @@ def train(
     register: Annotated[Optional[str], typer.Option(help="Register the run in the model registry under this name.")] = None,
     registry_url: Annotated[Optional[str], typer.Option(envvar="CNNKIT_REGISTRY_URL", help=_REGISTRY_URL_HELP)] = None,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit a temperature on the validation split after training.")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (optimizer state included); only --epochs and --workers may be given with it.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (optimizer state included); only --epochs, --workers and --devices may be given with it.")] = None,
     **options: Any,
 ) -> None:
     """Train a classifier on DATA_DIR and write a run directory."""

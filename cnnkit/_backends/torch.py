@@ -14,3 +14,10 @@ def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarr
     probs = head(x, training=False).float()
     probs.gather(1, index[:, None]).sum().backward()
     return x.grad.detach().cpu().numpy()
+
+
+def list_devices(count: int | None = None) -> tuple[str, list[str]]:
+    """The kind and names of the devices torch sees: its GPUs, else the CPU."""
+    if torch.cuda.is_available():
+        return "gpu", [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return "cpu", ["cpu:0"]

@@ -16,6 +16,7 @@ Ctrl-C stops training early but still writes the run (best checkpoint, ``status:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import platform
@@ -51,6 +52,7 @@ from cnnkit.rundir import (
 )
 from cnnkit.training.budget import BUDGET_MAX_EPOCHS, clock, fast_width, make_time_budget
 from cnnkit.training.diagnostics import data_warnings, diagnose_history
+from cnnkit.training.distribute import Devices, distributed, single_device_copy
 from cnnkit.training.fitting import (
     DECAYING_SCHEDULES,
     Fitter,
@@ -63,7 +65,7 @@ from cnnkit.training.fitting import (
 from cnnkit.training.optim import balanced_class_weight
 from cnnkit.training.precision import precision_policy
 from cnnkit.training.range_test import find_learning_rate
-from cnnkit.training.resume import ResumePoint, copy_checkpoints, prepare_resume
+from cnnkit.training.resume import ResumePoint, copy_checkpoints, prepare_resume, resume_config
 
 
 @dataclass
@@ -125,7 +127,8 @@ def train(
             with its own config; ``epochs`` then means how many more epochs (default: what an
             interrupted run had left). Other options that would change the run are refused.
         **options: any config field by its flat name: ``model``, ``weights``, ``epochs``,
-            ``batch_size``, ``learning_rate``, ``augment``, ``fine_tune_epochs``, ``image_size``, ...
+            ``batch_size``, ``learning_rate``, ``augment``, ``fine_tune_epochs``, ``image_size``,
+            ``devices`` (data-parallel over N devices, or "all"; see ``cnnkit.training.distribute``), ...
 
     Returns:
         A TrainResult.
@@ -141,11 +144,14 @@ def train(
         >>> accuracy = result.metrics["val_accuracy"]
     """
     if resume is not None:
-        point = prepare_resume(Path(resume), options)
-        with RunDirectory(Path(out) if out is not None else Path(resume), overwrite=True, resuming=True) as run:
-            copy_checkpoints(point.source, run.path)
-            return _train_into(run, Path(data_dir or point.data_dir), point.config, cache_root, list(callbacks or []),
-                               point)
+        resumed_cfg = resume_config(Path(resume), options)
+        with contextlib.ExitStack() as scope:
+            devices = scope.enter_context(distributed(resumed_cfg.train.devices, resumed_cfg.train.batch_size))
+            point = prepare_resume(Path(resume), options)  # inside the scope: the model loads onto the devices
+            with RunDirectory(Path(out) if out is not None else Path(resume), overwrite=True, resuming=True) as run:
+                copy_checkpoints(point.source, run.path)
+                return _train_into(run, Path(data_dir or point.data_dir), point.config, cache_root,
+                                   list(callbacks or []), _Devices(devices, scope.close), point)
     if data_dir is None:
         raise DataError("train() needs data_dir, the image folder (or resume=RUN to continue a run).")
     cfg = resolve_config(config, **options)
@@ -154,8 +160,19 @@ def train(
     if cfg.data.image_size is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=spec.default_image_size))
     out = Path(out) if out is not None else Path("runs") / f"{cfg.model.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    with RunDirectory(out, overwrite=overwrite) as run:
-        return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []))
+    with contextlib.ExitStack() as scope:
+        devices = scope.enter_context(distributed(cfg.train.devices, cfg.train.batch_size))
+        with RunDirectory(out, overwrite=overwrite) as run:
+            return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []),
+                               _Devices(devices, scope.close))
+
+
+@dataclass
+class _Devices:
+    """The devices of a run, and how to leave their scope once fitting is over."""
+
+    devices: Devices
+    leave: Any
 
 
 def _check_plan(cfg: RunConfig, spec: Any) -> None:
@@ -185,7 +202,8 @@ class _Plan:
 
 
 def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None,
-                extra_callbacks: list[keras.callbacks.Callback], resume: ResumePoint | None = None) -> TrainResult:
+                extra_callbacks: list[keras.callbacks.Callback], devices: _Devices,
+                resume: ResumePoint | None = None) -> TrainResult:
     started = time.time()
     deadline = time.monotonic() + cfg.train.time_budget if cfg.train.time_budget else None
     data = load_image_folder(data_dir, cfg.data, cache_root=cache_root)
@@ -196,11 +214,15 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     if cfg.model.name == "fast" and cfg.model.width == "auto" and resume is None:
         cfg = fast_width(cfg, data, deadline)
     keras.utils.set_random_seed(cfg.data.seed)
-    train_ds, val_ds = make_batches(data, cfg)
+    train_ds, val_ds = make_batches(data, cfg, devices.devices.count)
     if val_ds is None:
         warnings.append(_warn("No validation images: EarlyStopping and the checkpoint follow the training loss, "
                               "which cannot show overfitting. Keep val_split > 0 or add a validation/ folder."))
     plan = _plan(cfg, data, train_ds, resume)
+    plan.extra["devices"] = devices.devices.record()
+    if devices.devices.count > 1:
+        say(f"training on {devices.devices.count} {devices.devices.kind} devices ({devices.devices.strategy}): "
+            f"{cfg.train.batch_size // devices.devices.count} images per device per step")
     # Written now, so a run killed at any moment can be resumed from its partial folder.
     write_json(run.path / RUN_JSON, {**_run_record(cfg, data, data_dir, {}, warnings, "running", 0.0, 0), **plan.extra})
     monitor = "val_loss" if val_ds is not None else "loss"
@@ -212,6 +234,9 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         say(f"time budget {clock(cfg.train.time_budget)}: {clock(fitter.budget.remaining())} left for training "
             f"after decoding")
     status = _fit_phases(fitter, plan.phases, len(data.class_names), cfg, warnings)
+    devices.leave()  # the final metrics and the saved model are computed on one device
+    if devices.devices.count > 1:
+        plan.model = fitter.model = single_device_copy(plan.model)
     model = _final_model(fitter, plan, data, cfg, status, deadline)
     history = fitter.recorder.history
     metrics = _final_metrics(model, data, cfg, history, monitor)
