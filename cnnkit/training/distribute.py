@@ -9,9 +9,11 @@ compiling and fitting the model:
   gradients, so BatchNorm sees the whole batch: the result is single-device training's.
 * TensorFlow: ``tf.distribute.MirroredStrategy`` over the first N GPUs, or over N logical CPU
   devices (the CPU is split when TensorFlow has not started yet). ``model.fit`` splits each
-  global batch over the replicas and all-reduces the gradients; BatchNorm normalises with each
-  replica's half of the batch (its moving statistics are re-estimated on the whole training
-  split after training, as on one device).
+  global batch over the replicas and all-reduces the gradients. BatchNorm layers are switched to
+  ``synchronized`` for the fit (their batch statistics all-reduced over the replicas, so they see
+  the whole batch, as on one device) and back before the model is saved (the flag is
+  TensorFlow-only, and the saved file loads on every backend). Dropout draws its masks per
+  replica, so runs agree closely rather than bit for bit.
 * PyTorch: Keras has no multi-device training for it; ``--devices`` above 1 is refused with what
   to use instead.
 
@@ -123,6 +125,17 @@ def _check_count(backend: str, requested: int | str, count: int, kind: str, name
             f"[train] batch_size is the global batch, split evenly over the devices: {batch_size} does not divide by "
             f"{count} {kind} devices. Use --batch-size {batch_size // count * count or count} or "
             f"{(batch_size // count + 1) * count}. Received: batch_size={batch_size}, devices={requested!r}")
+
+
+def synchronize_batchnorm(model: keras.Model, devices: Devices, on: bool) -> None:
+    """Under ``MirroredStrategy``, make BatchNorm use the whole global batch (``on``), or undo it."""
+    if devices.strategy != TENSORFLOW_STRATEGY:
+        return
+    from cnnkit.models.saving import all_layers
+
+    for layer in all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = on
 
 
 def single_device_copy(model: keras.Model) -> keras.Model:

@@ -52,7 +52,7 @@ from cnnkit.rundir import (
 )
 from cnnkit.training.budget import BUDGET_MAX_EPOCHS, clock, fast_width, make_time_budget
 from cnnkit.training.diagnostics import data_warnings, diagnose_history
-from cnnkit.training.distribute import Devices, distributed, single_device_copy
+from cnnkit.training.distribute import Devices, distributed, single_device_copy, synchronize_batchnorm
 from cnnkit.training.fitting import (
     DECAYING_SCHEDULES,
     Fitter,
@@ -220,6 +220,7 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
                               "which cannot show overfitting. Keep val_split > 0 or add a validation/ folder."))
     plan = _plan(cfg, data, train_ds, resume)
     plan.extra["devices"] = devices.devices.record()
+    synchronize_batchnorm(plan.model, devices.devices, True)
     if devices.devices.count > 1:
         say(f"training on {devices.devices.count} {devices.devices.kind} devices ({devices.devices.strategy}): "
             f"{cfg.train.batch_size // devices.devices.count} images per device per step")
@@ -234,6 +235,7 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         say(f"time budget {clock(cfg.train.time_budget)}: {clock(fitter.budget.remaining())} left for training "
             f"after decoding")
     status = _fit_phases(fitter, plan.phases, len(data.class_names), cfg, warnings)
+    synchronize_batchnorm(plan.model, devices.devices, False)
     devices.leave()  # the final metrics and the saved model are computed on one device
     if devices.devices.count > 1:
         plan.model = fitter.model = single_device_copy(plan.model)
