@@ -64,13 +64,14 @@ def test_jax_data_parallel_matches_one_device(tmp_path):
     assert two["devices"] == {"count": 2, "kind": "cpu", "names": ["cpu:0", "cpu:1"],
                               "strategy": "keras.distribution.DataParallel"}
     assert one["devices"]["count"] == 1 and one["devices"]["strategy"] == "none"
-    # The global batch is sharded and the gradients summed over it (BatchNorm too): the same maths.
-    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
-    np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-4)
-    np.testing.assert_allclose(two["weights"], one["weights"], rtol=1e-4)
-    assert two["val_accuracy"] == one["val_accuracy"]
+    # The global batch is sharded and the gradients summed over it (BatchNorm too): the same maths,
+    # summed in another order (0.08% on the first epoch's loss measured, 0.03% after).
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=3e-3)
+    np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=3e-3)
+    np.testing.assert_allclose(two["weights"], one["weights"], rtol=1e-3)
+    assert abs(two["val_accuracy"] - one["val_accuracy"]) <= 1 / 12 + 1e-9  # at most one of 12 images
     # The tolerance tells different runs apart: another seed is far outside it.
-    assert not np.allclose(other["loss"], one["loss"], rtol=1e-4)
+    assert not np.allclose(other["loss"], one["loss"], rtol=3e-3)
 
 
 @pytest.mark.slow
