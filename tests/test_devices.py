@@ -65,9 +65,10 @@ def test_jax_data_parallel_matches_one_device(tmp_path):
                               "strategy": "keras.distribution.DataParallel"}
     assert one["devices"]["count"] == 1 and one["devices"]["strategy"] == "none"
     # The global batch is sharded and the gradients summed over it (BatchNorm too): the same maths,
-    # summed in another order (0.08% on the first epoch's loss measured, 0.03% after).
+    # summed in another order (0.08% on the first epoch's loss measured, 0.03% after; the
+    # validation loss, through BatchNorm's moving statistics, 0.4%).
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=3e-3)
-    np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=3e-3)
+    np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-2)
     np.testing.assert_allclose(two["weights"], one["weights"], rtol=1e-3)
     assert abs(two["val_accuracy"] - one["val_accuracy"]) <= 1 / 12 + 1e-9  # at most one of 12 images
     # The tolerance tells different runs apart: another seed is far outside it.
