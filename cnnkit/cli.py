@@ -11,11 +11,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before any import of it
 
-import csv
 import errno
 import functools
 import inspect
-import io
 import json
 import re
 import sys

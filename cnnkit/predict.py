@@ -253,7 +253,8 @@ def predictions_text(results: list[Prediction], fmt: str) -> str:
     if fmt == "json":
         return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
     if fmt != "csv":
-        raise ConfigError(f"Predictions are written as csv or json text (parquet only to a file). Received: fmt={fmt!r}")
+        raise ConfigError("Predictions are written as csv or json text (parquet only to a file). "
+                          f"Received: fmt={fmt!r}")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_HEADER)

@@ -106,7 +106,8 @@ def test_predict_out_writes_the_file_and_refuses_parquet_on_stdout(run, tmp_path
     runner = CliRunner()
     result = runner.invoke(app, ["predict", str(run / "run"), str(run / "data" / "red"), "--format", "csv"])
     assert result.exit_code == 1  # broken.png
-    written = runner.invoke(app, ["predict", str(run / "run"), str(run / "data" / "red"), "--out", str(tmp_path / "p.csv")])
+    written = runner.invoke(app, ["predict", str(run / "run"), str(run / "data" / "red"),
+                                  "--out", str(tmp_path / "p.csv")])
     assert written.exit_code == 1
     # The same CSV as on stdout (CliRunner reads stdout with universal newlines; the file keeps CSV's \r\n).
     assert (tmp_path / "p.csv").read_bytes().decode().replace("\r\n", "\n") == result.stdout.replace("\r\n", "\n")

@@ -117,7 +117,8 @@ def _check_count(backend: str, requested: int | str, count: int, kind: str, name
                "pass --devices before anything in the process has used TensorFlow (cnnkit splits the CPU into "
                "logical devices only then)")
         raise ConfigError(
-            f"--devices {count} asks for more devices than {backend} sees: {len(names)} ({', '.join(map(_short, names))}). "
+            f"--devices {count} asks for more devices than {backend} sees: {len(names)} "
+            f"({', '.join(map(_short, names))}). "
             f"Use --devices {len(names)} or 'all'; for virtual devices on a CPU (tests, trials), {how}. "
             f"Received: devices={requested!r}")
     if batch_size % count:

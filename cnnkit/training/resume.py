@@ -5,8 +5,8 @@ folders (``.RUN.partial-*``: a run killed hard, by ``kill -9``, the OOM killer o
 resume that was itself cut off), so a run loses at most the epoch it was in. A resumed run keeps
 its own config, so what it trained and the schedule it follows stay one run.
 Only the options in ``cnnkit.config.RESUMABLE_OPTIONS`` may be given again: ``epochs`` (how many
-more), ``workers`` and ``devices`` (how many devices share each batch). Any other option is refused with the names of the options that cannot
-change, rather than silently ignored.
+more), ``workers`` and ``devices`` (how many devices share each batch). Any other option is refused
+with the names of the options that cannot change, rather than silently ignored.
 """
 
 from __future__ import annotations

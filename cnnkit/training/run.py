@@ -22,6 +22,7 @@ import datetime as _dt
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,7 @@ class _Devices:
     """The devices of a run, and how to leave their scope once fitting is over."""
 
     devices: Devices
-    leave: Any
+    leave: Callable[[], None]
 
 
 def _check_plan(cfg: RunConfig, spec: Any) -> None:
