@@ -11,12 +11,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before any import of it
 
-import csv
 import errno
 import functools
 import inspect
-import io
 import json
+import re
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from cnnkit import _progress
 from cnnkit._version import __version__
@@ -293,6 +293,9 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
     TrainOption("label_smoothing", float, "Label smoothing, e.g. 0.1 (default 0)."),
     TrainOption("class_weight", str, "auto (balanced, for imbalanced classes) or none."),
     TrainOption("mixed_precision", bool, "float16 on GPU, bfloat16 on CPU.", ("--mixed-precision/--no-mixed-precision",)),
+    TrainOption("devices", str, "Train data-parallel on N devices, or 'all' (JAX: keras.distribution.DataParallel; "
+                                "TensorFlow: tf.distribute.MirroredStrategy). --batch-size is the global batch, split "
+                                "over them; the learning rate is left as it is (default 1)."),
     TrainOption("time_budget", str, "Fit the schedule to a wall-clock budget for the whole run, e.g. 10m, 600s, 1h "
                                     "(replaces --epochs).", parse=_parse_duration),
     TrainOption("ema", float, "Keep an exponential moving average of the weights with this momentum (e.g. 0.99; "
@@ -354,7 +357,7 @@ def train(
     register: Annotated[Optional[str], typer.Option(help="Register the run in the model registry under this name.")] = None,
     registry_url: Annotated[Optional[str], typer.Option(envvar="CNNKIT_REGISTRY_URL", help=_REGISTRY_URL_HELP)] = None,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit a temperature on the validation split after training.")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (optimizer state included); only --epochs and --workers may be given with it.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint (optimizer state included); only --epochs, --workers and --devices may be given with it.")] = None,
     **options: Any,
 ) -> None:
     """Train a classifier on DATA_DIR and write a run directory."""
@@ -472,30 +475,74 @@ def evaluate(
     typer.echo(f"report: {report.out_dir / 'report.html'}")
 
 
-@app.command()
+def _is_ray_address(text: str) -> bool:
+    """``ray://head:10001``, ``head:6379``, ``auto`` or ``local``: a value of ``--ray``, not a path."""
+    return "://" in text or text in ("auto", "local") or re.fullmatch(r"[\w.-]+:\d+", text) is not None
+
+
+class _RayOptionCommand(TyperCommand):
+    """``--ray [ADDRESS]``: a bare ``--ray`` (followed by no address) means a local Ray.
+
+    Click options take a value or none; Typer has no optional value, so a bare ``--ray`` is given
+    the value ``local`` before parsing. Only an address-looking word is taken as its value, so
+    ``--ray RUN IMAGES`` still reads RUN and IMAGES as arguments.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        args = list(args)
+        for index, arg in enumerate(args):
+            if arg == "--":
+                break
+            if arg == "--ray" and (index + 1 == len(args) or not _is_ray_address(args[index + 1])):
+                args.insert(index + 1, "local")
+        return super().parse_args(ctx, args)
+
+
+class PredictFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    parquet = "parquet"
+
+
+@app.command(cls=_RayOptionCommand)
 @_handle_errors
 def predict(
     run: Annotated[Path, typer.Argument(help="Run directory, .keras file or ONNX export folder.")],
     paths: Annotated[list[str], typer.Argument(help="Images, folders (recursive) or glob patterns.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
-    output: Annotated[OutputFormat, typer.Option("--format", help="table, json or csv on stdout.")] = OutputFormat.table,
+    output: Annotated[PredictFormat, typer.Option("--format", help="table, json or csv on stdout; json, csv or parquet with --out.")] = PredictFormat.table,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
     engine: Annotated[Optional[EngineName], typer.Option(help=_ENGINE_HELP)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the predictions to this file (csv, json or parquet by --format, default csv), in input order, atomically.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Predict as a Ray Data stage: --ray alone for a local Ray, --ray ADDRESS for a cluster (ray://host:10001, host:6379, auto). Needs --out and cnnkit[ray].", metavar="[ADDRESS]")] = None,
+    ray_workers: Annotated[int, typer.Option(min=1, help="With --ray: Ray actors, each loading the model once.")] = 2,
 ) -> None:
     """Predict the class of images; exit 1 if any input could not be read."""
-    from cnnkit.predict import Predictor
+    fmt = output.value if out is None or output is not PredictFormat.table else "csv"
+    if ray is not None:
+        if out is None:
+            raise ConfigError("--ray writes its predictions to a file: add --out predictions.csv (or .json, .parquet "
+                              f"with --format). Received: ray={ray!r}, out=None")
+        from cnnkit.predict_ray import predict_with_ray
+
+        done = predict_with_ray(run, paths, out, fmt, address=None if ray == "local" else ray,
+                                workers=ray_workers, batch_size=batch_size, top_k=top_k)
+        _error_or_say(done.failed, done.count, f"{done.count} predictions from {done.workers} Ray workers "
+                                               f"({done.shards} shards merged) -> {done.out}")
+        return
+    from cnnkit.predict import Predictor, predictions_text, write_predictions
 
     results = Predictor(run, batch_size=batch_size, engine=_engine_value(engine)).predict(paths, top_k=top_k)
-    if output is OutputFormat.json:
-        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
-    elif output is OutputFormat.csv:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["path", "label", "confidence", "top_k", "error"])
-        for r in results:
-            writer.writerow([r.path, r.label, f"{r.confidence:.6f}" if not r.error else "",
-                             ";".join(f"{n}:{p:.6f}" for n, p in r.top_k), r.error or ""])
-        typer.echo(buffer.getvalue(), nl=False)
+    if out is not None:
+        write_predictions(results, out, fmt)
+        _error_or_say(sum(1 for r in results if r.error), len(results), f"{len(results)} predictions -> {out}")
+        return
+    if output is PredictFormat.parquet:
+        raise ConfigError("Parquet is written to a file: add --out predictions.parquet. Received: format='parquet', "
+                          "out=None")
+    if output in (PredictFormat.json, PredictFormat.csv):
+        typer.echo(predictions_text(results, output.value), nl=False)
     else:
         from rich.table import Table
 
@@ -510,9 +557,15 @@ def predict(
                 table.add_row(_progress.esc(r.path), _progress.esc(r.label), f"{r.confidence:.1%}",
                               _progress.esc(", ".join(f"{n} {p:.1%}" for n, p in r.top_k)))
         _stdout_console().print(table)
-    failed = sum(1 for r in results if r.error)
+    _error_or_say(sum(1 for r in results if r.error), len(results), None)
+
+
+def _error_or_say(failed: int, total: int, done: str | None) -> None:
+    """Report where the predictions went (stderr); exit 1 when some inputs could not be predicted."""
+    if done:
+        _progress.say(done)
     if failed:
-        _error(f"{failed} of {len(results)} inputs could not be predicted (see the error column).")
+        _error(f"{failed} of {total} inputs could not be predicted (see the error column).")
         raise typer.Exit(1)
 
 

@@ -217,6 +217,10 @@ class TrainConfig:
             momentum, e.g. 0.99; Keras's optimizer ``use_ema``) and keep the average; 0 = off.
         tta: the views behind the final ``*_accuracy_tta`` metrics: "auto" (flip when the
             augmentation flips), "none", "flip" or "flip+crop" (flip and four 1/16 shifts).
+        devices: how many devices train in data parallel (``keras.distribution.DataParallel`` on
+            JAX, ``tf.distribute.MirroredStrategy`` on TensorFlow), or "all". ``batch_size`` is the
+            global batch: each device gets ``batch_size / devices`` images a step, and the
+            learning rate stays the one tuned for the global batch. 1: one device, no strategy.
     """
 
     epochs: int = 10
@@ -239,6 +243,7 @@ class TrainConfig:
     time_budget: float | None = None
     ema: float = 0.0
     tta: FinalTTA = "auto"
+    devices: int | str = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema < 1.0:
@@ -274,6 +279,21 @@ class TrainConfig:
                 raise ConfigError("[train] time_budget fits the onecycle schedule to the budget; use schedule = "
                                   f"'onecycle'. Received: schedule={self.schedule!r}")
             object.__setattr__(self, "time_budget", float(self.time_budget))
+        self._check_devices()
+
+    def _check_devices(self) -> None:
+        devices = self.devices
+        if isinstance(devices, str) and devices.strip().isdigit():
+            object.__setattr__(self, "devices", devices := int(devices))
+        if devices != "all" and not (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1):
+            raise ConfigError("[train] devices must be a number of devices >= 1 or 'all' (on the command line: "
+                              f"--devices 2 or --devices all). Received: devices={devices!r}")
+        if isinstance(devices, int) and self.batch_size % devices:
+            raise ConfigError(
+                f"[train] batch_size is the global batch, split evenly over the devices: {self.batch_size} does not "
+                f"divide by {devices}. Use --batch-size {self.batch_size // devices * devices or devices} or "
+                f"{(self.batch_size // devices + 1) * devices}. Received: batch_size={self.batch_size}, "
+                f"devices={devices}")
 
     def _check_fine_tuning(self) -> None:
         if self.fine_tune_epochs < 0:
@@ -424,9 +444,10 @@ OPTION_KEYS: dict[str, str] = {
     "model": "model.name",
 }
 
-# Options a resumed run may change: how many more epochs, and how many decode processes. Every
-# other option is part of what was trained (and of its schedule), so it cannot change on resume.
-RESUMABLE_OPTIONS = ("epochs", "workers")
+# Options a resumed run may change: how many more epochs, how many decode processes, and how many
+# devices share each (global) batch. Every other option is part of what was trained (and of its
+# schedule), so it cannot change on resume.
+RESUMABLE_OPTIONS = ("epochs", "workers", "devices")
 
 
 def overrides_from_options(options: dict[str, Any], where: str = "train() options") -> dict[str, Any]:

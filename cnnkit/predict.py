@@ -18,6 +18,9 @@ calibration and abstaining are the same code for both.
 from __future__ import annotations
 
 import concurrent.futures
+import csv
+import io
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +35,7 @@ from cnnkit.data.scan import IMAGE_EXTENSIONS, expand_inputs
 from cnnkit.engines import Engine, KerasEngine, open_engine
 from cnnkit.errors import ConfigError, DataError, ModelError
 from cnnkit.metrics import apply_temperature
-from cnnkit.rundir import ModelMeta
+from cnnkit.rundir import ModelMeta, atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -192,28 +195,26 @@ class Predictor:
         for each named input that is missing or cannot be decoded.
         """
         _check_positive("top_k", top_k)
-        if isinstance(inputs, (str, Path)):
-            inputs = [inputs]
-        paths: list[Path] = []
-        missing: dict[int, str] = {}
-        for item in inputs:
-            found, skipped = expand_inputs([item])
-            if Path(item).is_dir():
-                skipped = []  # .DS_Store, notes.txt... inside a folder are not the user's inputs
-            for s in skipped:
-                missing[len(paths)] = s.reason
-                paths.append(s.path)
-            paths.extend(found)
-        if not paths:
-            raise DataError(f"No images found in {', '.join(map(str, inputs))}. "
-                            f"Supported: {', '.join(IMAGE_EXTENSIONS)}.")
+        paths, errors = list_inputs(inputs)
+        return self.predict_files(paths, errors, top_k)
+
+    def predict_files(self, paths: list[str | Path], errors: list[str | None] | None = None,
+                      top_k: int = 3) -> list[Prediction]:
+        """Predict image files in order; ``errors[i]``, when not None, is already why ``paths[i]`` fails.
+
+        What ``predict`` runs after listing its inputs, and what each Ray worker runs on its share
+        of them (``cnnkit.predict_ray``).
+        """
+        _check_positive("top_k", top_k)
+        paths = [Path(p) for p in paths]
+        missing = {i: e for i, e in enumerate(errors or []) if e is not None}
         results: list[Prediction] = []
         with progress_task("Predicting", len(paths)) as advance:
-            for batch_paths, images, errors in self._decoded_batches(paths, missing):
-                good = [i for i, e in enumerate(errors) if e is None]
+            for batch_paths, images, batch_errors in self._decoded_batches(paths, missing):
+                good = [i for i, e in enumerate(batch_errors) if e is None]
                 probs = self.predict_arrays(np.stack([images[i] for i in good])) if good else np.zeros((0, 0))
                 ranked = iter(self.top_k(probs, top_k)) if good else iter(())
-                for path, err in zip(batch_paths, errors):
+                for path, err in zip(batch_paths, batch_errors):
                     if err is not None:
                         results.append(Prediction(str(path), error=err))
                     else:
@@ -241,6 +242,91 @@ class Predictor:
                 if i + 2 < len(chunks):
                     pending.append(pool.map(self._decode, chunks[i + 2]))
                 yield [p for p, _ in chunk], [d[0] for d in decoded], [d[1] for d in decoded]
+
+
+def list_inputs(inputs: list[str | Path] | str | Path) -> tuple[list[Path], list[str | None]]:
+    """The image files named by files, folders (recursive) and globs, in order, and why each fails.
+
+    A named input that is missing or not an image is listed with its reason; hidden and non-image
+    files found inside folders are not inputs and are left out.
+
+    Raises:
+        DataError: no image at all.
+    """
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    paths: list[Path] = []
+    errors: list[str | None] = []
+    for item in inputs:
+        found, skipped = expand_inputs([item])
+        if Path(item).is_dir():
+            skipped = []  # .DS_Store, notes.txt... inside a folder are not the user's inputs
+        for s in skipped:
+            paths.append(s.path)
+            errors.append(s.reason)
+        paths.extend(found)
+        errors.extend([None] * len(found))
+    if not paths:
+        raise DataError(f"No images found in {', '.join(map(str, inputs))}. "
+                        f"Supported: {', '.join(IMAGE_EXTENSIONS)}.")
+    return paths, errors
+
+
+# File formats of ``write_predictions`` (and of ``cnnkit predict --format``, but for ``table``).
+PREDICTION_FORMATS = ("csv", "json", "parquet")
+CSV_HEADER = ("path", "label", "confidence", "top_k", "error")
+
+
+def predictions_text(results: list[Prediction], fmt: str) -> str:
+    """``results`` as CSV (``path,label,confidence,top_k,error``; top_k ``name:p;name:p``) or a JSON list.
+
+    Example:
+        >>> predictions_text([Prediction("a.jpg", "cat", 0.9, [("cat", 0.9), ("dog", 0.1)])], "csv").splitlines()[1]
+        'a.jpg,cat,0.900000,cat:0.900000;dog:0.100000,'
+    """
+    if fmt == "json":
+        return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
+    if fmt != "csv":
+        raise ConfigError("Predictions are written as csv or json text (parquet only to a file). "
+                          f"Received: fmt={fmt!r}")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_HEADER)
+    for r in results:
+        writer.writerow([r.path, r.label, f"{r.confidence:.6f}" if not r.error else "",
+                         ";".join(f"{n}:{p:.6f}" for n, p in r.top_k), r.error or ""])
+    return buffer.getvalue()
+
+
+def write_predictions(results: list[Prediction], path: str | Path, fmt: str) -> Path:
+    """Write ``results`` to ``path`` atomically: csv or json as ``predictions_text``, or Parquet.
+
+    Parquet columns: path, label, confidence (float64), top_k (list of {label, probability}),
+    error (null when predicted). It needs pyarrow (``pip install "cnnkit[ray]"`` brings it).
+    """
+    if fmt not in PREDICTION_FORMATS:
+        raise ConfigError(f"Prediction files are {', '.join(PREDICTION_FORMATS)}. Received: format={fmt!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt != "parquet":
+        with atomic_path(path, "." + fmt) as tmp:  # file names that are not UTF-8 survive, as on stdout
+            tmp.write_text(predictions_text(results, fmt), encoding="utf-8", errors="surrogateescape", newline="")
+        return path
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ConfigError("Writing Parquet needs pyarrow: pip install pyarrow (or \"cnnkit[ray]\"), or use "
+                          "--format csv or json. Received: format='parquet'") from exc
+    table = pa.table({
+        "path": [r.path for r in results], "label": [r.label for r in results],
+        "confidence": pa.array([r.confidence for r in results], pa.float64()),
+        "top_k": pa.array([[{"label": n, "probability": p} for n, p in r.top_k] for r in results],
+                          pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))),
+        "error": pa.array([r.error for r in results], pa.string())})
+    with atomic_path(path, ".parquet") as tmp:
+        pq.write_table(table, tmp)
+    return path
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -6,7 +6,9 @@ small module with the same function, picked by ``keras.backend.backend()``:
 
     gradients(head, features, class_indices) -> numpy (N, H', W', C)
 
-where ``head`` is a Keras model mapping the feature maps to class scores (logits).
+where ``head`` is a Keras model mapping the feature maps to class scores (logits). Multi-device
+training also needs what Keras leaves to the backend on TensorFlow and PyTorch: the devices there
+are (``list_devices``) and TensorFlow's ``MirroredStrategy`` (``tensorflow_strategy``).
 """
 
 from __future__ import annotations
@@ -54,3 +56,23 @@ def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarr
     module = importlib.import_module(_MODULES[backend])
     grads = module.gradients(head, np.asarray(features, dtype=np.float32), np.asarray(class_indices, dtype=np.int64))
     return np.asarray(grads, dtype=np.float32)
+
+
+def list_devices(count: int | None = None) -> tuple[str, list[str]]:
+    """The kind ("gpu", "tpu" or "cpu") and names of the devices the active backend trains on.
+
+    On TensorFlow without GPUs, asking for ``count`` > 1 splits the CPU into that many logical
+    devices when TensorFlow has not initialised yet. JAX's are ``keras.distribution.list_devices()``.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "torch"):
+        names = keras.distribution.list_devices() if backend == "jax" else ["cpu:0"]
+        return names[0].split(":")[0], names
+    return importlib.import_module(_MODULES[backend]).list_devices(count)
+
+
+def tensorflow_strategy(names: list[str]):
+    """A ``tf.distribute.MirroredStrategy`` over the named TensorFlow devices."""
+    return importlib.import_module(_MODULES["tensorflow"]).mirrored_strategy(names)

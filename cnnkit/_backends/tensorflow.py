@@ -33,3 +33,27 @@ def tflite_from_saved_model(saved_model: str, optimize: bool) -> bytes:
     if optimize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     return converter.convert()
+
+
+def list_devices(count: int | None = None) -> tuple[str, list[str]]:
+    """The kind ("gpu" or "cpu") and full names of the logical devices a strategy can use.
+
+    Without GPUs and with ``count`` > 1, the CPU is first split into ``count`` logical devices,
+    which TensorFlow allows only before it initialises (before the first model or tensor); after
+    that the CPU stays one device and the caller reports it.
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return "gpu", [device.name for device in tf.config.list_logical_devices("GPU")]
+    if count is not None and count > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        if len(tf.config.get_logical_device_configuration(cpu) or []) < count:
+            try:
+                tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+            except RuntimeError:  # already initialised: the device count tells the caller
+                pass
+    return "cpu", [device.name for device in tf.config.list_logical_devices("CPU")]
+
+
+def mirrored_strategy(names: list[str]) -> tf.distribute.Strategy:
+    """``tf.distribute.MirroredStrategy`` over the named logical devices (one replica each)."""
+    return tf.distribute.MirroredStrategy(devices=names)

@@ -27,3 +27,10 @@ def devices() -> list[str]:
 def accelerators() -> list[str]:
     # Keras' torch backend places tensors on CUDA when torch sees it (MPS is not used for mixed precision).
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def list_devices(count: int | None = None) -> tuple[str, list[str]]:
+    """The kind and names of the devices torch sees: its GPUs, else the CPU."""
+    if torch.cuda.is_available():
+        return "gpu", [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return "cpu", ["cpu:0"]

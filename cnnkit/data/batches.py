@@ -92,11 +92,14 @@ class ArrayBatches(keras.utils.PyDataset):
         shuffle: reshuffle the order each epoch.
         seed: seed of the shuffle (and of the augmentation).
         augment: batch augmentation (training only), or None.
+        multiple_of: every batch holds a multiple of this many images (the devices sharing it):
+            the last, partial batch is cut down to one (up to ``multiple_of - 1`` images of the
+            epoch left out; which ones changes with each shuffle), or dropped.
     """
 
     def __init__(
         self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray | None, batch_size: int,
-        shuffle: bool = False, seed: int = 0, augment: BatchAugment | None = None,
+        shuffle: bool = False, seed: int = 0, augment: BatchAugment | None = None, multiple_of: int = 1,
     ) -> None:
         super().__init__(workers=1, use_multiprocessing=False)
         self.images = images
@@ -105,6 +108,8 @@ class ArrayBatches(keras.utils.PyDataset):
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.augment = augment
+        full, rest = divmod(len(self.rows), self.batch_size)
+        self._end = full * self.batch_size + rest // multiple_of * multiple_of  # images used per epoch
         self._rng = np.random.default_rng(seed)
         self._aug_rng = np.random.default_rng([seed, 1])
         self._order = np.arange(len(self.rows))
@@ -115,10 +120,10 @@ class ArrayBatches(keras.utils.PyDataset):
             self._flips = self._aug_rng.random(len(self.rows)) < 0.5
 
     def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
+        return math.ceil(self._end / self.batch_size)
 
     def __getitem__(self, index: int):
-        pick = np.sort(self._order[index * self.batch_size : (index + 1) * self.batch_size])
+        pick = np.sort(self._order[index * self.batch_size : min((index + 1) * self.batch_size, self._end)])
         x = np.asarray(self.images[self.rows[pick]])
         if self.augment is not None:
             x = self.augment(x, self._flips[pick], self._aug_rng)

@@ -67,14 +67,18 @@ def plan_phases(cfg: RunConfig, learning_rate: float) -> list[Phase]:
     return phases
 
 
-def make_batches(data: LoadedData, cfg: RunConfig) -> tuple[ArrayBatches, ArrayBatches | None]:
-    """Shuffled training batches and (when there is a validation split) validation batches."""
+def make_batches(data: LoadedData, cfg: RunConfig, devices: int = 1) -> tuple[ArrayBatches, ArrayBatches | None]:
+    """Shuffled training batches and (when there is a validation split) validation batches.
+
+    With several ``devices`` every batch is a multiple of their number (see ``ArrayBatches``).
+    """
     train_rows, train_labels = data.split_rows("train")
     val_rows, val_labels = data.split_rows("validation")
     images = data.cache.images
     train_ds = ArrayBatches(images, train_rows, train_labels, cfg.train.batch_size, shuffle=True, seed=cfg.data.seed,
-                            augment=batch_augment(cfg.train.augment))
-    val_ds = ArrayBatches(images, val_rows, val_labels, cfg.train.batch_size) if len(val_rows) else None
+                            augment=batch_augment(cfg.train.augment), multiple_of=devices)
+    val_ds = (ArrayBatches(images, val_rows, val_labels, cfg.train.batch_size, multiple_of=devices)
+              if len(val_rows) >= devices else None)
     return train_ds, val_ds
 
 

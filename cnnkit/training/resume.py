@@ -5,8 +5,8 @@ folders (``.RUN.partial-*``: a run killed hard, by ``kill -9``, the OOM killer o
 resume that was itself cut off), so a run loses at most the epoch it was in. A resumed run keeps
 its own config, so what it trained and the schedule it follows stay one run.
 Only the options in ``cnnkit.config.RESUMABLE_OPTIONS`` may be given again: ``epochs`` (how many
-more) and ``workers``. Any other option is refused with the names of the options that cannot
-change, rather than silently ignored.
+more), ``workers`` and ``devices`` (how many devices share each batch). Any other option is refused
+with the names of the options that cannot change, rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -42,16 +42,12 @@ class ResumePoint:
     source: Path  # the folder whose checkpoints it starts from: the run, or an unfinished partial of it
 
 
-def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
-    """Read ``run_dir`` and load its ``last.keras``, ready to continue.
-
-    Args:
-        run_dir: a run directory written by ``cnnkit train``.
-        options: flat options given with the resume; only ``RESUMABLE_OPTIONS`` are allowed.
+def resume_config(run_dir: Path, options: dict[str, Any]) -> RunConfig:
+    """The config a resumed ``run_dir`` trains with: its own, plus the ``RESUMABLE_OPTIONS`` given.
 
     Raises:
-        RunNotFoundError: no run.json. ModelError: no usable last.keras.
-        ConfigError: options that cannot change on resume, or nothing left to train.
+        RunNotFoundError: no run.json. ConfigError: options that cannot change on resume, or a
+        run trained to a time budget.
     """
     source = _checkpoint_folder(run_dir)
     given = {key: value for key, value in options.items() if value is not None}
@@ -61,15 +57,38 @@ def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
         raise ConfigError(
             f"A resumed run keeps the settings it was trained with, so these options cannot change: {names}. Drop "
             f"them to continue '{run_dir}', or start a new run with --out to train with them. Only "
-            f"{' and '.join(RESUMABLE_OPTIONS)} may be given with --resume.")
+            f"{', '.join(RESUMABLE_OPTIONS)} may be given with --resume.")
     record = read_json(source / RUN_JSON)
     cfg = config_from_dict(record["config"])
     if given.get("workers"):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=given["workers"]))
+    if given.get("devices"):
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, devices=given["devices"]))
     if cfg.train.time_budget:
         raise ConfigError(f"Run '{run_dir}' was trained to a time budget, whose schedule cannot be continued: start a "
                           "new run (--time-budget) instead. Received: resume with time_budget="
                           f"{cfg.train.time_budget:g}")
+    return cfg
+
+
+def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
+    """Read ``run_dir`` and load its ``last.keras``, ready to continue.
+
+    On several devices, call it inside ``cnnkit.training.distribute.distributed`` so the model's
+    variables are created where the run trains.
+
+    Args:
+        run_dir: a run directory written by ``cnnkit train``.
+        options: flat options given with the resume; only ``RESUMABLE_OPTIONS`` are allowed.
+
+    Raises:
+        RunNotFoundError: no run.json. ModelError: no usable last.keras.
+        ConfigError: options that cannot change on resume, or nothing left to train.
+    """
+    cfg = resume_config(run_dir, options)
+    source = _checkpoint_folder(run_dir)
+    record = read_json(source / RUN_JSON)
+    given = {key: value for key, value in options.items() if value is not None}
     history = checkpoint_history(source / "last.keras")
     if history is None:  # a checkpoint written before cnnkit stored the history inside it
         if not (source / HISTORY_CSV).is_file():

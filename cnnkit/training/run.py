@@ -16,11 +16,13 @@ Ctrl-C stops training early but still writes the run (best checkpoint, ``status:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ from cnnkit.rundir import (
 )
 from cnnkit.training.budget import BUDGET_MAX_EPOCHS, BudgetPlan, clock, make_time_budget, plan_budget
 from cnnkit.training.diagnostics import data_warnings, diagnose_history
+from cnnkit.training.distribute import Devices, distributed, single_device_copy, synchronize_batchnorm
 from cnnkit.training.fitting import (
     DECAYING_SCHEDULES,
     Fitter,
@@ -65,7 +68,7 @@ from cnnkit.training.fitting import (
 from cnnkit.training.optim import balanced_class_weight
 from cnnkit.training.precision import Precision, choose_precision
 from cnnkit.training.range_test import find_learning_rate
-from cnnkit.training.resume import ResumePoint, copy_checkpoints, prepare_resume
+from cnnkit.training.resume import ResumePoint, copy_checkpoints, prepare_resume, resume_config
 
 
 @dataclass
@@ -127,7 +130,8 @@ def train(
             with its own config; ``epochs`` then means how many more epochs (default: what an
             interrupted run had left). Other options that would change the run are refused.
         **options: any config field by its flat name: ``model``, ``weights``, ``epochs``,
-            ``batch_size``, ``learning_rate``, ``augment``, ``fine_tune_epochs``, ``image_size``, ...
+            ``batch_size``, ``learning_rate``, ``augment``, ``fine_tune_epochs``, ``image_size``,
+            ``devices`` (data-parallel over N devices, or "all"; see ``cnnkit.training.distribute``), ...
 
     Returns:
         A TrainResult.
@@ -144,11 +148,14 @@ def train(
     """
     require_gradients("train")
     if resume is not None:
-        point = prepare_resume(Path(resume), options)
-        with RunDirectory(Path(out) if out is not None else Path(resume), overwrite=True, resuming=True) as run:
-            copy_checkpoints(point.source, run.path)
-            return _train_into(run, Path(data_dir or point.data_dir), point.config, cache_root, list(callbacks or []),
-                               point)
+        resumed_cfg = resume_config(Path(resume), options)
+        with contextlib.ExitStack() as scope:
+            devices = scope.enter_context(distributed(resumed_cfg.train.devices, resumed_cfg.train.batch_size))
+            point = prepare_resume(Path(resume), options)  # inside the scope: the model loads onto the devices
+            with RunDirectory(Path(out) if out is not None else Path(resume), overwrite=True, resuming=True) as run:
+                copy_checkpoints(point.source, run.path)
+                return _train_into(run, Path(data_dir or point.data_dir), point.config, cache_root,
+                                   list(callbacks or []), _Devices(devices, scope.close), point)
     if data_dir is None:
         raise DataError("train() needs data_dir, the image folder (or resume=RUN to continue a run).")
     cfg = resolve_config(config, **options)
@@ -157,8 +164,19 @@ def train(
     if cfg.data.image_size is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=spec.default_image_size))
     out = Path(out) if out is not None else Path("runs") / f"{cfg.model.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    with RunDirectory(out, overwrite=overwrite) as run:
-        return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []))
+    with contextlib.ExitStack() as scope:
+        devices = scope.enter_context(distributed(cfg.train.devices, cfg.train.batch_size))
+        with RunDirectory(out, overwrite=overwrite) as run:
+            return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []),
+                               _Devices(devices, scope.close))
+
+
+@dataclass
+class _Devices:
+    """The devices of a run, and how to leave their scope once fitting is over."""
+
+    devices: Devices
+    leave: Callable[[], None]
 
 
 def _check_plan(cfg: RunConfig, spec: Any) -> None:
@@ -188,7 +206,8 @@ class _Plan:
 
 
 def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None,
-                extra_callbacks: list[keras.callbacks.Callback], resume: ResumePoint | None = None) -> TrainResult:
+                extra_callbacks: list[keras.callbacks.Callback], devices: _Devices,
+                resume: ResumePoint | None = None) -> TrainResult:
     started = time.time()
     deadline = time.monotonic() + cfg.train.time_budget if cfg.train.time_budget else None
     data = load_image_folder(data_dir, cfg.data, cache_root=cache_root)
@@ -196,21 +215,26 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     write_split_csv(run.path / SPLIT_CSV, split_rows(data))
     _describe_data(data, run.final)
     warnings = [_warn(message) for message in data_warnings(data)]
-    train_ds, val_ds = make_batches(data, cfg)
+    train_ds, val_ds = make_batches(data, cfg, devices.devices.count)
+    precision = choose_precision(cfg.train.mixed_precision)
     budget_plan: BudgetPlan | None = None
     if deadline is not None:  # measure this machine: the speed decides the width and prices the final work
-        cfg, budget_plan = plan_budget(cfg, data, train_ds, precision_policy(cfg.train.mixed_precision), deadline)
+        cfg, budget_plan = plan_budget(cfg, data, train_ds, precision.policy, deadline)
     if cfg.model.name == "fast" and cfg.model.width == "auto":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=DEFAULT_WIDTH))
     keras.utils.set_random_seed(cfg.data.seed)  # after any probe: the same model whether one ran or not
     if val_ds is None:
         warnings.append(_warn("No validation images: EarlyStopping and the checkpoint follow the training loss, "
                               "which cannot show overfitting. Keep val_split > 0 or add a validation/ folder."))
-    precision = choose_precision(cfg.train.mixed_precision)
     if precision.requested:
         say(f"precision: [bold]{precision.policy}[/] ({esc(precision.reason)})" if not precision.fell_back else
             f"[yellow]precision: float32, not mixed[/]: {esc(precision.reason)}")
     plan = _plan(cfg, data, train_ds, resume, precision)
+    plan.extra["devices"] = devices.devices.record()
+    synchronize_batchnorm(plan.model, devices.devices, True)
+    if devices.devices.count > 1:
+        say(f"training on {devices.devices.count} {devices.devices.kind} devices ({devices.devices.strategy}): "
+            f"{cfg.train.batch_size // devices.devices.count} images per device per step")
     # Written now, so a run killed at any moment can be resumed from its partial folder.
     write_json(run.path / RUN_JSON, {**_run_record(cfg, data, data_dir, {}, warnings, "running", 0.0, 0), **plan.extra})
     monitor = "val_loss" if val_ds is not None else "loss"
@@ -222,6 +246,10 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         say(f"time budget {clock(cfg.train.time_budget)}: {clock(fitter.budget.remaining())} for training, "
             f"{clock(fitter.budget.reserve)} kept for the final evaluation and saving")
     status = _fit_phases(fitter, plan.phases, len(data.class_names), cfg, warnings)
+    synchronize_batchnorm(plan.model, devices.devices, False)
+    devices.leave()  # the final metrics and the saved model are computed on one device
+    if devices.devices.count > 1:
+        plan.model = fitter.model = single_device_copy(plan.model)
     model = _final_model(fitter, plan, data, cfg, status, deadline)
     history = fitter.recorder.history
     metrics = _final_metrics(model, data, cfg, history, monitor)

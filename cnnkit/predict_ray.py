@@ -1,0 +1,208 @@
+"""Prediction past one machine: the same ``Predictor`` as a Ray Data stage (``cnnkit predict --ray``).
+
+In: a run directory or ``.keras`` file and image files, folders or globs (listed here, as
+``Predictor.predict`` lists them). Out: one CSV, JSON or Parquet file of predictions in input order,
+equal to what ``cnnkit predict --out`` writes in one process.
+
+The file list becomes a Ray dataset of ``(index, path, error)`` rows; ``map_batches`` runs
+``_PredictBatches``, a callable class, on a pool of ``workers`` actors: each loads the model once
+(``Predictor``) and calls ``Predictor.predict_files`` on its batches, so decoding, calibration and
+the abstain rule are the single-process ones. Results stream to shards in the chosen format in a
+hidden folder beside the output; the shards are then merged by ``index`` into the output
+(temporary file + rename) and removed.
+
+On a cluster (``address``), the model file and the images must be at the same paths on every node
+(shared storage), and the workers need cnnkit and the same Keras backend (set through the job's
+runtime environment). Ray is imported only here, and only when called: ``pip install "cnnkit[ray]"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnnkit.errors import ConfigError
+from cnnkit.predict import PREDICTION_FORMATS, Prediction, Predictor, list_inputs, write_predictions
+from cnnkit.rundir import model_path, new_directory
+
+# Local Ray's shared-memory object store: rows of paths and predictions are small, and the
+# default (30% of memory) would reserve gigabytes on a laptop.
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
+
+
+@dataclass
+class RayPrediction:
+    """What ``predict_with_ray`` returns.
+
+    Attributes:
+        out: the merged prediction file.
+        count: predictions written (one per input image).
+        failed: inputs that could not be predicted (their ``error`` column says why).
+        workers: Ray actors that loaded the model.
+        shards: shard files merged.
+    """
+
+    out: Path
+    count: int
+    failed: int
+    workers: int
+    shards: int
+
+
+def predict_with_ray(
+    source: str | Path,
+    inputs: list[str | Path] | str | Path,
+    out: str | Path,
+    fmt: str = "csv",
+    *,
+    address: str | None = None,
+    workers: int = 2,
+    batch_size: int = 64,
+    top_k: int = 3,
+) -> RayPrediction:
+    """Predict images on a Ray cluster (or a local Ray) and write one file of predictions in input order.
+
+    Args:
+        source: a run directory or ``.keras`` file (the same path on every node).
+        inputs: image files, folders (recursive) and glob patterns.
+        out: the file to write (replaced atomically).
+        fmt: csv, json or parquet (the columns of ``cnnkit.predict.write_predictions``).
+        address: a Ray cluster (``ray://host:10001`` or ``auto``); None starts a local Ray with
+            ``workers`` + 1 CPUs (the workers, and one for reading and writing).
+        workers: actors running a ``Predictor`` each (the model is loaded once per actor).
+        batch_size: images per ``map_batches`` batch and per model call.
+        top_k: classes listed per image.
+
+    Returns:
+        A RayPrediction.
+
+    Raises:
+        ConfigError: ray is not installed (with the install command), bad ``fmt`` or ``workers``.
+        DataError: no images in ``inputs``.
+
+    Example:
+        >>> result = predict_with_ray("runs/first", ["photos/"], "predictions.csv", workers=2)  # doctest: +SKIP
+    """
+    if fmt not in PREDICTION_FORMATS:
+        raise ConfigError(f"--ray writes {', '.join(PREDICTION_FORMATS)} files. Received: format={fmt!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--ray-workers must be a whole number >= 1. Received: workers={workers!r}")
+    ray = _import_ray()
+    model_file = model_path(source).resolve()
+    Predictor(model_file, batch_size=batch_size)  # fail here, in one line, on a bad model rather than in a worker
+    paths, errors = list_inputs(inputs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started_here = _start_ray(ray, address, workers)
+    shard_dir = new_directory(out.parent, f".{out.name}.shards-")
+    try:
+        rows = [{"index": i, "path": os.fsdecode(p), "error": e or ""} for i, (p, e) in enumerate(zip(paths, errors))]
+        dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(1, workers * 4)))
+        predicted = dataset.map_batches(
+            _PredictBatches, fn_constructor_kwargs={"source": str(model_file), "batch_size": batch_size,
+                                                    "top_k": top_k},
+            batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+        getattr(predicted, f"write_{fmt}")(str(shard_dir))
+        shards = sorted(p for p in shard_dir.iterdir() if p.is_file())
+        results = _merge(shards, fmt)
+        write_predictions(results, out, fmt)
+    finally:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        if started_here:
+            ray.shutdown()
+    return RayPrediction(out, len(results), sum(1 for r in results if r.error), workers, len(shards))
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError('--ray needs Ray Data, the cnnkit[ray] extra: pip install "cnnkit[ray]". Or drop --ray to '
+                          "predict in this process. Received: ray=None") from exc
+    return ray
+
+
+def _start_ray(ray: Any, address: str | None, workers: int) -> bool:
+    """Connect to ``address`` or start a local Ray; True when this call started it (and must shut it down)."""
+    if ray.is_initialized():
+        return False
+    import keras
+
+    # The workers must decode and predict with this process's backend.
+    runtime_env = {"env_vars": {"KERAS_BACKEND": keras.backend.backend()}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=workers + 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return True
+
+
+class _PredictBatches:
+    """A Ray Data ``map_batches`` callable class: one Predictor per actor, loaded once."""
+
+    def __init__(self, source: str, batch_size: int, top_k: int) -> None:
+        from cnnkit import _progress
+
+        _progress.set_progress(False)
+        self.predictor = Predictor(source, batch_size=batch_size, workers=2)
+        self.top_k = top_k
+
+    def __call__(self, batch: Any) -> Any:
+        import pandas as pd
+
+        errors = [e or None for e in batch["error"]]
+        results = self.predictor.predict_files(list(batch["path"]), errors, self.top_k)
+        return pd.DataFrame({
+            "index": batch["index"].astype("int64"),
+            "path": [r.path for r in results],
+            "label": [r.label for r in results],
+            "confidence": [r.confidence for r in results],
+            "top_k": [json.dumps(r.top_k) for r in results],
+            "error": [r.error or "" for r in results],
+        })
+
+
+def _merge(shards: list[Path], fmt: str) -> list[Prediction]:
+    """Every shard's rows, in input order, as Predictions."""
+    import pyarrow as pa
+
+    tables = [_read_shard(shard, fmt) for shard in shards]
+    if not tables:
+        return []
+    table = pa.concat_tables([t.select(["index", "path", "label", "confidence", "top_k", "error"]) for t in tables])
+    rows = sorted(table.to_pylist(), key=lambda row: row["index"])
+    results = []
+    for row in rows:
+        # The confidence is the first of top_k, read from its JSON (exact) rather than the shard's
+        # confidence column (pandas writes JSON floats to 10 digits).
+        top_k = [(name, float(p)) for name, p in json.loads(row["top_k"] or "[]")]
+        results.append(Prediction(row["path"], row["label"] or "", top_k[0][1] if top_k else 0.0, top_k,
+                                  row["error"] or None))
+    return results
+
+
+def _read_shard(shard: Path, fmt: str) -> Any:
+    import pyarrow as pa
+
+    text_columns = {"path": pa.string(), "label": pa.string(), "top_k": pa.string(), "error": pa.string()}
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(shard)
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        return pcsv.read_csv(shard, convert_options=pcsv.ConvertOptions(
+            column_types={"index": pa.int64(), "confidence": pa.float64(), **text_columns},
+            strings_can_be_null=False))
+    import pyarrow.json as pjson
+
+    return pjson.read_json(shard, parse_options=pjson.ParseOptions(explicit_schema=pa.schema(
+        [("index", pa.int64()), ("confidence", pa.float64()), *text_columns.items()])))

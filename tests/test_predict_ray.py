@@ -1,0 +1,115 @@
+"""Batch prediction as a Ray Data stage (``cnnkit predict --ray``) equals single-process prediction.
+
+The Ray test starts a local Ray with 2 workers once and writes CSV, JSON and Parquet; it is skipped
+with the reason when Ray is not installed (``pip install "cnnkit[ray]"``, part of the test extra).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+import cnnkit
+from cnnkit.cli import _is_ray_address, app
+from cnnkit.predict import Predictor, write_predictions
+from tests.conftest import write_class_folder
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ray")
+    write_class_folder(base / "data", per_class=12, seed=3)
+    cnnkit.train(base / "data", base / "run", model="simple", epochs=2, image_size=16, batch_size=16,
+                 cache_root=base / "cache")
+    (base / "data" / "red" / "broken.png").write_bytes(b"not a png")
+    return base
+
+
+@pytest.mark.slow
+def test_ray_output_equals_single_process_output(run, tmp_path):
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip('ray is not installed (pip install "cnnkit[ray]")')
+    import pyarrow.parquet as pq
+    import ray
+
+    from cnnkit.predict_ray import predict_with_ray
+
+    inputs = [str(run / "data"), str(run / "data" / "green" / "green_000.png"), str(run / "missing.png")]
+    expected = Predictor(run / "run", batch_size=8).predict(inputs)
+    assert sum(1 for p in expected if p.error) == 2  # the broken file and the missing one
+    ray.init(num_cpus=3, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
+    try:
+        for fmt in ("csv", "json", "parquet"):
+            write_predictions(expected, tmp_path / f"one.{fmt}", fmt)
+            # Batches of 8 over 2 workers: 39 rows in several blocks and shards, merged back in order.
+            done = predict_with_ray(run / "run", inputs, tmp_path / f"ray.{fmt}", fmt, workers=2, batch_size=8)
+            assert (done.count, done.failed, done.workers) == (len(expected), 2, 2)
+            if fmt == "parquet":
+                assert pq.read_table(tmp_path / "ray.parquet").equals(pq.read_table(tmp_path / "one.parquet"))
+            else:
+                assert (tmp_path / f"ray.{fmt}").read_bytes() == (tmp_path / f"one.{fmt}").read_bytes()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            f"{kind}.{fmt}" for kind in ("one", "ray") for fmt in ("csv", "json", "parquet"))  # no shards left
+    finally:
+        ray.shutdown()
+
+
+def test_predict_without_ray_imports_no_ray(run, tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        from typer.testing import CliRunner
+        from cnnkit.cli import app
+        result = CliRunner().invoke(app, ["predict", sys.argv[1], sys.argv[2], "--format", "csv"])
+        print(result.exit_code, sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(run / "run"), str(run / "data" / "blue")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0 []"
+
+
+def test_ray_missing_names_the_extra(run, tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["ray"] = None  # as if Ray were not installed
+        from cnnkit.predict_ray import predict_with_ray
+        try:
+            predict_with_ray(sys.argv[1], [sys.argv[2]], sys.argv[3])
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(run / "run"), str(run / "data"), str(tmp_path / "p.csv")],
+                          capture_output=True, text=True, timeout=300)
+    assert 'ConfigError --ray needs Ray Data, the cnnkit[ray] extra: pip install "cnnkit[ray]"' in proc.stdout
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_ray_option_takes_an_optional_address(run):
+    assert all(map(_is_ray_address, ["ray://head:10001", "head:6379", "10.0.0.1:6379", "auto", "local"]))
+    assert not any(map(_is_ray_address, [str(run / "run"), "photos/", "*.jpg", "--out"]))
+    runner = CliRunner()
+    # A bare --ray (last, or before another option) is a local Ray; without --out it is refused before Ray starts.
+    for args in (["--ray"], ["--ray", "--top-k", "2"]):
+        result = runner.invoke(app, ["predict", str(run / "run"), str(run / "data"), *args])
+        assert result.exit_code == 2, result.output
+        assert "--ray writes its predictions to a file: add --out predictions.csv" in result.output
+        assert "Received: ray='local', out=None" in result.output
+    result = runner.invoke(app, ["predict", "--ray", "ray://head:10001", str(run / "run"), str(run / "data")])
+    assert "Received: ray='ray://head:10001', out=None" in result.output
+
+
+def test_predict_out_writes_the_file_and_refuses_parquet_on_stdout(run, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", str(run / "run"), str(run / "data" / "red"), "--format", "csv"])
+    assert result.exit_code == 1  # broken.png
+    written = runner.invoke(app, ["predict", str(run / "run"), str(run / "data" / "red"),
+                                  "--out", str(tmp_path / "p.csv")])
+    assert written.exit_code == 1
+    # The same CSV as on stdout (CliRunner reads stdout with universal newlines; the file keeps CSV's \r\n).
+    assert (tmp_path / "p.csv").read_bytes().decode().replace("\r\n", "\n") == result.stdout.replace("\r\n", "\n")
+    refused = runner.invoke(app, ["predict", str(run / "run"), str(run / "data"), "--format", "parquet"])
+    assert refused.exit_code == 2 and "add --out predictions.parquet" in refused.output
