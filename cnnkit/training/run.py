@@ -36,6 +36,7 @@ from cnnkit.data.dataset import LoadedData, load_image_folder, split_rows, write
 from cnnkit.errors import ConfigError, DataError
 from cnnkit.metrics import cross_entropy
 from cnnkit.models import get_spec
+from cnnkit.models.zoo import backbone_names
 from cnnkit.models.augment import augment_config, trains_with_flips
 from cnnkit.models.saving import ModelMeta, as_float32, save_model
 from cnnkit.rundir import (
@@ -149,28 +150,22 @@ def train(
     if data_dir is None:
         raise DataError("train() needs data_dir, the image folder (or resume=RUN to continue a run).")
     cfg = resolve_config(config, **options)
+    choice = _model_choice(cfg)
     spec = get_spec(cfg.model.name)  # fail fast on a wrong name, before any decoding
     _check_plan(cfg, spec)
     if cfg.data.image_size is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=spec.default_image_size))
     out = Path(out) if out is not None else Path("runs") / f"{cfg.model.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     with RunDirectory(out, overwrite=overwrite) as run:
-        return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []))
+        return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []), model_choice=choice)
 
 
-def _check_plan(cfg: RunConfig, spec: Any) -> None:
-    if not cfg.train.fine_tune_epochs:
-        return
-    if not spec.is_backbone:
-        raise ConfigError(
-            f"[train] fine_tune_epochs needs a pre-trained backbone (mobilenetv2, efficientnetb0, resnet50); "
-            f"'{spec.name}' trains from scratch in --epochs. Received: model={spec.name!r}, "
-            f"fine_tune_epochs={cfg.train.fine_tune_epochs}")
-    if cfg.model.weights == "none":
-        raise ConfigError(
-            "[train] with weights = 'none' the backbone is random and trains from the start in --epochs; there is "
-            "nothing pre-trained to fine-tune. Use --weights imagenet or PATH, or drop --fine-tune-epochs. "
-            f"Received: weights='none', fine_tune_epochs={cfg.train.fine_tune_epochs}")
+def _model_choice(cfg: RunConfig) -> str:
+    """Why this model (run.json's ``model_choice``): named by the user, or cnnkit's default and why."""
+    if not cfg.model_choice:
+        return f"named: --model {cfg.model.name}"
+    say(f"model: [bold]{esc(cfg.model.name)}[/] ({esc(cfg.model_choice)})")
+    return cfg.model_choice
 
 
 @dataclass
@@ -185,7 +180,8 @@ class _Plan:
 
 
 def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None,
-                extra_callbacks: list[keras.callbacks.Callback], resume: ResumePoint | None = None) -> TrainResult:
+                extra_callbacks: list[keras.callbacks.Callback], resume: ResumePoint | None = None,
+                model_choice: str | None = None) -> TrainResult:
     started = time.time()
     deadline = time.monotonic() + cfg.train.time_budget if cfg.train.time_budget else None
     data = load_image_folder(data_dir, cfg.data, cache_root=cache_root)
@@ -201,6 +197,8 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         warnings.append(_warn("No validation images: EarlyStopping and the checkpoint follow the training loss, "
                               "which cannot show overfitting. Keep val_split > 0 or add a validation/ folder."))
     plan = _plan(cfg, data, train_ds, resume)
+    if model_choice is not None:
+        plan.extra["model_choice"] = model_choice
     # Written now, so a run killed at any moment can be resumed from its partial folder.
     write_json(run.path / RUN_JSON, {**_run_record(cfg, data, data_dir, {}, warnings, "running", 0.0, 0), **plan.extra})
     monitor = "val_loss" if val_ds is not None else "loss"
