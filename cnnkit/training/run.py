@@ -168,6 +168,21 @@ def _model_choice(cfg: RunConfig) -> str:
     return cfg.model_choice
 
 
+def _check_plan(cfg: RunConfig, spec: Any) -> None:
+    if not cfg.train.fine_tune_epochs:
+        return
+    if not spec.is_backbone:
+        raise ConfigError(
+            f"[train] fine_tune_epochs needs a pre-trained backbone ({', '.join(backbone_names())}); "
+            f"'{spec.name}' trains from scratch in --epochs. Received: model={spec.name!r}, "
+            f"fine_tune_epochs={cfg.train.fine_tune_epochs}")
+    if cfg.model.weights == "none":
+        raise ConfigError(
+            "[train] with weights = 'none' the backbone is random and trains from the start in --epochs; there is "
+            "nothing pre-trained to fine-tune. Use --weights imagenet or PATH, or drop --fine-tune-epochs. "
+            f"Received: weights='none', fine_tune_epochs={cfg.train.fine_tune_epochs}")
+
+
 @dataclass
 class _Plan:
     """A model ready to fit, the phases to run, and what run.json records about them."""
