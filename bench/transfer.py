@@ -24,6 +24,7 @@ Usage: python bench/transfer.py [--quick] [--sizes 96,128] [--full-minutes 10] [
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench._common import cifar_folder, print_table, write_result  # noqa: E402
+from bench._common import RESULTS, cifar_folder, print_table, write_result  # noqa: E402
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -147,6 +148,10 @@ def main() -> None:
     parser.add_argument("--full-size", type=int, default=96)
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-small", action="store_true")
+    parser.add_argument("--full-skip-fast", action="store_true",
+                        help="full set: transfer only (fast's budgets: bench/time_to_accuracy.py)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the runs of bench/results/transfer.json that this invocation does not redo")
     args = parser.parse_args()
     if args.quick:
         args.per_class, args.sizes, args.head_epochs, args.ft_epochs, args.test_per_class = 10, "96", 1, 1, 10
@@ -159,6 +164,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-transfer-data-"))
     results: dict = {"conversion": conversion_seconds(), "inference_images_per_second": inference_speed(
         3.0 if args.quick else 10.0), "small": [], "full": [], "settings": vars(args)}
+    previous = RESULTS / "transfer.json"
+    if args.merge and previous.exists():  # runs done by an earlier invocation (one set at a time on a busy CPU)
+        earlier = json.loads(previous.read_text())
+        sizes = set() if args.skip_small else {int(s) for s in args.sizes.split(",")}
+        budgets = set() if args.skip_full else {float(m) for m in args.full_minutes.split(",")}
+        results["small"] = [b for b in earlier.get("small", []) if b["size"] not in sizes]
+        results["full"] = [b for b in earlier.get("full", []) if b["minutes"] not in budgets]
+        results["earlier"] = {k: earlier.get(k) for k in ("conversion", "inference_images_per_second", "settings")}
     common = {"augment": "flip-translate", "overwrite": True}
     try:
         if not args.skip_small:
@@ -167,11 +180,15 @@ def main() -> None:
                 print(f"{args.per_class} images per class, {size} px:", flush=True)
                 lite = {"model": "efficientnetlite0", "weights": "imagenet", "image_size": 32, "upscale_size": size,
                         "epochs": args.head_epochs, **common}
-                head = run(small, f"efficientnetlite0 head @{size}", **lite)
+                block = {"size": size, "runs": []}
+                results["small"].append(block)
+                block["runs"].append(run(small, f"efficientnetlite0 head @{size}", **lite))
+                write_result("transfer", results)  # after every run: a busy machine may not finish them all
                 tuned = run(small, f"efficientnetlite0 fine-tuned @{size}", fine_tune_epochs=args.ft_epochs, **lite)
-                fast = run(small, f"fast from scratch, {tuned['train_seconds']:.0f}s budget", model="fast",
-                           time_budget=max(tuned["train_seconds"], 10.0), **common)
-                results["small"].append({"size": size, "runs": [head, tuned, fast]})
+                block["runs"].append(tuned)
+                write_result("transfer", results)
+                block["runs"].append(run(small, f"fast from scratch, {tuned['train_seconds']:.0f}s budget",
+                                         model="fast", time_budget=max(tuned["train_seconds"], 10.0), **common))
                 write_result("transfer", results)
         if not args.skip_full:
             full = make_folder(cifar, work / "full", None, 0, args.test_per_class)
@@ -180,9 +197,13 @@ def main() -> None:
                 lite = run(full, f"efficientnetlite0 head @{args.full_size}, {minutes:g} min", model="efficientnetlite0",
                            weights="imagenet", image_size=32, upscale_size=args.full_size, time_budget=minutes * 60,
                            **common)
-                fast = run(full, f"fast, {minutes:g} min", model="fast", time_budget=minutes * 60, **common)
-                results["full"].append({"minutes": minutes, "runs": [lite, fast]})
+                block = {"minutes": minutes, "runs": [lite]}
+                results["full"].append(block)
                 write_result("transfer", results)
+                if not args.full_skip_fast:
+                    block["runs"].append(run(full, f"fast, {minutes:g} min", model="fast", time_budget=minutes * 60,
+                                             **common))
+                    write_result("transfer", results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -191,15 +212,16 @@ def main() -> None:
         for r in block["runs"]:
             rows.append((f"{args.per_class}/class", r["run"], f"{r['train_seconds']:.0f}s", r["epochs"],
                          f"{r['test_accuracy']:.2%}", f"{r['test_accuracy_tta']:.2%}"))
-        lite_best = max(r["test_accuracy"] for r in block["runs"][:2])
-        block["transfer_minus_fast_points"] = round(100 * (lite_best - block["runs"][2]["test_accuracy"]), 1)
+        if len(block["runs"]) == 3:
+            lite_best = max(r["test_accuracy"] for r in block["runs"][:2])
+            block["transfer_minus_fast_points"] = round(100 * (lite_best - block["runs"][2]["test_accuracy"]), 1)
     for block in results["full"]:
         for r in block["runs"]:
             rows.append(("50,000", r["run"], f"{r['train_seconds']:.0f}s", r["epochs"], f"{r['test_accuracy']:.2%}",
                          f"{r['test_accuracy_tta']:.2%}"))
     print()
     print_table(rows, ("train set", "run", "training time", "epochs", "test accuracy", "flip TTA"))
-    for block in results["small"]:
+    for block in (b for b in results["small"] if "transfer_minus_fast_points" in b):
         print(f"{block['size']} px: transfer beats fast from scratch by {block['transfer_minus_fast_points']:+.1f} points "
               f"(target: +25)")
     path = write_result("transfer", results)
