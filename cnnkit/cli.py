@@ -208,8 +208,10 @@ def _parse_image_size(text: str | None) -> tuple[int, int] | None:
 _REGISTRY_URL_HELP = "SQLAlchemy URL of the model registry (default: SQLite at $CNNKIT_HOME/registry.db)."
 # Listing names needs the zoo (and so Keras); keep --help fast with a static list.
 _MODEL_HELP = ("Architecture: fast (cnnkit's fast BatchNorm CNN with its one-cycle recipe; the default up to 64 px), "
-               "simple (the tutorials' small CNN; the default above 64 px), vgg (the tutorials' BatchNorm CNN), or a "
-               "pre-trained backbone: mobilenetv2, efficientnetb0, resnet50 (224x224 by default).")
+               "simple (the tutorials' small CNN), vgg (the tutorials' BatchNorm CNN), or a pre-trained backbone: "
+               "efficientnetlite0/1/2 (ImageNet weights from cnnkit[pretrained], no download; efficientnetlite0 is "
+               "the default above 64 px when installed, else simple), mobilenetv2, efficientnetb0, resnet50 "
+               "(224x224 by default).")
 
 
 def _parse_duration(text: str | None) -> float | None:
@@ -269,8 +271,9 @@ class TrainOption:
 # cnnkit.config.OPTION_KEYS (the same table the Python API uses), so the two cannot drift apart.
 TRAIN_OPTIONS: tuple[TrainOption, ...] = (
     TrainOption("model", str, _MODEL_HELP, ("--model", "-m")),
-    TrainOption("weights", str, "Backbones: imagenet (download, default), none (random init) or PATH (.weights.h5, "
-                                ".keras backbone or a run directory)."),
+    TrainOption("weights", str, "Backbones: imagenet (default; efficientnetlite*: the installed cnnkit[pretrained] "
+                                "package, others: a Keras download), none (random init) or PATH (.weights.h5, "
+                                ".keras backbone, a run directory; efficientnetlite*: also a PyTorch .pth)."),
     TrainOption("head_width", int, "Backbones: units of a hidden Dense layer in the head (0 = none)."),
     TrainOption("dropout", float, "Backbones: dropout before the classifier (default 0.2)."),
     TrainOption("upscale_size", int, "Backbones: upscale smaller inputs to this size inside the model (min 32)."),

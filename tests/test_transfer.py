@@ -8,12 +8,15 @@ from cnnkit.errors import ModelError
 from cnnkit.models import LOSS, build_model
 from cnnkit.models.saving import ModelMeta, load_model, save_model
 from cnnkit.models.transfer import get_backbone
+from cnnkit.models.zoo import backbone_names
 
-BACKBONES = ["mobilenetv2", "efficientnetb0", "resnet50"]
+BACKBONES = backbone_names()  # every registered backbone, EfficientNet-Lite's included
 REFERENCE = {
     "mobilenetv2": keras.applications.mobilenet_v2.preprocess_input,
     "efficientnetb0": keras.applications.efficientnet.preprocess_input,
     "resnet50": keras.applications.resnet50.preprocess_input,
+    # the official EfficientNet-Lite input (efficientnet_lite_builder.py: MEAN_RGB 127, STDDEV_RGB 128)
+    **{name: (lambda x: (x - 127.0) / 128.0) for name in BACKBONES if name.startswith("efficientnetlite")},
 }
 
 

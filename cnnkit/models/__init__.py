@@ -7,7 +7,7 @@ Out: an uncompiled ``keras.Model`` from raw 0-255 pixels to class probabilities 
 Importing this package registers every architecture. Imports nothing above it.
 """
 
-from cnnkit.models import cnn, fast, transfer  # noqa: F401  (registers simple, vgg, fast; the backbones)
+from cnnkit.models import cnn, efficientnet_lite, fast, transfer  # noqa: F401  (registers simple, vgg, fast; the backbones)
 from cnnkit.models.zoo import LOSS, ModelSpec, augmentation_layers, available_models, build_model, get_spec
 
 __all__ = ["LOSS", "ModelSpec", "augmentation_layers", "available_models", "build_model", "get_spec"]

