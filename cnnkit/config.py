@@ -404,6 +404,22 @@ def default_model_choice(image_size: Any) -> tuple[str, str]:
                       "EfficientNet-Lite0's ImageNet weights instead)")
 
 
+def photo_model_choice(typical_size: tuple[int, int]) -> tuple[str, str] | None:
+    """The default for a folder whose images are larger than ``FAST_MAX_SIZE`` when no size was asked.
+
+    Transfer learning from EfficientNet-Lite0 at its own size when ``cnnkit[pretrained]`` is
+    installed (the tutorials' advice for photos); None otherwise (``fast`` at 32 px stays).
+    """
+    import importlib.util
+
+    height, width = typical_size
+    if min(height, width) <= FAST_MAX_SIZE or importlib.util.find_spec(PRETRAINED_MODULE) is None:
+        return None
+    return PRETRAINED_DEFAULT, (f"no --model given and photos of about {width}x{height} px (over {FAST_MAX_SIZE}): "
+                                "transfer learning from EfficientNet-Lite0 with the ImageNet weights of "
+                                "cnnkit[pretrained]")
+
+
 def default_model(image_size: Any) -> str:
     """The model used when none is named (see ``default_model_choice``)."""
     return default_model_choice(image_size)[0]

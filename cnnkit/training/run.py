@@ -33,9 +33,10 @@ import numpy as np
 from cnnkit._backends import require_gradients
 from cnnkit._progress import esc, progress_task, say, warn
 from cnnkit._version import __version__
-from cnnkit.config import RunConfig, resolve_config
+from cnnkit.config import RunConfig, photo_model_choice, resolve_config
 from cnnkit.data.batches import ArrayBatches, tta_views
 from cnnkit.data.dataset import LoadedData, load_image_folder, split_rows, write_skipped_csv
+from cnnkit.data.scan import typical_image_size
 from cnnkit.errors import ConfigError, DataError
 from cnnkit.metrics import cross_entropy
 from cnnkit.models import get_spec
@@ -159,7 +160,7 @@ def train(
                                    list(callbacks or []), _Devices(devices, scope.close), point)
     if data_dir is None:
         raise DataError("train() needs data_dir, the image folder (or resume=RUN to continue a run).")
-    cfg = resolve_config(config, **options)
+    cfg = _look_at_the_images(resolve_config(config, **options), Path(data_dir), config, options)
     choice = _model_choice(cfg)
     spec = get_spec(cfg.model.name)  # fail fast on a wrong name, before any decoding
     _check_plan(cfg, spec)
@@ -179,6 +180,19 @@ class _Devices:
 
     devices: Devices
     leave: Callable[[], None]
+
+
+def _look_at_the_images(cfg: RunConfig, data_dir: Path, config: RunConfig | dict | None,
+                        options: dict[str, Any]) -> RunConfig:
+    """With no --model and no --image-size, photos (over 64 px) get transfer learning when installed."""
+    if not cfg.model_choice or cfg.data.image_size is not None or isinstance(config, RunConfig) \
+            or (config or {}).get("data", {}).get("image_size") is not None:
+        return cfg
+    typical = typical_image_size(data_dir)
+    choice = photo_model_choice(typical) if typical else None
+    if choice is None:
+        return cfg
+    return dataclasses.replace(resolve_config(config, **options, model=choice[0]), model_choice=choice[1])
 
 
 def _model_choice(cfg: RunConfig) -> str:
