@@ -3,7 +3,6 @@ through Predictor, the CLI and the server, and the onnxruntime server imports no
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
