@@ -3,7 +3,6 @@ through Predictor, the CLI and the server, and the onnxruntime server imports no
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -199,3 +198,15 @@ def test_slim_docker_context(digits, tmp_path):
     assert '"uvicorn", "--factory", "cnnkit.serve.app:create_app"' in dockerfile and "CNNKIT_MODEL=/model" in dockerfile
     # a mounted or exported ONNX folder is served by resolving it like the image's CMD does
     assert resolve_source(model, "digits").path == model and (model / ONNX_MODEL).stat().st_size > 1000
+
+
+def test_cli_docker_and_serve_engine_options(digits, tmp_path):
+    from cnnkit.cli import app
+
+    run, _ = digits
+    result = CliRunner().invoke(app, ["docker", str(run), "--engine", "onnxruntime", "--out", str(tmp_path / "ctx"),
+                                      "--no-build"])
+    assert result.exit_code == 0, result.output
+    assert "tag cnnkit-digits:1-slim" in result.output and is_onnx_export(tmp_path / "ctx" / "model")
+    result = CliRunner().invoke(app, ["serve", str(run), "--engine", "tensorrt"])
+    assert result.exit_code != 0 and "onnxruntime" in result.output
