@@ -209,13 +209,14 @@ def write_onnx_export(source: str | Path, out: str | Path, digest: str | None = 
     model = as_float32(model)
     out = Path(out)
     with atomic_directory(out) as work:
-        _write_onnx(model, work / ONNX_MODEL)
+        write_onnx(model, work / ONNX_MODEL)
         (work / META_MEMBER).write_text(json.dumps(asdict(meta), indent=2), encoding="utf-8")
         (work / SOURCE_SHA256).write_text(f"{digest}  {path.name}\n", encoding="utf-8")
     return out
 
 
-def _write_onnx(model: Any, target: Path) -> None:
+def write_onnx(model: Any, target: Path) -> None:
+    """``model`` (a Keras model) as an ONNX file at ``target`` (the one ONNX conversion of cnnkit)."""
     shape = tuple(1 if d is None else int(d) for d in model.inputs[0].shape)
     model(np.zeros(shape, "float32"), training=False)  # Keras' ONNX exporter needs a model that has been called
     try:

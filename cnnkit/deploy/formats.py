@@ -30,7 +30,7 @@ import keras
 
 from cnnkit.errors import ConfigError, ModelError
 from cnnkit.models.saving import ModelMeta, load_model
-from cnnkit.rundir import META_MEMBER, atomic_directory, model_path
+from cnnkit.rundir import META_MEMBER, atomic_directory, model_path, read_export_meta  # noqa: F401 (re-exported)
 
 FORMATS = ("savedmodel", "onnx", "tflite")
 
@@ -108,17 +108,10 @@ def _savedmodel(model: keras.Model, work: Path) -> list[Path]:
 
 
 def _onnx(model: keras.Model, work: Path) -> list[Path]:
-    import numpy as np
+    from cnnkit.engines import write_onnx
 
-    target = work / "model.onnx"
-    shape = tuple(1 if d is None else int(d) for d in model.inputs[0].shape)
-    model(np.zeros(shape, "float32"), training=False)  # Keras' ONNX exporter needs a model that has been called
-    try:
-        model.export(str(target), format="onnx", verbose=False)
-    except ImportError as exc:
-        raise ModelError(f"ONNX export needs extra packages ({exc}). Install them with "
-                         "'pip install tf2onnx onnx' (TensorFlow backend) or 'pip install onnxscript' (torch).") from exc
-    return [target]
+    write_onnx(model, work / "model.onnx")
+    return [work / "model.onnx"]
 
 
 def _tflite(model: keras.Model, work: Path) -> list[Path]:
@@ -132,8 +125,3 @@ def _tflite(model: keras.Model, work: Path) -> list[Path]:
             (work / name).write_bytes(tflite_from_saved_model(tmp, optimize))
             written.append(work / name)
     return written
-
-
-def read_export_meta(out_dir: str | Path) -> ModelMeta:
-    """The ``cnnkit.json`` written beside exported files."""
-    return ModelMeta.from_dict(json.loads((Path(out_dir) / META_MEMBER).read_text(encoding="utf-8")))
