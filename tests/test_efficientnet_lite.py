@@ -223,3 +223,29 @@ def test_a_photo_folder_with_no_options_trains_efficientnet_lite0(tmp_path):
     assert record["model"] == "efficientnetlite0"
     assert "photos of about 96x96 px" in record["model_choice"]
     assert record["image_size"] == [224, 224]  # the backbone's own size, not fast's 32 px
+
+
+@needs_weights
+@pytest.mark.slow
+def test_a_budget_weighs_transfer_against_fast_by_measured_speed(tmp_path):
+    """Few images per class and no --model: the budget measures both approaches and picks transfer."""
+    import time
+
+    from cnnkit.data import load_image_folder
+    from cnnkit.training.budget import TRANSFER_MAX_PER_CLASS, plan_budget
+    from cnnkit.training.fitting import make_batches
+
+    data_dir = write_class_folder(tmp_path / "data", per_class=30, size=32)
+    cfg = load_config(None, {"train.time_budget": 600, "data.image_size": 32})
+    transfer = load_config(None, {"train.time_budget": 600, "model.name": "efficientnetlite0",
+                                  "model.upscale_size": 96, "data.image_size": 32})
+    data = load_image_folder(data_dir, cfg.data, cache_root=tmp_path / "cache")
+    chosen, plan = plan_budget(cfg, data, make_batches(data, cfg)[0], "float32", time.monotonic() + 600, transfer)
+    assert chosen.model.name == "efficientnetlite0" and chosen.data.image_size == (32, 32)
+    assert {"small", "efficientnetlite0"} <= set(plan.probes)  # both speeds measured here
+    assert all(rate.train > 0 and rate.predict > 0 for rate in plan.probes.values())
+    assert plan.approach["chosen"] == "efficientnetlite0" and f"{TRANSFER_MAX_PER_CLASS:,}" in plan.approach["rule"]
+    # a short budget cannot afford to measure both: fast stays
+    short = load_config(None, {"train.time_budget": 60, "data.image_size": 32})
+    kept, plan = plan_budget(short, data, make_batches(data, short)[0], "float32", time.monotonic() + 60, transfer)
+    assert kept.model.name == "fast" and "efficientnetlite0" not in plan.probes

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import keras
+import numpy as np
 
 from cnnkit._progress import say
 from cnnkit.config import RunConfig
@@ -35,7 +36,7 @@ from cnnkit.data.dataset import LoadedData
 from cnnkit.errors import ConfigError
 from cnnkit.models.augment import final_tta
 from cnnkit.models.fast import MIN_EPOCHS
-from cnnkit.training.fitting import BATCHNORM_IMAGES, build_for_training
+from cnnkit.training.fitting import BATCHNORM_IMAGES, build_for_training, make_batches
 from cnnkit.training.optim import make_loss, make_optimizer, onecycle_rate
 
 # Under a time budget, epochs are not planned: training stops when the budget is spent.
@@ -44,6 +45,15 @@ BUDGET_MAX_EPOCHS = 100_000
 SAVE_SECONDS = 4.0
 # Timed training steps per throughput probe (after one step that compiles).
 PROBE_STEPS = 2
+# Under a budget with no --model, transfer learning (when installed) is chosen over fast for training
+# sets with at most this many images per class (bench/transfer.py; see choose_approach).
+TRANSFER_MAX_PER_CLASS = 1_000
+# The size small images are upscaled to inside the backbone for transfer under a budget (96 px:
+# bench/transfer.py measured 64.5% with 100 CIFAR images per class, at 74-150 images/s on 2 cores).
+TRANSFER_UPSCALE = 96
+# What measuring the transfer model costs (building it with its ImageNet weights, compiling, a few
+# steps): weighing the two approaches is done when it fits in twice the measuring share of the budget.
+TRANSFER_PROBE_SECONDS = 20.0
 # Measuring widths may take this share of the budget; a wider width's probe costs up to this
 # factor of the narrower one's.
 PROBE_SHARE = 0.08
@@ -105,6 +115,7 @@ class BudgetPlan:
     probes: dict[str, Throughput] = field(default_factory=dict)
     width: str | None = None
     reason: str = ""
+    approach: dict[str, str] | None = None  # fast against transfer learning: what was chosen, by which rule
 
     def reserve(self, predict_rate: float) -> float:
         """Seconds kept for the work after training, at ``predict_rate`` images per second."""
@@ -119,38 +130,47 @@ class BudgetPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "width": self.width, "reason": self.reason,
-                "probes": {name: rate.to_dict() for name, rate in self.probes.items()}}
+                "probes": {name: rate.to_dict() for name, rate in self.probes.items()},
+                **({"approach": self.approach} if self.approach else {})}
 
 
-def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy: str,
-                deadline: float) -> tuple[RunConfig, BudgetPlan]:
-    """Measure this machine and plan the run: for ``fast`` with width "auto", the width; else the model.
-
-    Returns the configuration to train (the width filled in) and the plan. Probes are throw-away
-    models; the caller seeds again before building the real one.
-    """
+def _new_plan(cfg: RunConfig, data: LoadedData) -> BudgetPlan:
     views = TTA_VIEW_COUNT[final_tta(cfg.train.tta, cfg.train.augment)]
     sizes = {split: len(data.split_rows(split)[0]) for split in ("train", "validation", "test")}
     after = ((sizes["validation"] + sizes["test"]) * views
              + TRAINING_FORWARD_COST * min(BATCHNORM_IMAGES, sizes["train"]))
-    plan = BudgetPlan(cfg.train.time_budget, sizes["train"], sizes["validation"], after)
-    num_classes = len(data.class_names)
+    return BudgetPlan(cfg.train.time_budget, sizes["train"], sizes["validation"], after)
+
+
+def _probe(cfg: RunConfig, data: LoadedData, batches: ArrayBatches, policy: str) -> Throughput:
+    started = time.monotonic()
+    model = build_for_training(cfg, len(data.class_names), policy)
+    rate = measure_throughput(model, batches, cfg, started)
+    del model
+    gc.collect()
+    return rate
+
+
+def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy: str, deadline: float,
+                transfer: RunConfig | None = None) -> tuple[RunConfig, BudgetPlan]:
+    """Measure this machine and plan the run: for ``fast`` with width "auto", the width; else the model.
+
+    ``transfer``: when the model was not named and transfer learning is installed, its configuration,
+    weighed against ``fast`` by ``choose_approach``. Returns the configuration to train (the width,
+    or the other approach, filled in) and the plan. Probes are throw-away models; the caller seeds
+    again before building the real one (and makes its batches again if the approach changed).
+    """
+    plan = _new_plan(cfg, data)
     auto = cfg.model.name == "fast" and cfg.model.width == "auto"
-
-    def probe(width: str | None) -> Throughput:
-        probe_cfg = cfg if width is None else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width))
-        started = time.monotonic()
-        model = build_for_training(probe_cfg, num_classes, policy)
-        rate = measure_throughput(model, train_ds, probe_cfg, started)
-        del model
-        gc.collect()
-        return rate
-
     if not auto:
-        rate = plan.probes[cfg.model.name] = probe(None)
+        rate = plan.probes[cfg.model.name] = _probe(cfg, data, train_ds, policy)
         epochs = plan.epochs_affordable(rate, deadline - time.monotonic())
         plan.reason = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here"
         return cfg, plan
+
+    def probe(width: str) -> Throughput:
+        return _probe(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width)), data, train_ds, policy)
+
     width = choose_width(plan, probe, deadline)
     rate = plan.probes[width]
     epochs = plan.epochs_affordable(rate, deadline - time.monotonic())
@@ -158,8 +178,45 @@ def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy
     why = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here" + (
         f"; {wider[0]} needs {MIN_EPOCHS[wider[0]]:g} to pay off" if wider else "")
     plan.width, plan.reason = width, f"width {width}: {why}"
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width))
+    spent = sum(rate.seconds for rate in plan.probes.values())
+    if transfer is not None and spent + TRANSFER_PROBE_SECONDS <= 2 * PROBE_SHARE * plan.seconds:
+        chosen = choose_approach(cfg, plan, transfer, data, policy, deadline)
+        if chosen is not None:
+            return chosen
     say(f"model width for this budget: [bold]{width}[/] ({why}; --width to choose)")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width)), plan
+    return cfg, plan
+
+
+def choose_approach(fast: RunConfig, plan: BudgetPlan, transfer: RunConfig, data: LoadedData, policy: str,
+                    deadline: float) -> tuple[RunConfig, BudgetPlan] | None:
+    """Transfer learning instead of ``fast``, when the rule says so; None keeps ``fast``.
+
+    The rule, from ``bench/transfer.py`` (CIFAR-10 on 2 cores): with 100 images per class the
+    ImageNet head at 96 px scored 64.5% against ``fast``'s 54.2% in four times the time; with the
+    full 5,000 per class, ``fast`` reached 85-86% in 10 minutes against the head's 73.9%. So transfer
+    when the training set has at most ``TRANSFER_MAX_PER_CLASS`` images per class and the budget
+    buys it at least one epoch at the speed measured here. Both speeds go into run.json. Budgets too
+    short to measure both (under about 3 minutes) keep ``fast``.
+    """
+    counts = np.bincount(data.split_rows("train")[1], minlength=len(data.class_names))
+    per_class = int(np.median(counts)) if len(counts) else 0
+    batches = make_batches(data, transfer)[0]
+    transfer_plan = _new_plan(transfer, data)
+    rate = _probe(transfer, data, batches, policy)
+    plan.probes[transfer.model.name] = transfer_plan.probes[transfer.model.name] = rate
+    epochs = transfer_plan.epochs_affordable(rate, deadline - time.monotonic())
+    rule = (f"transfer when at most {TRANSFER_MAX_PER_CLASS:,} training images per class and at least 1 epoch "
+            f"affordable; here {per_class:,} per class, {epochs:.1f} epochs of {transfer.model.name} at "
+            f"{rate.train:,.0f} images/s")
+    if per_class > TRANSFER_MAX_PER_CLASS or epochs < 1:
+        plan.approach = {"chosen": "fast", "rule": rule}
+        return None
+    transfer_plan.probes.update(plan.probes)
+    transfer_plan.approach = {"chosen": transfer.model.name, "rule": rule}
+    transfer_plan.reason = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here"
+    say(f"approach for this budget: [bold]transfer learning from {transfer.model.name}[/] ({rule}; --model to choose)")
+    return transfer, transfer_plan
 
 
 def choose_width(plan: BudgetPlan, probe: Callable[[str], Throughput], deadline: float) -> str:
@@ -291,7 +348,7 @@ def make_time_budget(deadline: float, learning_rate: float, cfg: RunConfig, plan
     Raises:
         ConfigError: decoding and measuring already spent most of the budget.
     """
-    probe = plan.probes[plan.width] if plan.width else next(iter(plan.probes.values()))
+    probe = plan.probes[plan.width or cfg.model.name]
     budget = TimeBudget(deadline, learning_rate, plan, probe.predict)
     if budget.remaining() < 0.2 * cfg.train.time_budget:
         spent = cfg.train.time_budget - (deadline - time.monotonic())

@@ -33,11 +33,11 @@ import numpy as np
 from cnnkit._backends import require_gradients
 from cnnkit._progress import esc, progress_task, say, warn
 from cnnkit._version import __version__
-from cnnkit.config import RunConfig, photo_model_choice, resolve_config
+from cnnkit.config import PRETRAINED_DEFAULT, PRETRAINED_MODULE, RunConfig, photo_model_choice, resolve_config
 from cnnkit.data.batches import ArrayBatches, tta_views
 from cnnkit.data.dataset import LoadedData, load_image_folder, split_rows, write_skipped_csv
 from cnnkit.data.scan import typical_image_size
-from cnnkit.errors import ConfigError, DataError
+from cnnkit.errors import CnnkitError, ConfigError, DataError
 from cnnkit.metrics import cross_entropy
 from cnnkit.models import get_spec
 from cnnkit.models.augment import augment_config, final_tta
@@ -55,7 +55,14 @@ from cnnkit.rundir import (
     write_json,
     write_split_csv,
 )
-from cnnkit.training.budget import BUDGET_MAX_EPOCHS, BudgetPlan, clock, make_time_budget, plan_budget
+from cnnkit.training.budget import (
+    BUDGET_MAX_EPOCHS,
+    TRANSFER_UPSCALE,
+    BudgetPlan,
+    clock,
+    make_time_budget,
+    plan_budget,
+)
 from cnnkit.training.diagnostics import data_warnings, diagnose_history
 from cnnkit.training.distribute import Devices, distributed, single_device_copy, synchronize_batchnorm
 from cnnkit.training.fitting import (
@@ -167,11 +174,29 @@ def train(
     if cfg.data.image_size is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=spec.default_image_size))
     out = Path(out) if out is not None else Path("runs") / f"{cfg.model.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    transfer = _transfer_alternative(cfg, config, options)
     with contextlib.ExitStack() as scope:
         devices = scope.enter_context(distributed(cfg.train.devices, cfg.train.batch_size))
         with RunDirectory(out, overwrite=overwrite) as run:
             return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []),
-                               _Devices(devices, scope.close), model_choice=choice)
+                               _Devices(devices, scope.close), model_choice=choice, transfer=transfer)
+
+
+def _transfer_alternative(cfg: RunConfig, config: RunConfig | dict | None, options: dict[str, Any]) -> RunConfig | None:
+    """Under --time-budget with no --model, transfer learning weighed against fast (when installed)."""
+    import importlib.util
+
+    if not cfg.model_choice or cfg.model.name != "fast" or cfg.train.time_budget is None \
+            or isinstance(config, RunConfig) or importlib.util.find_spec(PRETRAINED_MODULE) is None:
+        return None
+    if any(key in options for key in ("width", "stem")) or cfg.train.devices not in (1, "1"):
+        return None
+    try:
+        transfer = resolve_config(config, **{**options, "model": PRETRAINED_DEFAULT,
+                                             "image_size": cfg.data.image_size, "upscale_size": TRANSFER_UPSCALE})
+    except CnnkitError:
+        return None
+    return dataclasses.replace(transfer, model_choice=cfg.model_choice)
 
 
 @dataclass
@@ -231,7 +256,8 @@ class _Plan:
 
 def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None,
                 extra_callbacks: list[keras.callbacks.Callback], devices: _Devices,
-                resume: ResumePoint | None = None, model_choice: str | None = None) -> TrainResult:
+                resume: ResumePoint | None = None, model_choice: str | None = None,
+                transfer: RunConfig | None = None) -> TrainResult:
     started = time.time()
     deadline = time.monotonic() + cfg.train.time_budget if cfg.train.time_budget else None
     data = load_image_folder(data_dir, cfg.data, cache_root=cache_root)
@@ -243,7 +269,11 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     precision = choose_precision(cfg.train.mixed_precision)
     budget_plan: BudgetPlan | None = None
     if deadline is not None:  # measure this machine: the speed decides the width and prices the final work
-        cfg, budget_plan = plan_budget(cfg, data, train_ds, precision.policy, deadline)
+        named = cfg.model.name
+        cfg, budget_plan = plan_budget(cfg, data, train_ds, precision.policy, deadline, transfer)
+        if cfg.model.name != named:  # the budget chose transfer learning: its own batches and recipe
+            train_ds, val_ds = make_batches(data, cfg, devices.devices.count)
+            model_choice = f"{model_choice}; under --time-budget: {budget_plan.approach['rule']}"
     if cfg.model.name == "fast" and cfg.model.width == "auto":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=DEFAULT_WIDTH))
     keras.utils.set_random_seed(cfg.data.seed)  # after any probe: the same model whether one ran or not
