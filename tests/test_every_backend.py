@@ -106,7 +106,7 @@ def test_serve_answers_a_predict_request(run, data):
                              "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "3"})
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=300)  # a cold start on a loaded 2-core machine
         got = httpx.post(f"http://127.0.0.1:{port}/v1/models/simple:predict", json={"instances": [b64(image)]},
                          timeout=60)
         assert got.status_code == 200, got.text
