@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import ROOT, cifar_folder, print_table, write_result  # noqa: E402
 
 FULL_EPOCH = 50_000  # CIFAR-10's train folder
+PARTIAL = ROOT / "bench" / "results" / "backends.partial.jsonl"  # each row as it is measured
 
 
 def subset(train: Path, images: int, out: Path) -> int:
@@ -74,6 +75,8 @@ def child(data: Path, models: list[str], epochs: int, images: int) -> list[dict]
                          "full_epoch_s_extrapolated": round(steady * FULL_EPOCH / images, 1),
                          "run_s": round(time.perf_counter() - started, 1)})
             print(json.dumps(rows[-1]), flush=True)
+            with open(PARTIAL, "a", encoding="utf-8") as f:  # visible while the run goes on (hours on a busy machine)
+                f.write(json.dumps(rows[-1]) + "\n")
     return rows
 
 
@@ -92,6 +95,8 @@ def main() -> None:
         return
 
     rows, started = [], time.perf_counter()
+    PARTIAL.parent.mkdir(parents=True, exist_ok=True)
+    PARTIAL.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         images = subset(cifar_folder() / "train", args.images, Path(tmp) / "train")
         for backend in args.backends.split(","):

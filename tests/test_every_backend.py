@@ -106,7 +106,7 @@ def test_serve_answers_a_predict_request(run, data):
                              "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "3"})
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=300)  # a cold start on a loaded 2-core machine
         got = httpx.post(f"http://127.0.0.1:{port}/v1/models/simple:predict", json={"instances": [b64(image)]},
                          timeout=60)
         assert got.status_code == 200, got.text
@@ -126,13 +126,22 @@ def test_default_recipe(data, tmp_path):
 
 
 @pytest.mark.parametrize("name", available_models())
-def test_every_zoo_model_trains_a_step_saves_and_loads(name, tmp_path):
-    write_class_folder(tmp_path / "data", per_class=4, size=32)
-    result = cnnkit.train(tmp_path / "data", tmp_path / "run", model=name, weights="none", image_size=32, epochs=1,
-                          batch_size=16, val_split=0.25)
-    assert len(result.history["loss"]) == 1 and np.isfinite(result.history["loss"]).all()
-    probs = cnnkit.Predictor(tmp_path / "run").predict([tmp_path / "data" / "red" / "red_000.png"], top_k=3)[0]
-    assert abs(sum(p for _, p in probs.top_k) - 1) < 1e-4
+def test_every_zoo_model_trains_a_step(name):
+    """One optimizer step and a prediction for each architecture (saving and loading: the tests above and below)."""
+    from cnnkit.config import TrainConfig
+    from cnnkit.models import LOSS, build_model
+    from cnnkit.training.optim import make_optimizer
+
+    model = build_model(name, 3, (32, 32), weights="none")
+    model.compile(optimizer=make_optimizer(TrainConfig(optimizer="sgd"), 1e-3, 10), loss=LOSS)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    before = [keras.ops.convert_to_numpy(w).copy() for w in model.trainable_weights]
+    loss = model.train_on_batch(pixels, np.array([0, 1, 2, 0]))
+    assert np.isfinite(loss)
+    after = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after)), "the step changed no weight"
+    probs = keras.ops.convert_to_numpy(model.predict_on_batch(pixels))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
 
 LOAD = textwrap.dedent("""
