@@ -125,9 +125,21 @@ def test_default_recipe(data, tmp_path):
     assert np.isfinite(result.history["loss"]).all() and result.metrics["val_accuracy"] >= 0
 
 
+# XLA compiles a full ImageNet backbone's training step for 1-2.5 minutes on a 2-core CPU (measured:
+# efficientnetb0 142 s, resnet50 99 s, efficientnetlite2 98 s, mobilenetv2 78 s): on JAX the subset
+# steps one backbone (efficientnetlite0) and the from-scratch models; TensorFlow and PyTorch step every
+# model. CNNKIT_ALL_BACKBONES=1 steps them all on JAX too.
+JAX_STEPPED_BACKBONES = ("efficientnetlite0",)
+
+
 @pytest.mark.parametrize("name", available_models())
 def test_every_zoo_model_trains_a_step(name):
     """One optimizer step and a prediction for each architecture (saving and loading: the tests above and below)."""
+    from cnnkit.models import get_spec
+
+    if BACKEND == "jax" and get_spec(name).is_backbone and name not in JAX_STEPPED_BACKBONES \
+            and not os.environ.get("CNNKIT_ALL_BACKBONES"):
+        pytest.skip(f"{name}: XLA takes 1-2.5 min to compile a backbone's step on 2 CPU cores; CNNKIT_ALL_BACKBONES=1")
     from cnnkit.config import TrainConfig
     from cnnkit.models import LOSS, build_model
     from cnnkit.training.optim import make_optimizer
