@@ -64,9 +64,9 @@ def test_train_mixed_precision_resume_and_time_budget(run, data, tmp_path):
     cli("train", "--resume", run, "--epochs", "1", "--out", tmp_path / "resumed")
     assert json.loads((tmp_path / "resumed" / "run.json").read_text())["epochs_run"] == 2
     cli("train", data / "train", "--out", tmp_path / "budget", "--model", "simple", "--image-size", "16",
-        "--time-budget", "10s", "--batch-size", "8")
+        "--time-budget", "20s", "--batch-size", "8")
     budget = json.loads((tmp_path / "budget" / "run.json").read_text())
-    assert budget["time_budget"]["seconds"] == 10 and budget["status"] == "completed"
+    assert budget["time_budget"]["seconds"] == 20 and budget["status"] == "completed"
 
 
 def test_every_command_on_a_run(run, data, tmp_path):
