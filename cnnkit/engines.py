@@ -17,7 +17,6 @@ Keras is imported only by the keras engine and by that export.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -37,6 +36,7 @@ from cnnkit.rundir import (
     is_onnx_export,
     model_path,
     read_export_meta,
+    sha256_file,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -163,14 +163,6 @@ def open_engine(source: str | Path, engine: str | None = None, threads: int | No
     return OnnxEngine(folder, threads)
 
 
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def onnx_export(source: str | Path, cache: str | Path | None = None) -> Path:
     """The ONNX export of a run's ``.keras`` in ``cache`` (default ``$CNNKIT_HOME/onnx``), made on first use.
 
@@ -178,7 +170,7 @@ def onnx_export(source: str | Path, cache: str | Path | None = None) -> Path:
     is exported again; a complete folder is reused as it is.
     """
     path = model_path(source)
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     folder = Path(cache or cnnkit_home() / "onnx") / digest
     if is_onnx_export(folder) and _recorded_sha(folder) == digest:
         return folder
@@ -204,7 +196,7 @@ def write_onnx_export(source: str | Path, out: str | Path, digest: str | None = 
     from cnnkit.models.saving import as_float32, load_model
 
     path = model_path(source)
-    digest = digest or sha256_of(path)
+    digest = digest or sha256_file(path)
     model, meta = load_model(path)
     model = as_float32(model)
     out = Path(out)

@@ -13,6 +13,8 @@ Writes go to a temporary sibling that is renamed into place (``atomic_path``, ``
 
 from __future__ import annotations
 
+import hashlib
+
 import contextlib
 import csv
 import ctypes
@@ -566,3 +568,12 @@ def output_folder(source: str | Path, *parts: str) -> Path:
     source = Path(source)
     base = source if source.is_dir() else model_path(source).parent
     return base.joinpath(*parts)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (model files, weight files, registry artifacts)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

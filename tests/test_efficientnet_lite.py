@@ -21,6 +21,7 @@ from cnnkit.models import build_model, get_spec
 from cnnkit.models import efficientnet_lite as lite
 from cnnkit.models import pretrained
 from cnnkit.models.transfer import get_backbone
+from cnnkit.rundir import sha256_file
 from tests.conftest import SHARED_CIFAR, write_class_folder
 
 HAVE_WEIGHTS = pretrained.pretrained_installed("efficientnetlite0")
@@ -82,7 +83,7 @@ def test_package_checkpoint_reads_as_296_float_tensors_and_converts_once(tmp_pat
     assert len(state) == 296 and state["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert state["_fc.weight"].shape == (1000, 1280) and state["_fc.weight"].dtype == np.float32
     first = lite.checkpoint_weights("efficientnetlite0")
-    assert first.name.startswith("efficientnetlite0-v1-" + pretrained.file_sha256(source)[:24])
+    assert first.name.startswith("efficientnetlite0-v1-" + sha256_file(source)[:24])
     stamp = first.stat().st_mtime_ns
     assert lite.checkpoint_weights("efficientnetlite0") == first and first.stat().st_mtime_ns == stamp
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no temporary file left

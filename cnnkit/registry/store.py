@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import difflib
-import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -43,7 +42,7 @@ from typing import Any
 from cnnkit.config import cnnkit_home
 from cnnkit.errors import CnnkitError, RegistryError, RunNotFoundError, VersionNotFoundError
 from cnnkit.registry.artifacts import ArtifactStore, artifact_sha256, default_artifact_root, remove_artifact, store_of
-from cnnkit.rundir import MODEL_FILE, RUN_JSON, read_json, read_model_metadata
+from cnnkit.rundir import MODEL_FILE, RUN_JSON, read_json, read_model_metadata, sha256_file
 
 STAGES = ("none", "staging", "production", "archived")
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -136,14 +135,6 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
         raise RegistryError(f"A model reference is NAME, NAME@VERSION or NAME@STAGE, e.g. 'flowers@production'. "
                             f"Received: ref={ref!r}")
     return name, (selector or None)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Registry:
