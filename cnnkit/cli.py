@@ -279,7 +279,8 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
     TrainOption("upscale_size", int, "Backbones: upscale smaller inputs to this size inside the model (min 32)."),
     TrainOption("width", str, "fast only: small, medium, large, or auto (medium; under --time-budget, what the "
                               "budget affords)."),
-    TrainOption("stem", str, "fast only: conv (default) or whiten (a frozen patch-whitening first layer)."),
+    TrainOption("stem", str, "fast only: conv (default) or whiten (a frozen patch-whitening first layer; the "
+                             "default under --time-budget)."),
     TrainOption("epochs", int, "Maximum epochs (phase 1: backbone frozen). With --resume: how many more."),
     TrainOption("fine_tune_epochs", int, "Phase 2 epochs: unfreeze the backbone's top layers and train on."),
     TrainOption("fine_tune_layers", str, "How many backbone layers to unfreeze in phase 2, or 'all'."),

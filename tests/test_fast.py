@@ -254,6 +254,34 @@ def test_whitening_stem_whitens_the_patches_it_sees():
         load_config(None, {"model.name": "vgg", "model.stem": "whiten"})
 
 
+def test_a_budget_whitens_the_fast_stem_fitted_to_its_own_training_images(tmp_path):
+    from cnnkit.data.dataset import load_image_folder
+    from cnnkit.models.fast import WHITEN_LAYER, set_whitening
+    from cnnkit.models.saving import load_model
+
+    assert load_config(None, {"model.name": "fast", "train.time_budget": 60}).model.stem == "whiten"
+    assert load_config(None, {"model.name": "fast"}).model.stem == "conv"  # without a budget: the trained stem
+    budget_conv = {"model.name": "fast", "model.stem": "conv", "train.time_budget": 60}
+    assert load_config(None, budget_conv).model.stem == "conv"  # a user's choice wins
+    data = write_class_folder(tmp_path / "data", per_class=12)
+    run = cnnkit.train(data, tmp_path / "run", model="fast", stem="whiten", epochs=1, batch_size=16,
+                       val_split=0.25, test_split=0.0, mixed_precision=False)
+    saved = load_model(run.run_dir)[0].get_layer(WHITEN_LAYER).kernel
+    # the kernel the stem must hold: the whitening of this run's own training images (frozen, so unchanged)
+    loaded = load_image_folder(data, load_config(None, {"model.name": "fast", "data.val_split": 0.25,
+                                                        "data.test_split": 0.0, "data.image_size": 32}).data,
+                               cache_root=tmp_path / "cache")
+    expected = build_model("fast", 3, stem="whiten")
+    set_whitening(expected, loaded.cache.images[np.sort(loaded.split_rows("train")[0])])
+    assert np.allclose(keras.ops.convert_to_numpy(saved), keras.ops.convert_to_numpy(expected.get_layer(
+        WHITEN_LAYER).kernel), atol=1e-4)
+    result = CliRunner().invoke(app, ["train", str(data), "--out", str(tmp_path / "budget"), "--model", "fast",
+                                      "--time-budget", "25s", "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert WHITEN_LAYER in [layer.name for layer in load_model(tmp_path / "budget")[0].layers]
+    assert json.loads((tmp_path / "budget" / "run.json").read_text())["config"]["model"]["stem"] == "whiten"
+
+
 def test_ema_keeps_the_average_of_the_weights():
     from cnnkit.config import TrainConfig
     from cnnkit.training.optim import make_loss, make_optimizer

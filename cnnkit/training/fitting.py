@@ -31,6 +31,7 @@ from cnnkit.config import RunConfig
 from cnnkit.data.batches import ArrayBatches, BatchAugment
 from cnnkit.data.dataset import LoadedData
 from cnnkit.models import build_model, get_spec
+from cnnkit.models.fast import set_whitening
 from cnnkit.models.saving import all_layers
 from cnnkit.models.transfer import set_backbone_frozen, unfreeze_top
 from cnnkit.rundir import HISTORY_CSV
@@ -93,7 +94,17 @@ def batch_augment(preset: str) -> BatchAugment | None:
 
 
 
-def build_for_training(cfg: RunConfig, num_classes: int, policy: str) -> keras.Model:
+# Training images the whitening stem of ``fast`` is fitted to (the first of the train split, by index).
+WHITEN_IMAGES = 2_000
+
+
+def build_for_training(cfg: RunConfig, num_classes: int, policy: str, data: LoadedData | None = None) -> keras.Model:
+    """The model of ``cfg``, built in ``policy``; a backbone frozen for phase 1.
+
+    With ``data``, a ``fast`` model with ``stem = "whiten"`` has its whitening layer fitted to the
+    training images (``set_whitening``); without it (a throughput probe), the layer keeps its random
+    initial filters.
+    """
     with dtype_policy(policy):
         model = build_model(cfg.model.name, num_classes, cfg.data.image_size, cfg.data.channels,
                             augment=cfg.train.augment, seed=cfg.data.seed, weights=cfg.model.weights,
@@ -102,6 +113,9 @@ def build_for_training(cfg: RunConfig, num_classes: int, policy: str) -> keras.M
                             stem=cfg.model.stem)
     if is_pretrained(cfg):
         set_backbone_frozen(model)
+    if data is not None and cfg.model.stem == "whiten":
+        rows = data.split_rows("train")[0]
+        set_whitening(model, data.cache.images[np.sort(rows[:WHITEN_IMAGES])])
     return model
 
 

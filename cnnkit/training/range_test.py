@@ -150,7 +150,7 @@ def lr_find(data_dir: str | Path, out: str | Path | None = None, config: Any = N
     data = load_image_folder(Path(data_dir), cfg.data, cache_root=cache_root)
     keras.utils.set_random_seed(cfg.data.seed)
     train_ds, _ = make_batches(data, cfg)
-    model = build_for_training(cfg, len(data.class_names), precision_policy(cfg.train.mixed_precision))
+    model = build_for_training(cfg, len(data.class_names), precision_policy(cfg.train.mixed_precision), data)
     result = find_learning_rate(model, train_ds, cfg.train, steps=steps)
     if out is not None:
         out = Path(out)

@@ -41,7 +41,7 @@ from cnnkit.errors import CnnkitError, ConfigError, DataError
 from cnnkit.metrics import cross_entropy
 from cnnkit.models import get_spec
 from cnnkit.models.augment import augment_config, final_tta
-from cnnkit.models.fast import DEFAULT_WIDTH, set_whitening
+from cnnkit.models.fast import DEFAULT_WIDTH
 from cnnkit.models.zoo import backbone_names
 from cnnkit.models.saving import ModelMeta, as_float32, save_model
 from cnnkit.rundir import (
@@ -325,13 +325,10 @@ def _plan(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, resume: Resu
     if resume is not None:
         extra["resumed_from"] = resume.resumed_from
         return _Plan(cfg, resume.model, resume.plan, extra, resume.history)
-    model = build_for_training(cfg, len(data.class_names), policy)
-    if cfg.model.stem == "whiten":
-        rows = data.split_rows("train")[0]
-        set_whitening(model, data.cache.images[np.sort(rows[:2_000])])
+    model = build_for_training(cfg, len(data.class_names), policy, data)
     learning_rate = cfg.train.learning_rate
     if learning_rate == "auto":
-        probe = build_for_training(cfg, len(data.class_names), policy)  # a throw-away copy
+        probe = build_for_training(cfg, len(data.class_names), policy, data)  # a throw-away copy
         learning_rate = find_learning_rate(probe, train_ds, cfg.train).suggested
         say(f"learning rate (range test): [bold]{learning_rate:.2g}[/]")
         extra["learning_rate_found"] = learning_rate
