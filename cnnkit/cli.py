@@ -281,6 +281,7 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
                               "budget affords)."),
     TrainOption("stem", str, "fast only: conv (default) or whiten (a frozen patch-whitening first layer; the "
                              "default under --time-budget)."),
+    TrainOption("init", str, "fast only: default or dirac (the block convolutions start as the identity)."),
     TrainOption("epochs", int, "Maximum epochs (phase 1: backbone frozen). With --resume: how many more."),
     TrainOption("fine_tune_epochs", int, "Phase 2 epochs: unfreeze the backbone's top layers and train on."),
     TrainOption("fine_tune_layers", str, "How many backbone layers to unfreeze in phase 2, or 'all'."),

@@ -30,6 +30,7 @@ OptimizerName = Literal["adam", "sgd", "adamw"]
 ScheduleName = Literal["plateau", "cosine", "onecycle"]
 FastWidth = Literal["auto", "small", "medium", "large"]
 FastStem = Literal["conv", "whiten"]
+FastInit = Literal["default", "dirac"]
 FinalTTA = Literal["auto", "none", "flip", "flip+crop"]
 ClassWeightName = Literal["none", "auto"]
 
@@ -150,6 +151,8 @@ class ModelConfig:
         stem: fast only: "conv" (a trained 3x3 convolution; the default) or "whiten" (a frozen 2x2
             convolution that whitens pixel patches, set from the training images' patch covariance,
             as airbench; the default under a time budget, ``BUDGET_STEM``).
+        init: fast only: "default" (Keras' Glorot-uniform kernels) or "dirac" (each block
+            convolution starts as the identity on its first min(inputs, outputs) filters, as airbench).
     """
 
     name: str = "simple"
@@ -159,13 +162,16 @@ class ModelConfig:
     upscale_size: int | None = None
     width: FastWidth = "auto"
     stem: FastStem = "conv"
+    init: FastInit = "default"
 
     def __post_init__(self) -> None:
         _check_choice("model", "width", self.width, FastWidth)
         _check_choice("model", "stem", self.stem, FastStem)
-        if self.stem != "conv" and self.name != "fast":
-            raise ConfigError(f"[model] stem applies to the fast model only, not to '{self.name}'. "
-                              f"Received: stem={self.stem!r}")
+        _check_choice("model", "init", self.init, FastInit)
+        for option, default in (("stem", "conv"), ("init", "default")):
+            if getattr(self, option) != default and self.name != "fast":
+                raise ConfigError(f"[model] {option} applies to the fast model only, not to '{self.name}'. "
+                                  f"Received: {option}={getattr(self, option)!r}")
         if self.width != "auto" and self.name != "fast":
             raise ConfigError(f"[model] width applies to the fast model only, not to '{self.name}'. "
                               f"Received: width={self.width!r}")

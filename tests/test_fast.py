@@ -254,6 +254,32 @@ def test_whitening_stem_whitens_the_patches_it_sees():
         load_config(None, {"model.name": "vgg", "model.stem": "whiten"})
 
 
+def test_dirac_init_starts_each_block_convolution_as_the_identity(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = build_model("fast", 10, width="small", init="dirac")
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 64)).astype("float32")
+    for name, inputs, outputs in (("block1a_conv", 24, 32), ("block1b_conv", 32, 32), ("block3a_conv", 64, 128)):
+        conv = model.get_layer(name)
+        kernel = keras.ops.convert_to_numpy(conv.kernel)
+        assert kernel.shape == (3, 3, inputs, outputs)
+        y = keras.ops.convert_to_numpy(conv(x[..., :inputs]))
+        np.testing.assert_allclose(y[..., :inputs], x[..., :inputs], atol=1e-6)  # the first filters pass x on
+        if outputs > inputs:  # the other filters keep their random init
+            assert np.abs(kernel[..., inputs:]).mean() > 0.01
+    plain = keras.ops.convert_to_numpy(build_model("fast", 10, width="small").get_layer("block1b_conv").kernel)
+    assert np.abs(plain[1, 1, np.arange(32), np.arange(32)] - 1).max() > 0.5  # the default init is no identity
+    assert keras.ops.convert_to_numpy(model.get_layer("stem_conv").kernel).std() > 0.01  # the stem is left alone
+    with pytest.raises(ConfigError, match="init applies to the fast model only"):
+        load_config(None, {"model.name": "vgg", "model.init": "dirac"})
+    with pytest.raises(ConfigError, match="init"):
+        load_config(None, {"model.name": "fast", "model.init": "identity"})
+    data = write_class_folder(tmp_path / "data", per_class=8)
+    result = CliRunner().invoke(app, ["train", str(data), "--out", str(tmp_path / "run"), "--model", "fast",
+                                      "--init", "dirac", "--epochs", "1", "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["model"]["init"] == "dirac"
+
+
 def test_a_budget_whitens_the_fast_stem_fitted_to_its_own_training_images(tmp_path):
     from cnnkit.data.dataset import load_image_folder
     from cnnkit.models.fast import WHITEN_LAYER, set_whitening

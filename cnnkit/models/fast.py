@@ -20,6 +20,7 @@ is applied by ``cnnkit.config`` as the defaults of ``--model fast``.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 from keras import layers
 
@@ -46,8 +47,27 @@ ACTIVATION = "relu"  # GELU costs 25-40% of a training step on a CPU for no gain
 LOGIT_SCALE = 0.125
 
 
-def _conv_bn(x, filters: int, name: str, pool: bool = False):
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+# "dirac": each 3x3 convolution starts as the identity on its first min(inputs, outputs) output
+# channels (the others keep the default init), as airbench: at the start a block passes its input on,
+# so early steps train a shallow network that deepens as the kernels move away from the identity.
+INITS = ("default", "dirac")
+
+
+def dirac_(conv: layers.Conv2D) -> None:
+    """Set the first ``min(inputs, outputs)`` filters of a built square convolution to the identity."""
+    kernel = keras.ops.convert_to_numpy(conv.kernel).copy()
+    size, _, inputs, outputs = kernel.shape
+    n = min(inputs, outputs)
+    kernel[:, :, :, :n] = 0.0
+    kernel[size // 2, size // 2, np.arange(n), np.arange(n)] = 1.0
+    conv.kernel.assign(kernel)
+
+
+def _conv_bn(x, filters: int, name: str, pool: bool = False, init: str = "default"):
+    conv = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")
+    x = conv(x)
+    if init == "dirac":
+        dirac_(conv)
     if pool:
         x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-5, scale=False, name=f"{name}_bn")(x)
@@ -62,8 +82,9 @@ WHITEN_EPS = 5e-4
 WHITEN_LAYER = "stem_whiten"
 
 
-def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH], stem: str = "conv"):
-    """The feature extractor; ``x`` is scaled to [0, 1]."""
+def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH], stem: str = "conv", init: str = "default"):
+    """The feature extractor; ``x`` is scaled to [0, 1]. ``init="dirac"``: the blocks' convolutions
+    start as the identity (``dirac_``)."""
     x = layers.Rescaling(2.0, offset=-1.0, name="center")(x)  # [0, 1] -> [-1, 1]
     if stem == "whiten":
         channels = 2 * WHITEN_KERNEL * WHITEN_KERNEL * x.shape[-1]
@@ -74,8 +95,8 @@ def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH], stem: str = "c
     else:
         x = _conv_bn(x, widths[0], "stem")
     for index, filters in enumerate(widths[1:], start=1):
-        x = _conv_bn(x, filters, f"block{index}a", pool=True)
-        x = _conv_bn(x, filters, f"block{index}b")
+        x = _conv_bn(x, filters, f"block{index}a", pool=True, init=init)
+        x = _conv_bn(x, filters, f"block{index}b", init=init)
     x = layers.GlobalMaxPooling2D(name="global_pool")(x)
     # Scaled-down logits (ResNet-9's 0.125) keep the softmax soft while the rate is high.
     return layers.Rescaling(LOGIT_SCALE, name="logit_scale")(x)
@@ -104,6 +125,6 @@ def set_whitening(model, images: np.ndarray, max_images: int = 2_000) -> bool:
 
 
 @register("fast", (32, 32), "cnnkit's fast BatchNorm CNN (stem 32, blocks 48-96-192) with its one-cycle recipe; "
-          "the default for images up to 64 px", options=("width", "stem"))
-def fast_model(x, num_classes: int, width: str = "auto", stem: str = "conv"):
-    return fast_body(x, WIDTHS[DEFAULT_WIDTH if width == "auto" else width], stem)
+          "the default for images up to 64 px", options=("width", "stem", "init"))
+def fast_model(x, num_classes: int, width: str = "auto", stem: str = "conv", init: str = "default"):
+    return fast_body(x, WIDTHS[DEFAULT_WIDTH if width == "auto" else width], stem, init)

@@ -104,6 +104,7 @@ def build_model(
     upscale_size: int | None = None,
     width: str = "auto",
     stem: str = "conv",
+    init: str = "default",
 ) -> keras.Model:
     """Build an uncompiled classifier from the zoo.
 
@@ -124,6 +125,7 @@ def build_model(
         width: ``fast`` only: small, medium, large (or auto = medium).
         stem: ``fast`` only: conv, or whiten (a frozen patch-whitening layer; fit it to the data
             with ``cnnkit.models.fast.set_whitening``).
+        init: ``fast`` only: default, or dirac (the blocks' convolutions start as the identity).
 
     Returns:
         A ``keras.Model`` mapping raw 0-255 pixels (batch, height, width, channels) to class
@@ -148,7 +150,7 @@ def build_model(
         x = spec.body(x, num_classes=num_classes, weights=weights, head_width=head_width, dropout=dropout)
     else:
         x = layers.Rescaling(1.0 / 255, name="rescale_0_255")(x)
-        given = {"width": (width, "auto"), "stem": (stem, "conv")}
+        given = {"width": (width, "auto"), "stem": (stem, "conv"), "init": (init, "default")}
         for option, (value, default) in given.items():
             if value != default and option not in spec.options:
                 raise ModelError(f"{option} applies to the fast model only, not to '{name}'. "

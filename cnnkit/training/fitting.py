@@ -110,7 +110,7 @@ def build_for_training(cfg: RunConfig, num_classes: int, policy: str, data: Load
                             augment=cfg.train.augment, seed=cfg.data.seed, weights=cfg.model.weights,
                             head_width=cfg.model.head_width, dropout=cfg.model.dropout,
                             upscale_size=cfg.model.upscale_size, width=cfg.model.width,
-                            stem=cfg.model.stem)
+                            stem=cfg.model.stem, init=cfg.model.init)
     if is_pretrained(cfg):
         set_backbone_frozen(model)
     if data is not None and cfg.model.stem == "whiten":
