@@ -3,14 +3,15 @@
 Each backend runs in its own subprocess (``KERAS_BACKEND`` is read once, at ``import keras``), one after
 the other on the same cores. In each, every model trains with ``cnnkit.train`` (its own recipe: optimizer,
 batch size, augmentation; 32x32; no validation split) on the first ``--images`` images of the CIFAR-10
-JPEG train folder (the same number per class), ``--epochs`` epochs (default 2). The first epoch includes
+JPEG train folder (the same number per class), ``--epochs`` epochs (default 3). The first epoch includes
 compilation (XLA, torch's first calls) and is reported apart; the per-epoch time is the median of the
 later epochs, and the time for the full 50,000-image epoch is **extrapolated** linearly from it
-(``* 50000 / images``): a full epoch on 2 shared cores takes minutes per cell, 36 cells in all.
+(``* 50000 / images``): a full epoch on 2 shared cores takes minutes per cell, 18 cells in all
+(3 backends x 3 models x 2 precisions).
 "mixed" is ``--mixed-precision``: whatever ``choose_precision`` picks here (bfloat16 on a CPU that has
 it, float32 on one that has not: the policy is recorded in each row).
 
-Usage: python bench/backends.py [--images 2000] [--epochs 2] [--backends tensorflow,jax,torch]
+Usage: python bench/backends.py [--images 2000] [--epochs 3] [--backends tensorflow,jax,torch]
        [--models fast,simple,vgg] (results: bench/results/backends.json, written atomically).
 """
 
@@ -83,7 +84,7 @@ def child(data: Path, models: list[str], epochs: int, images: int) -> list[dict]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000, help="train images (the same number per class)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per cell; the first includes compilation")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per cell; the first includes compilation")
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--models", default="fast,simple,vgg")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the subset folder, in a backend's subprocess

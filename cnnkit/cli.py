@@ -520,32 +520,37 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
     engine: Annotated[Optional[EngineName], typer.Option(help=_ENGINE_HELP)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the predictions to this file (csv, json or parquet by --format, default csv), in input order, atomically.")] = None,
-    ray: Annotated[Optional[str], typer.Option("--ray", help="Predict as a Ray Data stage: --ray alone for a local Ray, --ray ADDRESS for a cluster (ray://host:10001, host:6379, auto). Needs --out and cnnkit[ray].", metavar="[ADDRESS]")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Predict as a Ray Data stage: --ray alone for a local Ray, --ray ADDRESS for a cluster (ray://host:10001, host:6379, auto; on a cluster --out must be on storage every node shares). Needs cnnkit[ray].", metavar="[ADDRESS]")] = None,
     ray_workers: Annotated[int, typer.Option(min=1, help="With --ray: Ray actors, each loading the model once.")] = 2,
 ) -> None:
     """Predict the class of images; exit 1 if any input could not be read."""
     fmt = output.value if out is None or output is not PredictFormat.table else "csv"
-    if ray is not None:
-        if out is None:
-            raise ConfigError("--ray writes its predictions to a file: add --out predictions.csv (or .json, .parquet "
-                              f"with --format). Received: ray={ray!r}, out=None")
-        from cnnkit.predict_ray import predict_with_ray
-
-        done = predict_with_ray(run, paths, out, fmt, address=None if ray == "local" else ray,
-                                workers=ray_workers, batch_size=batch_size, top_k=top_k)
-        _error_or_say(done.failed, done.count, f"{done.count} predictions from {done.workers} Ray workers "
-                                               f"({done.shards} shards merged) -> {done.out}")
-        return
-    from cnnkit.predict import Predictor, predictions_text, write_predictions
-
-    results = Predictor(run, batch_size=batch_size, engine=_engine_value(engine)).predict(paths, top_k=top_k)
-    if out is not None:
-        write_predictions(results, out, fmt)
-        _error_or_say(sum(1 for r in results if r.error), len(results), f"{len(results)} predictions -> {out}")
-        return
-    if output is PredictFormat.parquet:
+    if out is None and output is PredictFormat.parquet:
         raise ConfigError("Parquet is written to a file: add --out predictions.parquet. Received: format='parquet', "
                           "out=None")
+    if ray is not None:
+        from cnnkit.predict_ray import predict_with_ray
+
+        # Without --out the predictions come back to this process and are printed as without --ray.
+        done = predict_with_ray(run, paths, out, fmt if out is not None else "csv",
+                                address=None if ray == "local" else ray, workers=ray_workers, batch_size=batch_size,
+                                top_k=top_k, engine=_engine_value(engine))
+        where = f" -> {done.out}" if done.out is not None else ""
+        _progress.say(f"{done.count} predictions from {done.workers} Ray workers ({done.shards} shards merged){where}")
+        if out is not None:
+            _error_or_say(done.failed, done.count, None)
+            return
+        results = done.predictions
+    else:
+        from cnnkit.predict import Predictor, write_predictions
+
+        results = Predictor(run, batch_size=batch_size, engine=_engine_value(engine)).predict(paths, top_k=top_k)
+        if out is not None:
+            write_predictions(results, out, fmt)
+            _error_or_say(sum(1 for r in results if r.error), len(results), f"{len(results)} predictions -> {out}")
+            return
+    from cnnkit.predict import predictions_text
+
     if output in (PredictFormat.json, PredictFormat.csv):
         typer.echo(predictions_text(results, output.value), nl=False)
     else:
@@ -613,7 +618,7 @@ def demo(
 
 # Each optional extra of pyproject.toml and the modules that show it is installed.
 EXTRAS = {"jax": ("jax",), "torch": ("torch",), "serve": ("fastapi", "uvicorn", "multipart", "prometheus_client", "httpx"),
-          "export": ("tf2onnx", "onnx", "onnxruntime"), "postgres": ("psycopg",)}
+          "export": ("tf2onnx", "onnx", "onnxruntime"), "postgres": ("psycopg",), "ray": ("ray",)}
 
 
 def machine_info() -> dict[str, Any]:
@@ -625,7 +630,7 @@ def machine_info() -> dict[str, Any]:
     import keras
 
     from cnnkit._backends import devices
-    from cnnkit.config import cnnkit_home
+    from cnnkit.config import PRETRAINED_MODULE, cnnkit_home
     from cnnkit.data.cache import default_cache_root
     from cnnkit.registry.artifacts import default_artifact_root
     from cnnkit.registry.store import default_url
@@ -635,7 +640,7 @@ def machine_info() -> dict[str, Any]:
     precision = devices.choose_precision(True)
     registry = default_url()
     extras = {name: all(importlib.util.find_spec(module) is not None for module in modules)
-              for name, modules in EXTRAS.items()}
+              for name, modules in {**EXTRAS, "pretrained": (PRETRAINED_MODULE,)}.items()}
     return {
         "cnnkit": __version__, "python": sys.version.split()[0], "keras": keras.__version__,
         "backend": backend, "backend_version": devices.backend_version(backend),

@@ -1,15 +1,19 @@
 """Prediction past one machine: the same ``Predictor`` as a Ray Data stage (``cnnkit predict --ray``).
 
-In: a run directory or ``.keras`` file and image files, folders or globs (listed here, as
-``Predictor.predict`` lists them). Out: one CSV, JSON or Parquet file of predictions in input order,
-equal to what ``cnnkit predict --out`` writes in one process.
+In: a run directory, ``.keras`` file or ONNX export folder, and image files, folders or globs
+(listed here, as ``Predictor.predict`` lists them). Out: one CSV, JSON or Parquet file of predictions
+in input order, equal to what ``cnnkit predict --out`` writes in one process (or, without a file,
+the predictions themselves, for ``cnnkit predict --ray`` to print).
 
-The file list becomes a Ray dataset of ``(index, path, error)`` rows; ``map_batches`` runs
+The file list becomes a Ray dataset of ``(index, path, file, error)`` rows (``path`` as the user
+typed it, for the output; ``file`` absolute, for the workers); ``map_batches`` runs
 ``_PredictBatches``, a callable class, on a pool of ``workers`` actors: each loads the model once
 (``Predictor``) and calls ``Predictor.predict_files`` on its batches, so decoding, calibration and
 the abstain rule are the single-process ones. Results stream to shards in the chosen format in a
-hidden folder beside the output; the shards are then merged by ``index`` into the output
-(temporary file + rename) and removed.
+hidden folder beside the output (a temporary folder without one); the shards are then merged by
+``index`` into the output (temporary file + rename) and removed. A merge that finds fewer rows
+than it sent (shards written on other nodes, to a folder the driver does not share) is an error,
+never a shorter file.
 
 On a cluster (``address``), the model file and the images must be at the same paths on every node
 (shared storage), and the workers need cnnkit and the same Keras backend (set through the job's
@@ -21,13 +25,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnkit.errors import ConfigError
+from cnnkit.engines import check_engine
+from cnnkit.errors import ConfigError, DataError
 from cnnkit.predict import PREDICTION_FORMATS, Prediction, Predictor, list_inputs, write_predictions
-from cnnkit.rundir import model_path, new_directory
+from cnnkit.rundir import new_directory
 
 # Local Ray's shared-memory object store: rows of paths and predictions are small, and the
 # default (30% of memory) would reserve gigabytes on a laptop.
@@ -39,50 +45,54 @@ class RayPrediction:
     """What ``predict_with_ray`` returns.
 
     Attributes:
-        out: the merged prediction file.
+        out: the merged prediction file (None when none was asked for).
         count: predictions written (one per input image).
         failed: inputs that could not be predicted (their ``error`` column says why).
         workers: Ray actors that loaded the model.
         shards: shard files merged.
     """
 
-    out: Path
+    out: Path | None
     count: int
     failed: int
     workers: int
     shards: int
+    predictions: list[Prediction]
 
 
 def predict_with_ray(
     source: str | Path,
     inputs: list[str | Path] | str | Path,
-    out: str | Path,
+    out: str | Path | None,
     fmt: str = "csv",
     *,
     address: str | None = None,
     workers: int = 2,
     batch_size: int = 64,
     top_k: int = 3,
+    engine: str | None = None,
 ) -> RayPrediction:
     """Predict images on a Ray cluster (or a local Ray) and write one file of predictions in input order.
 
     Args:
-        source: a run directory or ``.keras`` file (the same path on every node).
+        source: a run directory, ``.keras`` file or ONNX export folder (the same path on every node).
         inputs: image files, folders (recursive) and glob patterns.
-        out: the file to write (replaced atomically).
-        fmt: csv, json or parquet (the columns of ``cnnkit.predict.write_predictions``).
+        out: the file to write (replaced atomically); None: write none, return the predictions.
+        fmt: csv, json or parquet (the columns of ``cnnkit.predict.write_predictions``), also the
+            shards' format.
         address: a Ray cluster (``ray://host:10001`` or ``auto``); None starts a local Ray with
             ``workers`` + 1 CPUs (the workers, and one for reading and writing).
         workers: actors running a ``Predictor`` each (the model is loaded once per actor).
         batch_size: images per ``map_batches`` batch and per model call.
         top_k: classes listed per image.
+        engine: the inference engine of every worker's Predictor (keras, onnxruntime; None: the default).
 
     Returns:
         A RayPrediction.
 
     Raises:
-        ConfigError: ray is not installed (with the install command), bad ``fmt`` or ``workers``.
-        DataError: no images in ``inputs``.
+        ConfigError: ray is not installed (with the install command), bad ``fmt``, ``workers`` or ``engine``.
+        DataError: no images in ``inputs``; shards missing rows (written where the driver cannot read).
 
     Example:
         >>> result = predict_with_ray("runs/first", ["photos/"], "predictions.csv", workers=2)  # doctest: +SKIP
@@ -91,30 +101,42 @@ def predict_with_ray(
         raise ConfigError(f"--ray writes {', '.join(PREDICTION_FORMATS)} files. Received: format={fmt!r}")
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--ray-workers must be a whole number >= 1. Received: workers={workers!r}")
+    check_engine(engine)
     ray = _import_ray()
-    model_file = model_path(source).resolve()
-    Predictor(model_file, batch_size=batch_size)  # fail here, in one line, on a bad model rather than in a worker
+    source = Path(source).resolve()  # the workers may start in another folder (or on another node)
+    # Fail here, in one line, on a bad model or engine rather than in a worker (this also makes the
+    # ONNX export the onnxruntime engine needs, once, in the cache the workers on this machine share).
+    Predictor(source, batch_size=batch_size, engine=engine)
     paths, errors = list_inputs(inputs)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = None if out is None else Path(out)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
     started_here = _start_ray(ray, address, workers)
-    shard_dir = new_directory(out.parent, f".{out.name}.shards-")
+    shard_dir = (new_directory(out.parent, f".{out.name}.shards-") if out is not None
+                 else Path(tempfile.mkdtemp(prefix="cnnkit-ray-shards-")))
     try:
-        rows = [{"index": i, "path": os.fsdecode(p), "error": e or ""} for i, (p, e) in enumerate(zip(paths, errors))]
+        rows = [{"index": i, "path": os.fsdecode(p), "file": os.fsdecode(Path(p).absolute()), "error": e or ""}
+                for i, (p, e) in enumerate(zip(paths, errors))]
         dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(1, workers * 4)))
         predicted = dataset.map_batches(
-            _PredictBatches, fn_constructor_kwargs={"source": str(model_file), "batch_size": batch_size,
-                                                    "top_k": top_k},
+            _PredictBatches, fn_constructor_kwargs={"source": str(source), "batch_size": batch_size,
+                                                    "top_k": top_k, "engine": engine},
             batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
         getattr(predicted, f"write_{fmt}")(str(shard_dir))
         shards = sorted(p for p in shard_dir.iterdir() if p.is_file())
         results = _merge(shards, fmt)
-        write_predictions(results, out, fmt)
+        if len(results) != len(rows):
+            raise DataError(
+                f"Ray's workers wrote {len(results)} of {len(rows)} predictions to the shards this machine can read "
+                f"in '{shard_dir}': on a cluster, --out must be on storage every node shares (the shards are "
+                f"written beside it). Nothing was written. Received: out={os.fsdecode(out) if out else None!r}")
+        if out is not None:
+            write_predictions(results, out, fmt)
     finally:
         shutil.rmtree(shard_dir, ignore_errors=True)
         if started_here:
             ray.shutdown()
-    return RayPrediction(out, len(results), sum(1 for r in results if r.error), workers, len(shards))
+    return RayPrediction(out, len(results), sum(1 for r in results if r.error), workers, len(shards), results)
 
 
 def _import_ray() -> Any:
@@ -147,25 +169,26 @@ def _start_ray(ray: Any, address: str | None, workers: int) -> bool:
 class _PredictBatches:
     """A Ray Data ``map_batches`` callable class: one Predictor per actor, loaded once."""
 
-    def __init__(self, source: str, batch_size: int, top_k: int) -> None:
+    def __init__(self, source: str, batch_size: int, top_k: int, engine: str | None = None) -> None:
         from cnnkit import _progress
 
         _progress.set_progress(False)
-        self.predictor = Predictor(source, batch_size=batch_size, workers=2)
+        self.predictor = Predictor(source, batch_size=batch_size, workers=2, engine=engine)
         self.top_k = top_k
 
     def __call__(self, batch: Any) -> Any:
         import pandas as pd
 
         errors = [e or None for e in batch["error"]]
-        results = self.predictor.predict_files(list(batch["path"]), errors, self.top_k)
+        results = self.predictor.predict_files(list(batch["file"]), errors, self.top_k)
         return pd.DataFrame({
             "index": batch["index"].astype("int64"),
-            "path": [r.path for r in results],
+            "path": list(batch["path"]),  # as the user gave it (the workers read the absolute file)
             "label": [r.label for r in results],
             "confidence": [r.confidence for r in results],
             "top_k": [json.dumps(r.top_k) for r in results],
-            "error": [r.error or "" for r in results],
+            # an error names the file as the user gave it, as in one process
+            "error": [(r.error or "").replace(file, path) for r, file, path in zip(results, batch["file"], batch["path"])],
         })
 
 

@@ -44,6 +44,10 @@ SCRIPT = textwrap.dedent("""
                      "weights": float(sum(np.abs(w).sum() for w in result.model.get_weights())),
                      "val_accuracy": result.metrics["val_accuracy"], "devices": record["devices"],
                      "seconds": record["train_seconds"], "precision": record["precision"]["policy"]}
+    # --resume RUN --devices N: the 2-device run goes on for one more epoch on 1 device.
+    resumed = cnnkit.train(resume=f"{base}/two", epochs=1, devices=1)
+    record = json.load(open(f"{base}/two/run.json"))
+    out["resumed"] = {"loss": resumed.history["loss"], "devices": record["devices"]}
     print(json.dumps(out))
 """)
 
@@ -77,6 +81,9 @@ def test_jax_data_parallel_matches_one_device(tmp_path):
     assert abs(two["val_accuracy"] - one["val_accuracy"]) <= 1 / 12 + 1e-9  # at most one of 12 images
     # The tolerance tells different runs apart: another seed is far outside it.
     assert not np.allclose(other["loss"], one["loss"], rtol=3e-3)
+    resumed = out["resumed"]  # --resume on another number of devices: the history goes on, the record follows
+    assert resumed["loss"][:3] == two["loss"] and len(resumed["loss"]) == 4
+    assert resumed["devices"]["count"] == 1 and resumed["devices"]["strategy"] == "none"
 
 
 @pytest.mark.slow

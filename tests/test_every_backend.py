@@ -84,7 +84,20 @@ def test_every_command_on_a_run(run, data, tmp_path):
     cli("review", work, data / "train", "--top", "5", "--out", tmp_path / "review")
     cli("compare", work, run)
     cli("doctor", data / "train")
-    assert json.loads(cli("info", "--format", "json"))["backend"] == BACKEND
+    facts = json.loads(cli("info", "--format", "json"))
+    assert facts["backend"] == BACKEND and facts["backend_version"] and facts["devices"]
+    assert facts["mixed_precision"]["policy"] in ("float32", "mixed_bfloat16", "mixed_float16")
+    assert facts["mixed_precision"]["reason"] and isinstance(facts["mixed_precision"]["cpu_bfloat16"], bool)
+    from cnnkit._backends.devices import VECTOR_FLAGS, cpu_flags
+
+    assert facts["cpu"]["cores"] >= 1
+    assert facts["cpu"]["vector_extensions"] == [flag for flag in VECTOR_FLAGS if flag in cpu_flags()]
+    assert all(facts[key] for key in ("home", "cache", "registry", "artifacts"))
+    assert set(facts["extras"]) == {"jax", "torch", "serve", "export", "postgres", "ray", "pretrained"}
+    assert facts["extras"][BACKEND] if BACKEND != "tensorflow" else facts["extras"]["export"]
+    table = cli("info")
+    for label in ("backend", "devices", "mixed precision", "vector extensions", "cache", "registry", "extras"):
+        assert label in table
     cli("registry", "add", work, "--name", "colours")
     assert "colours" in cli("registry", "list")
     cli("docker", "colours@1", "--out", tmp_path / "context", "--no-build")

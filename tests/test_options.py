@@ -172,6 +172,7 @@ def test_mixed_precision_keeps_a_float32_output(cpu, colours, tmp_path, monkeypa
     assert record["precision"]["policy"] == policy and record["precision"]["requested"] is True
     if policy == "float32":
         assert "no bfloat16" in record["precision"]["reason"]
+        assert any("training in float32, not mixed" in w and "no bfloat16" in w for w in record["warnings"])
     assert seen["conv"] == {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(policy, "float32")
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     # Mixed precision is for training: the saved model computes in float32 on any CPU (and exports).

@@ -88,18 +88,44 @@ def test_ray_missing_names_the_extra(run, tmp_path):
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_ray_option_takes_an_optional_address(run):
+def test_ray_option_takes_an_optional_address(run, monkeypatch):
+    import cnnkit.predict_ray
+
     assert all(map(_is_ray_address, ["ray://head:10001", "head:6379", "10.0.0.1:6379", "auto", "local"]))
     assert not any(map(_is_ray_address, [str(run / "run"), "photos/", "*.jpg", "--out"]))
+
+    def parsed(source, inputs, out, fmt, *, address, workers, batch_size, top_k, engine):
+        raise cnnkit.ConfigError(f"parsed address={address!r} inputs={inputs!r} top_k={top_k} engine={engine!r}")
+
+    monkeypatch.setattr(cnnkit.predict_ray, "predict_with_ray", parsed)  # what the CLI parsed, before Ray starts
     runner = CliRunner()
-    # A bare --ray (last, or before another option) is a local Ray; without --out it is refused before Ray starts.
-    for args in (["--ray"], ["--ray", "--top-k", "2"]):
-        result = runner.invoke(app, ["predict", str(run / "run"), str(run / "data"), *args])
+    data = str(run / "data")
+    # A bare --ray (last, or before another option) is a local Ray; an address-looking word is its value.
+    for args, address in ((["--ray"], None), (["--ray", "--top-k", "2"], None), (["--ray", "auto"], "auto")):
+        result = runner.invoke(app, ["predict", str(run / "run"), data, *args])
         assert result.exit_code == 2, result.output
-        assert "--ray writes its predictions to a file: add --out predictions.csv" in result.output
-        assert "Received: ray='local', out=None" in result.output
-    result = runner.invoke(app, ["predict", "--ray", "ray://head:10001", str(run / "run"), str(run / "data")])
-    assert "Received: ray='ray://head:10001', out=None" in result.output
+        assert f"parsed address={address!r} inputs=[{data!r}]" in result.output
+    result = runner.invoke(app, ["predict", "--ray", "ray://head:10001", str(run / "run"), data, "--engine", "keras"])
+    assert f"parsed address='ray://head:10001' inputs=[{data!r}] top_k=3 engine='keras'" in result.output
+
+
+@pytest.mark.slow
+def test_cli_ray_starts_its_own_local_ray_and_prints_what_one_process_prints(run, monkeypatch):
+    """No outside ray.init: cnnkit starts a local Ray, the workers run the chosen engine on relative paths."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip('ray is not installed (pip install "cnnkit[ray]")')
+    import ray
+
+    monkeypatch.chdir(run)  # inputs relative to here, as a user types them
+    runner = CliRunner()
+    args = ["predict", "run", "data", "--format", "csv", "--engine", "onnxruntime", "--batch-size", "8"]
+    one = runner.invoke(app, args)
+    assert one.exit_code == 1, one.output  # broken.png
+    with_ray = runner.invoke(app, [*args, "--ray", "--ray-workers", "2"])
+    assert with_ray.exit_code == 1, with_ray.output
+    assert not ray.is_initialized()  # the Ray it started was shut down
+    assert with_ray.stdout == one.stdout and one.stdout.count("\n") == 38  # header, 36 images, broken.png
+    assert "data/red/broken.png" in with_ray.stdout and str(run) not in with_ray.stdout  # the paths as typed
 
 
 def test_predict_out_writes_the_file_and_refuses_parquet_on_stdout(run, tmp_path):
