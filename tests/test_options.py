@@ -172,7 +172,10 @@ def test_mixed_precision_keeps_a_float32_output(cpu, colours, tmp_path, monkeypa
     assert record["precision"]["policy"] == policy and record["precision"]["requested"] is True
     if policy == "float32":
         assert "no bfloat16" in record["precision"]["reason"]
-        assert any("training in float32, not mixed" in w and "no bfloat16" in w for w in record["warnings"])
+        said = CliRunner().invoke(app, ["train", str(colours), "--out", str(tmp_path / "cli"), "--model", "simple",
+                                        "--image-size", "16", "--epochs", "1", "--mixed-precision"])
+        assert said.exit_code == 0, said.output
+        assert "precision: float32, not mixed" in said.output and "no bfloat16" in said.output  # on screen
     assert seen["conv"] == {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(policy, "float32")
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     # Mixed precision is for training: the saved model computes in float32 on any CPU (and exports).

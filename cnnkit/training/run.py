@@ -280,10 +280,11 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     if val_ds is None:
         warnings.append(_warn("No validation images: EarlyStopping and the checkpoint follow the training loss, "
                               "which cannot show overfitting. Keep val_split > 0 or add a validation/ folder."))
-    if precision.fell_back:  # a warning (shown under -q too, and kept in run.json's warnings)
-        warnings.append(_warn(f"Mixed precision: training in float32, not mixed: {precision.reason}"))
-    elif precision.requested:
-        say(f"precision: [bold]{precision.policy}[/] ({esc(precision.reason)})")
+    # A fallback is said, not warned: fast's recipe asks for mixed precision, so every default run on
+    # a CPU without bfloat16 falls back, and that is no problem to fix (run.json keeps the reason).
+    if precision.requested:
+        say(f"precision: [bold]{precision.policy}[/] ({esc(precision.reason)})" if not precision.fell_back else
+            f"[yellow]precision: float32, not mixed[/]: {esc(precision.reason)}")
     plan = _plan(cfg, data, train_ds, resume, precision)
     plan.extra["devices"] = devices.devices.record()
     if model_choice is not None:
