@@ -18,11 +18,14 @@ Rows (options of ``cnnkit train``), in the order they were measured:
   dirac         --init dirac: identity-initialised convolutions (airbench)
   combined      every technique whose median beat its reference, on the whitening stem
 
-Usage: python bench/recipe_ablation.py [--budget 10m] [--seeds 2] [--only lr-0.6,tta-crop]
+Usage: python bench/recipe_ablation.py --session NAME [--budget 10m] [--seeds 2] [--only lr-0.6,dirac]
 (results: bench/results/recipe_ablation.json; each row is seeds x budget long).
-Each finished run is appended to bench/results/recipe_ablation.partial.jsonl, and a rerun with the
-same budget skips the runs found there (same row, options and seed), so a long table can be measured
-in parts or resumed after a kill; the table printed and written holds every row measured so far.
+A session is one machine at one time: rows are compared only with rows of their own session (the
+same code on another day's machine ran 8 epochs in a budget where this one ran 10), and a row's
+reference is measured in the session when it is not there yet. Each finished run is appended to
+bench/results/recipe_ablation.partial.jsonl, and a rerun of the same session skips the runs found
+there (same row, options, budget and seed), so a session can be measured in parts or resumed after
+a kill; the results file holds every session's table.
 The decoded cache lives in bench/.data/ablation-cache and is reused across invocations.
 """
 
@@ -68,6 +71,7 @@ def parse_minutes(text: str) -> float:
 def run(folder: Path, cache: Path, budget: float, seed: int, options: dict) -> dict:
     import cnnkit
 
+    load_before = os.getloadavg()[0]
     out = Path(tempfile.mkdtemp(prefix="ablation-"))
     try:
         started = time.monotonic()
@@ -79,29 +83,34 @@ def run(folder: Path, cache: Path, budget: float, seed: int, options: dict) -> d
         shutil.rmtree(out, ignore_errors=True)
     return {"seed": seed, "test_accuracy": result.metrics["test_accuracy"],
             "test_accuracy_tta": result.metrics.get("test_accuracy_tta"), "wall_seconds": round(wall, 1),
-            "epochs": len(result.history.get("loss", [])), "width": record["time_budget"]["width"]}
+            "epochs": len(result.history.get("loss", [])), "width": record["time_budget"]["width"],
+            "steps": record["time_budget"].get("steps"), "load_average": [round(load_before, 2),
+                                                                         round(os.getloadavg()[0], 2)]}
 
 
-def finished(name: str, budget: float, seed: int, options: dict) -> dict | None:
-    """The run of this row and seed that an earlier invocation finished, if any."""
-    if PARTIAL.exists():
-        for line in PARTIAL.read_text().splitlines():
-            record = json.loads(line)
-            if (record["name"], record["budget"], record["seed"], record["options"]) == (name, budget, seed, options):
-                return record["run"]
+def records() -> list[dict]:
+    return [json.loads(line) for line in PARTIAL.read_text().splitlines()] if PARTIAL.exists() else []
+
+
+def finished(session: str, name: str, budget: float, seed: int, options: dict) -> dict | None:
+    """The run of this row and seed that an earlier invocation of the session finished, if any."""
+    for record in records():
+        if (record["session"], record["name"], record["budget"], record["seed"], record["options"]) == \
+                (session, name, budget, seed, options):
+            return record["run"]
     return None
 
 
-def measured(name: str, budget: float, seed: int, folder: Path, cache: Path, options: dict) -> dict:
+def measured(session: str, name: str, budget: float, seed: int, folder: Path, cache: Path, options: dict) -> dict:
     """One run of one row, read from the partial file when an earlier invocation finished it."""
-    done = finished(name, budget, seed, options)
+    done = finished(session, name, budget, seed, options)
     if done is not None:
         return done
     result = run(folder, cache, budget, seed, options)
     PARTIAL.parent.mkdir(parents=True, exist_ok=True)
     with PARTIAL.open("a") as handle:  # one line per finished run: a kill loses at most the run under way
-        handle.write(json.dumps({"name": name, "budget": budget, "seed": seed, "options": options,
-                                 "run": result}) + "\n")
+        handle.write(json.dumps({"session": session, "name": name, "budget": budget, "seed": seed,
+                                 "options": options, "run": result}) + "\n")
     print(f"  {name} seed {seed}: {result}", flush=True)
     return result
 
@@ -115,12 +124,56 @@ def summarise(name: str, options: dict, runs: list[dict]) -> dict:
             "test_accuracy_tta": median("test_accuracy_tta"), "wall_seconds": round(median("wall_seconds"), 1)}
 
 
+def session_table(session: str, budget: float, seeds: list[int], wanted: list[str], folder: Path | None,
+                  cache: Path, combined: bool) -> dict[str, dict]:
+    """The rows of one session: those asked for (measured when missing) and those it finished earlier."""
+    rows: dict[str, dict] = {}
+
+    def row(name: str, options: dict) -> dict:
+        if name not in rows:
+            runs = [measured(session, name, budget, s, folder, cache, options) for s in seeds]
+            rows[name] = {**summarise(name, options, runs), "against": ROWS.get(name, (None, REFERENCE))[1]}
+            print(f"{session} {name}: {rows[name]['test_accuracy']:.4f} ({rows[name]['test_accuracy_tta']:.4f} TTA)",
+                  flush=True)
+        return rows[name]
+
+    def done(name: str, options: dict) -> bool:
+        return all(finished(session, name, budget, s, options) is not None for s in seeds)
+
+    for name, (options, reference) in ROWS.items():
+        if name in wanted or (done(name, options) and (reference is None or done(reference, ROWS[reference][0])
+                                                        or bool(wanted))):
+            if reference is not None:
+                row(reference, ROWS[reference][0])
+            row(name, options)
+    paid = [n for n, (_, ref) in ROWS.items() if ref == REFERENCE and n in rows
+            and rows[n]["test_accuracy_tta"] > rows[REFERENCE]["test_accuracy_tta"]]
+    options = {k: v for n in paid for k, v in ROWS[n][0].items()}
+    if len(paid) > 1 and (combined or done("combined", options)):
+        row("combined", options)
+    return rows
+
+
+def print_session(session: str, rows: dict[str, dict], budget_text: str, seeds: list[int]) -> None:
+    table = []
+    for name, r in rows.items():
+        reference = r["against"]
+        delta = "" if reference is None else f"{r['test_accuracy_tta'] - rows[reference]['test_accuracy_tta']:+.4f}"
+        table.append((name, json.dumps(r["options"]), f"{r['test_accuracy']:.4f}", f"{r['test_accuracy_tta']:.4f}",
+                      reference or "", delta, r["wall_seconds"], ",".join(str(x["epochs"]) for x in r["runs"]),
+                      ",".join(x["width"] for x in r["runs"])))
+    print(f"\nsession {session}: fast, --time-budget {budget_text}, median of {len(seeds)} seed(s), CIFAR-10 JPEG:")
+    print_table(table, ("row", "options", "test acc", "test acc TTA", "against", "vs it (TTA)", "wall s",
+                        "epochs", "width"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--session", required=True, help="this machine and time (rows compare within a session)")
     parser.add_argument("--budget", default="10m")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--only", default=",".join(ROWS), help="comma-separated rows to measure (the rows "
-                        "they are compared with are measured too); the table also shows every row finished earlier")
+    parser.add_argument("--only", default=",".join(ROWS), help="comma-separated rows to measure (their reference "
+                        "rows are measured too); the table also shows the session's rows finished earlier")
     parser.add_argument("--no-combined", action="store_true")
     args = parser.parse_args()
     budget = parse_minutes(args.budget)
@@ -130,38 +183,15 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown row(s) {', '.join(unknown)}; the rows are {', '.join(ROWS)}")
     folder, cache = cifar_folder(), DATA / "ablation-cache"
-    rows: dict[str, dict] = {}
-
-    def row(name: str, options: dict) -> dict:
-        if name not in rows:
-            rows[name] = summarise(name, options, [measured(name, budget, s, folder, cache, options) for s in seeds])
-            print(f"{name}: {rows[name]['test_accuracy']:.4f} ({rows[name]['test_accuracy_tta']:.4f} TTA)", flush=True)
-        return rows[name]
-
-    for name, (options, reference) in ROWS.items():
-        earlier = all(finished(name, budget, s, options) is not None for s in seeds)
-        if name in wanted or earlier:
-            if reference is not None:
-                row(reference, ROWS[reference][0])
-            row(name, options)
-    paid = [n for n, (_, ref) in ROWS.items() if ref == REFERENCE and n in rows
-            and rows[n]["test_accuracy_tta"] > rows[REFERENCE]["test_accuracy_tta"]]
-    if len(paid) > 1 and not args.no_combined:
-        options = {k: v for n in paid for k, v in ROWS[n][0].items()}
-        ROWS["combined"] = (options, REFERENCE)
-        row("combined", options)
-    table = []
-    for name, r in rows.items():
-        reference = ROWS[name][1]
-        delta = "" if reference is None else f"{r['test_accuracy_tta'] - rows[reference]['test_accuracy_tta']:+.4f}"
-        table.append((name, json.dumps(r["options"]), f"{r['test_accuracy']:.4f}", f"{r['test_accuracy_tta']:.4f}",
-                      reference or "", delta, r["wall_seconds"], ",".join(str(x["epochs"]) for x in r["runs"]),
-                      ",".join(x["width"] for x in r["runs"])))
-    print(f"\nfast, --time-budget {args.budget}, median of {len(seeds)} seed(s), CIFAR-10 JPEG folders:")
-    print_table(table, ("row", "options", "test acc", "test acc TTA", "against", "vs it (TTA)", "wall s",
-                        "epochs", "width"))
-    path = write_result("recipe_ablation", {"budget_seconds": budget, "seeds": seeds,
-                                            "rows": [{**r, "against": ROWS[n][1]} for n, r in rows.items()]})
+    sessions = {}
+    for session in dict.fromkeys([r["session"] for r in records()] + [args.session]):
+        mine = session == args.session
+        rows = session_table(session, budget, seeds, wanted if mine else [], folder, cache,
+                             mine and not args.no_combined)
+        if rows:
+            print_session(session, rows, args.budget, seeds)
+            sessions[session] = list(rows.values())
+    path = write_result("recipe_ablation", {"budget_seconds": budget, "seeds": seeds, "sessions": sessions})
     print(f"written {path}")
 
 

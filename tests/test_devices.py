@@ -103,6 +103,24 @@ def test_tensorflow_mirrored_strategy_matches_one_device(tmp_path):
         "config.json").decode()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_cli_devices_trains_on_two_devices(backend, tmp_path):
+    """``cnnkit train --devices 2`` as typed: the CLI must not start the backend before the devices are set."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed (pip install 'cnnkit[{backend}]')")
+    write_class_folder(tmp_path / "data", per_class=8)
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-m", "cnnkit.cli", "train", str(tmp_path / "data"), "--out",
+                           str(tmp_path / "run"), "--model", "simple", "--image-size", "16", "--epochs", "1",
+                           "--batch-size", "8", "--devices", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    devices = json.loads((tmp_path / "run" / "run.json").read_text())["devices"]
+    assert devices["count"] == 2 and devices["names"] == ["cpu:0", "cpu:1"]
+    assert "training on 2 cpu devices" in proc.stdout + proc.stderr
+
+
 def test_torch_refuses_several_devices_with_what_to_use(tmp_path):
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch is not installed (pip install 'cnnkit[torch]')")
