@@ -143,7 +143,9 @@ def session_table(session: str, budget: float, seeds: list[int], wanted: list[st
     for name, (options, reference) in ROWS.items():
         if name in wanted or (done(name, options) and (reference is None or done(reference, ROWS[reference][0])
                                                         or bool(wanted))):
-            if reference is not None:
+            # A row is shown with its reference; the reference of the rows below (whiten) is measured
+            # on its own when asked for: its reference (the trained stem) only when finished already.
+            if reference is not None and (name != REFERENCE or done(reference, ROWS[reference][0])):
                 row(reference, ROWS[reference][0])
             row(name, options)
     paid = [n for n, (_, ref) in ROWS.items() if ref == REFERENCE and n in rows
@@ -157,7 +159,7 @@ def session_table(session: str, budget: float, seeds: list[int], wanted: list[st
 def print_session(session: str, rows: dict[str, dict], budget_text: str, seeds: list[int]) -> None:
     table = []
     for name, r in rows.items():
-        reference = r["against"]
+        reference = r["against"] if r["against"] in rows else None
         delta = "" if reference is None else f"{r['test_accuracy_tta'] - rows[reference]['test_accuracy_tta']:+.4f}"
         table.append((name, json.dumps(r["options"]), f"{r['test_accuracy']:.4f}", f"{r['test_accuracy_tta']:.4f}",
                       reference or "", delta, r["wall_seconds"], ",".join(str(x["epochs"]) for x in r["runs"]),
