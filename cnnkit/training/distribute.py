@@ -129,14 +129,18 @@ def _check_count(backend: str, requested: int | str, count: int, kind: str, name
 
 
 def synchronize_batchnorm(model: keras.Model, devices: Devices, on: bool) -> None:
-    """Under ``MirroredStrategy``, make BatchNorm use the whole global batch (``on``), or undo it."""
-    if devices.strategy != TENSORFLOW_STRATEGY:
-        return
+    """Under ``MirroredStrategy``, make BatchNorm use the whole global batch (``on``), or undo it.
+
+    Anywhere else BatchNorm is left unsynchronized, also when ``on``: a run trained on several
+    TensorFlow devices and resumed on one comes back from its checkpoint with synchronized
+    BatchNorm, which its saved model must not keep.
+    """
     from cnnkit.models.saving import all_layers
 
+    synchronized = on and devices.strategy == TENSORFLOW_STRATEGY
     for layer in all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = on
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.synchronized != synchronized:
+            layer.synchronized = synchronized
 
 
 def single_device_copy(model: keras.Model) -> keras.Model:
