@@ -127,7 +127,7 @@ def test_onecycle_warms_up_then_decays():
 
 
 @pytest.mark.backends  # also run on JAX and PyTorch (.ci/backends)
-def test_precision_follows_the_hardware_and_says_why():
+def test_precision_follows_the_hardware_and_says_why(monkeypatch):
     # Any x86-64 CPU: the decision is made from the flags given, so both kinds of CPU are checked on either.
     avx2 = choose_precision(True, flags=frozenset({"sse4_2", "avx", "avx2", "fma"}), gpus=[])
     assert avx2.policy == "float32" and avx2.fell_back and "no bfloat16" in avx2.reason
@@ -136,7 +136,8 @@ def test_precision_follows_the_hardware_and_says_why():
     assert choose_precision(True, flags=frozenset(), gpus=["cuda:0"]).policy == "mixed_float16"
     off = choose_precision(False, flags=frozenset({"avx512_bf16"}), gpus=["cuda:0"])
     assert off.policy == "float32" and not off.fell_back
-    # This machine: bfloat16 exactly when /proc/cpuinfo lists it (and no GPU).
+    # This machine: bfloat16 exactly when /proc/cpuinfo lists it (and no GPU), not the CPU a run plays.
+    monkeypatch.delenv("CNNKIT_CPU_FLAGS", raising=False)
     expected = "mixed_bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"} else "float32"
     assert choose_precision(True, gpus=[]).policy == expected
 
