@@ -168,13 +168,10 @@ class ModelConfig:
         _check_choice("model", "width", self.width, FastWidth)
         _check_choice("model", "stem", self.stem, FastStem)
         _check_choice("model", "init", self.init, FastInit)
-        for option, default in (("stem", "conv"), ("init", "default")):
+        for option, default in (("stem", "conv"), ("init", "default"), ("width", "auto")):
             if getattr(self, option) != default and self.name != "fast":
                 raise ConfigError(f"[model] {option} applies to the fast model only, not to '{self.name}'. "
                                   f"Received: {option}={getattr(self, option)!r}")
-        if self.width != "auto" and self.name != "fast":
-            raise ConfigError(f"[model] width applies to the fast model only, not to '{self.name}'. "
-                              f"Received: width={self.width!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"[model] name must be a model name. Received: name={self.name!r}")
         object.__setattr__(self, "name", canonical_model_name(self.name))

@@ -50,7 +50,7 @@ LOGIT_SCALE = 0.125
 # "dirac": each 3x3 convolution starts as the identity on its first min(inputs, outputs) output
 # channels (the others keep the default init), as airbench: at the start a block passes its input on,
 # so early steps train a shallow network that deepens as the kernels move away from the identity.
-INITS = ("default", "dirac")
+# (The choices are ``cnnkit.config.FastInit``.)
 
 
 def dirac_(conv: layers.Conv2D) -> None:
