@@ -148,6 +148,7 @@ def test_devices_option_is_validated_with_the_fix():
         resolve_config(None, devices=3, batch_size=64)
 
 
+@pytest.mark.backends  # runs where it means something: .ci/backends on JAX
 def test_more_devices_than_the_backend_sees_says_how_to_get_them():
     import keras
 
