@@ -20,7 +20,9 @@ What keeps it from hanging or failing under load:
   its requests are run again one by one, so one bad request cannot fail its neighbours, and the
   loop carries on whatever happens (a bug outside the model call included).
 - **Graceful shutdown.** ``stop`` refuses new requests (``ShuttingDown``, 503), answers what is
-  queued for up to ``drain_s``, then refuses the rest: no request is left waiting.
+  queued for up to ``drain_s``, then refuses the rest: no request is left waiting. It returns only
+  once every caller of ``predict`` holds its answer or its refusal (not merely once the answers are
+  set: a caller wakes a few event-loop turns after its answer).
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ class MicroBatcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._callers = 0  # _submit calls not yet returned to their caller
+        self._callers_gone: asyncio.Event | None = None  # set while _callers == 0
         self._images_per_s = 0.0  # measured model throughput, for Retry-After
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cnnkit-model")
 
@@ -126,6 +130,8 @@ class MicroBatcher:
 
     async def start(self) -> None:
         self._wake = asyncio.Event()
+        self._callers_gone = asyncio.Event()
+        self._callers_gone.set()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cnnkit-batcher")
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
@@ -145,8 +151,11 @@ class MicroBatcher:
         self._closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_s
-        while self._waiting() and self._task is not None and not self._task.done() and loop.time() < deadline:
-            await asyncio.sleep(0.005)
+        if self._task is not None and not self._task.done() and self._callers_gone is not None:
+            try:  # every caller answered (the loop keeps serving meanwhile), or the drain time is up
+                await asyncio.wait_for(self._callers_gone.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                pass
         if self._task is not None:
             self._task.cancel()
             try:
@@ -157,6 +166,11 @@ class MicroBatcher:
             _settle(job, error=ShuttingDown())
         self._pending.clear()
         self._queued = 0
+        if self._callers_gone is not None:  # the refused callers wake and return within a few loop turns
+            try:
+                await asyncio.wait_for(self._callers_gone.wait(), 1.0)
+            except asyncio.TimeoutError:
+                logger.warning("cnnkit batching: %d callers still waiting after shutdown", self._callers)
         self._executor.shutdown(wait=False)
 
     # -- the request side ------------------------------------------------------------------------
@@ -172,6 +186,8 @@ class MicroBatcher:
         self._pending.append(job)
         self._queued += job.size
         self._wake.set()
+        self._callers += 1
+        self._callers_gone.clear()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), self.timeout_s)
         except asyncio.TimeoutError:
@@ -180,9 +196,9 @@ class MicroBatcher:
             if not job.future.done():
                 job.future.cancel()
             self._release(job)
-
-    def _waiting(self) -> bool:
-        return any(not job.future.done() for job in [*self._running, *self._pending])
+            self._callers -= 1
+            if not self._callers:
+                self._callers_gone.set()
 
     def _release(self, job: _Job) -> None:
         if job.queued:
