@@ -62,3 +62,26 @@ def print_table(rows: list[tuple], header: tuple) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in (header, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def forward_flops(model) -> int:
+    """Floating-point operations (2 per multiply-add) of one image's forward pass through ``model``'s
+    convolutions and dense layers (nested models included; BatchNorm, activations and pooling, a few
+    percent of the total, are left out). What a CPU's peak FLOP/s is compared with.
+    """
+    import keras
+
+    total = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            kh, kw = layer.kernel_size
+            out = layer.output.shape
+            total += 2 * out[1] * out[2] * out[3] * kh * kw
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            out = layer.output.shape
+            cin = layer.input.shape[-1]
+            total += 2 * out[1] * out[2] * out[3] * kh * kw * cin // layer.groups
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2 * int(layer.kernel.shape[0]) * int(layer.kernel.shape[1])
+    return int(total)

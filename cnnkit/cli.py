@@ -517,7 +517,7 @@ def predict(
     paths: Annotated[list[str], typer.Argument(help="Images, folders (recursive) or glob patterns.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
     output: Annotated[PredictFormat, typer.Option("--format", help="table, json or csv on stdout; json, csv or parquet with --out.")] = PredictFormat.table,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per model call (default: 256 for images up to 32x32, 64 from 64x64 up).")] = None,
     engine: Annotated[Optional[EngineName], typer.Option(help=_ENGINE_HELP)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the predictions to this file (csv, json or parquet by --format, default csv), in input order, atomically.")] = None,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Predict as a Ray Data stage: --ray alone for a local Ray, --ray ADDRESS for a cluster (ray://host:10001, host:6379, auto; on a cluster --out must be on storage every node shares). Needs cnnkit[ray].", metavar="[ADDRESS]")] = None,

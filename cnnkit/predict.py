@@ -21,6 +21,7 @@ import concurrent.futures
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,23 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # The label of a prediction less confident than the calibrated abstain threshold.
 UNKNOWN_LABEL = "unknown"
+
+# Images per model call when none is asked: about 2**18 pixels a call, a power of two from 64 to 256
+# (256 for 32x32 images, 64 from 64x64 up). Measured with bench/predict.py (`fast`, 32x32, README
+# "Inference engines"): 256 a call beat 64 on both engines in every round (1.06x keras, 1.05x
+# onnxruntime end to end); bigger images already fill a call at 64.
+PIXELS_PER_CALL = 2**18
+
+
+def default_batch_size(image_size: tuple[int, int]) -> int:
+    """Images per model call for images of ``image_size`` (height, width) when none is asked.
+
+    Example:
+        >>> default_batch_size((32, 32)), default_batch_size((64, 64)), default_batch_size((224, 224))
+        (256, 64, 64)
+    """
+    per_call = PIXELS_PER_CALL // max(1, int(image_size[0]) * int(image_size[1]))
+    return min(256, max(64, 2 ** int(math.log2(max(per_call, 1)))))
 
 
 @dataclass
@@ -73,7 +91,7 @@ class Predictor:
 
     Args:
         source: a run directory (``model.keras`` inside), a ``.keras`` file, or an ONNX export folder.
-        batch_size: images per model call.
+        batch_size: images per model call (default: ``default_batch_size`` of the model's image size).
         workers: decode threads (default: every core).
         engine: "keras" or "onnxruntime" (``cnnkit.engines``; default: onnxruntime for an ONNX
             export folder, else ``DEFAULT_ENGINE``). With onnxruntime, a ``.keras`` source is exported
@@ -85,27 +103,28 @@ class Predictor:
         >>> onnx = cnnkit.Predictor("runs/first", engine="onnxruntime")   # same answers within 1e-4
     """
 
-    def __init__(self, source: str | Path, batch_size: int = 64, workers: int | None = None,
+    def __init__(self, source: str | Path, batch_size: int | None = None, workers: int | None = None,
                  engine: str | None = None) -> None:
-        _check_positive("batch_size", batch_size)
+        if batch_size is not None:  # before the model loads: a bad value fails at once
+            _check_positive("batch_size", batch_size)
         self._setup(open_engine(source, engine), None, batch_size, workers)
 
     @classmethod
-    def from_model(cls, model: keras.Model, meta: ModelMeta, batch_size: int = 64) -> Predictor:
+    def from_model(cls, model: keras.Model, meta: ModelMeta, batch_size: int | None = None) -> Predictor:
         """A Predictor over a Keras model already in memory."""
         return cls.from_engine(KerasEngine(model, meta), batch_size=batch_size)
 
     @classmethod
-    def from_engine(cls, engine: Engine, meta: ModelMeta | None = None, batch_size: int = 64) -> Predictor:
+    def from_engine(cls, engine: Engine, meta: ModelMeta | None = None, batch_size: int | None = None) -> Predictor:
         """A Predictor over an open engine; ``meta`` replaces the engine's (e.g. a lower ``max_pixels``)."""
         self = cls.__new__(cls)
         self._setup(engine, meta, batch_size, None)
         return self
 
-    def _setup(self, engine: Engine, meta: ModelMeta | None, batch_size: int, workers: int | None) -> None:
-        _check_positive("batch_size", batch_size)
+    def _setup(self, engine: Engine, meta: ModelMeta | None, batch_size: int | None, workers: int | None) -> None:
         self.engine, self.meta = engine, meta or engine.meta
-        self.batch_size = batch_size
+        self.batch_size = default_batch_size(self.meta.image_size) if batch_size is None else batch_size
+        _check_positive("batch_size", self.batch_size)
         self.workers = workers or os.cpu_count() or 1
         self._use_calibration()
 

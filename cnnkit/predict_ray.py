@@ -68,7 +68,7 @@ def predict_with_ray(
     *,
     address: str | None = None,
     workers: int = 2,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     top_k: int = 3,
     engine: str | None = None,
 ) -> RayPrediction:
@@ -83,7 +83,8 @@ def predict_with_ray(
         address: a Ray cluster (``ray://host:10001`` or ``auto``); None starts a local Ray with
             ``workers`` + 1 CPUs (the workers, and one for reading and writing).
         workers: actors running a ``Predictor`` each (the model is loaded once per actor).
-        batch_size: images per ``map_batches`` batch and per model call.
+        batch_size: images per ``map_batches`` batch and per model call (default: the Predictor's,
+            ``cnnkit.predict.default_batch_size`` of the model's image size).
         top_k: classes listed per image.
         engine: the inference engine of every worker's Predictor (keras, onnxruntime; None: the default).
 
@@ -106,7 +107,7 @@ def predict_with_ray(
     source = Path(source).resolve()  # the workers may start in another folder (or on another node)
     # Fail here, in one line, on a bad model or engine rather than in a worker (this also makes the
     # ONNX export the onnxruntime engine needs, once, in the cache the workers on this machine share).
-    Predictor(source, batch_size=batch_size, engine=engine)
+    batch_size = Predictor(source, batch_size=batch_size, engine=engine).batch_size
     paths, errors = list_inputs(inputs)
     out = None if out is None else Path(out)
     if out is not None:

@@ -126,3 +126,25 @@ def test_predict_image_accepts_path_bytes_and_pixels(run):
 
     with pytest.raises(DecodeError, match="not an image"):
         predictor.predict_image(b"not an image at all")
+
+
+def test_default_batch_size_follows_the_image_size(run, tmp_path):
+    """Without a batch size, small images go 256 to a model call (faster in bench/predict.py), big ones 64;
+    the answers are the same as with any batch size, in input order, also for a last, partial batch."""
+    from cnnkit.predict import default_batch_size
+
+    assert [default_batch_size(s) for s in [(8, 8), (16, 16), (32, 32), (48, 48), (64, 64), (224, 224), (600, 40)]] \
+        == [256, 256, 256, 64, 64, 64, 64]
+    base, result = run
+    predictor = Predictor(result.run_dir)  # a 16x16 model
+    assert predictor.batch_size == 256
+    assert Predictor(result.run_dir, batch_size=7).batch_size == 7
+    with pytest.raises(Exception, match="batch_size"):
+        Predictor(result.run_dir, batch_size=0)
+    files = (sorted((base / "data" / "train").rglob("*.png")) * 4)[:300]  # one full call of 256 and a partial one
+    assert len(files) == 300
+    auto = predictor.predict(files)
+    small = Predictor(result.run_dir, batch_size=7).predict(files)
+    assert [p.path for p in auto] == [str(f) for f in files] == [p.path for p in small]
+    assert [p.label for p in auto] == [p.label for p in small]
+    assert max(abs(a.confidence - b.confidence) for a, b in zip(auto, small)) < 1e-5
