@@ -73,26 +73,34 @@ _BACKEND_NOISE = ("absl::InitializeLog", "port.cc", "cpu_feature_guard", "To ena
                   "rebuild TensorFlow", "Unable to register cu", "computation placer already registered")
 
 
-def _import_keras_quietly() -> None:
+def _import_keras_quietly(seeds_tensorflow: bool = False) -> None:
     """Import Keras (and its backend) with TensorFlow's C++ start-up lines filtered out of stderr.
 
     TensorFlow writes them from C++ before Python's logging exists, so TF_CPP_MIN_LOG_LEVEL cannot
-    hide them all; anything else written during the import is passed through.
+    hide them all; anything else written during the import is passed through. ``seeds_tensorflow``:
+    the command trains, and ``keras.utils.set_random_seed`` imports TensorFlow (when installed) on
+    every backend to seed it too, so on JAX and PyTorch it is imported here, quietly, instead.
     """
-    if "keras" in sys.modules:
-        return
     import importlib.util
-    import tempfile
 
-    if importlib.util.find_spec("keras") is None:  # a slim install (ONNX Runtime only): nothing to import
-        return
+    if "keras" not in sys.modules:
+        if importlib.util.find_spec("keras") is None:  # a slim install (ONNX Runtime only): nothing to import
+            return
+        _quiet_import("keras")
+    if seeds_tensorflow and "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is not None:
+        _quiet_import("tensorflow")
+
+
+def _quiet_import(module: str) -> None:
+    import importlib
+    import tempfile
 
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import keras  # noqa: F401
+            importlib.import_module(module)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -145,8 +153,8 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            if fn.__name__ in ("train", "evaluate", "predict", "demo", "lr_find"):
-                _import_keras_quietly()
+            if fn.__name__ in ("train", "evaluate", "predict", "demo", "lr_find", "review"):
+                _import_keras_quietly(seeds_tensorflow=fn.__name__ in ("train", "demo", "lr_find", "review"))
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -647,7 +655,8 @@ def machine_info() -> dict[str, Any]:
         "devices": devices.devices(backend),
         "mixed_precision": {**precision.as_dict(), "cpu_bfloat16": devices.cpu_has_bfloat16(flags)},
         "cpu": {"model": devices.cpu_model(), "cores": os.cpu_count(),
-                "vector_extensions": [flag for flag in devices.VECTOR_FLAGS if flag in flags]},
+                "vector_extensions": [flag for flag in devices.VECTOR_FLAGS if flag in flags],
+                "played_by": devices.PLAYED_FLAGS_ENV if os.environ.get(devices.PLAYED_FLAGS_ENV) is not None else None},
         "home": str(cnnkit_home()), "cache": str(default_cache_root()),
         "registry": re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", registry),  # never print a password
         "artifacts": default_artifact_root(registry),
@@ -675,7 +684,8 @@ def info(
             ("devices", ", ".join(facts["devices"])),
             ("mixed precision", f"{mixed['policy']}: {mixed['reason']}"),
             ("cpu", f"{facts['cpu']['model']}, {facts['cpu']['cores']} cores"),
-            ("vector extensions", " ".join(facts["cpu"]["vector_extensions"]) or "unknown"),
+            ("vector extensions", (" ".join(facts["cpu"]["vector_extensions"]) or "unknown")
+             + (f"  (played by {facts['cpu']['played_by']})" if facts["cpu"]["played_by"] else "")),
             ("home", facts["home"]), ("cache", facts["cache"]), ("registry", facts["registry"]),
             ("artifacts", facts["artifacts"]),
             ("extras", "  ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in facts["extras"].items()))]

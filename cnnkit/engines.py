@@ -187,16 +187,24 @@ def _recorded_sha(folder: Path) -> str | None:
 def write_onnx_export(source: str | Path, out: str | Path, digest: str | None = None) -> Path:
     """Export ``source`` (run or ``.keras``) to ONNX in the folder ``out``: ``model.onnx``, ``cnnkit.json``, ``source.sha256``.
 
-    The folder is written beside ``out`` and renamed into place (replacing ``out``). Needs Keras and,
-    on TensorFlow, ``tf2onnx``.
+    The folder is written beside ``out`` and renamed into place (replacing ``out``). Needs Keras and
+    ``tf2onnx``; a JAX or PyTorch process converts in a TensorFlow subprocess (as ``cnnkit export`` does).
 
     Raises:
         ModelError: the converter is missing or fails.
     """
+    import keras
+
     from cnnkit.models.saving import as_float32, load_model
 
     path = model_path(source)
     digest = digest or sha256_file(path)
+    if keras.backend.backend() != "tensorflow":  # one converter, tf2onnx, whichever backend this process runs
+        from cnnkit._backends import call_in_tensorflow
+
+        call_in_tensorflow("cnnkit.engines:write_onnx_export", str(path), str(out), digest,
+                           what="Exporting to ONNX", received=f"model={str(path)!r}")
+        return Path(out)
     model, meta = load_model(path)
     model = as_float32(model)
     out = Path(out)

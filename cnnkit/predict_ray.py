@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,8 @@ def predict_with_ray(
         raise ConfigError(f"--ray-workers must be a whole number >= 1. Received: workers={workers!r}")
     check_engine(engine)
     ray = _import_ray()
+    if address and not ray.is_initialized():
+        _check_reachable(address)  # in seconds, before the model loads: ray.init retries for minutes
     source = Path(source).resolve()  # the workers may start in another folder (or on another node)
     # Fail here, in one line, on a bad model or engine rather than in a worker (this also makes the
     # ONNX export the onnxruntime engine needs, once, in the cache the workers on this machine share).
@@ -148,6 +151,29 @@ def _import_ray() -> Any:
         raise ConfigError('--ray needs Ray Data, the cnnkit[ray] extra: pip install "cnnkit[ray]". Or drop --ray to '
                           "predict in this process. Received: ray=None") from exc
     return ray
+
+
+# How long to wait for a Ray head's port to accept a connection before saying it cannot be reached
+# (ray.init itself retries for minutes, printing connection warnings, before it gives up).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raises ConfigError at once when ``address`` (``host:port`` or ``ray://host:port``) takes no connection.
+
+    ``auto`` and addresses without a port are left to Ray, which finds them its own way.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot reach a Ray cluster at '{address}' ({exc.strerror or exc}). Check that its head node is running "
+            "('ray status' there) and the address: host:6379 for the head's GCS, ray://host:10001 for Ray Client; or "
+            f"use --ray alone for a local Ray. Received: ray={address!r}") from None
 
 
 def _start_ray(ray: Any, address: str | None, workers: int) -> bool:

@@ -142,6 +142,27 @@ def test_precision_follows_the_hardware_and_says_why(monkeypatch):
     assert choose_precision(True, gpus=[]).policy == expected
 
 
+def test_a_played_cpu_is_the_cpu_for_precision_and_info(monkeypatch):
+    """CNNKIT_CPU_FLAGS plays another CPU for every decision and report alike: `cnnkit info` never lists
+    bfloat16 instructions beside a precision that says the CPU has none."""
+    from cnnkit._backends.devices import accelerators
+
+    if accelerators():
+        pytest.skip("a GPU decides the precision here (float16), whatever the CPU")
+    runner = CliRunner()
+    for played, policy, extensions in (("sse4_2 avx avx2 fma", "float32", ["sse4_2", "avx", "avx2", "fma"]),
+                                       ("avx2,avx512f,avx512_bf16", "mixed_bfloat16", ["avx2", "avx512f", "avx512_bf16"])):
+        monkeypatch.setenv("CNNKIT_CPU_FLAGS", played)
+        assert choose_precision(True).policy == policy
+        result = runner.invoke(app, ["info", "--format", "json"])
+        assert result.exit_code == 0, result.output
+        facts = json.loads(result.stdout)
+        assert facts["cpu"]["vector_extensions"] == extensions and facts["cpu"]["played_by"] == "CNNKIT_CPU_FLAGS"
+        assert facts["mixed_precision"]["policy"] == policy
+        assert facts["mixed_precision"]["cpu_bfloat16"] is (policy == "mixed_bfloat16")
+        assert "(played by CNNKIT_CPU_FLAGS)" in runner.invoke(app, ["info"]).stdout
+
+
 def test_precision_reads_the_cpu_flags_from_cpuinfo(tmp_path):
     (tmp_path / "avx2").write_text("processor : 0\nmodel name : AMD EPYC\nflags : fpu sse4_2 avx avx2 fma\n")
     (tmp_path / "bf16").write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n")

@@ -139,3 +139,22 @@ def test_predict_out_writes_the_file_and_refuses_parquet_on_stdout(run, tmp_path
     assert (tmp_path / "p.csv").read_bytes().decode().replace("\r\n", "\n") == result.stdout.replace("\r\n", "\n")
     refused = runner.invoke(app, ["predict", str(run / "run"), str(run / "data"), "--format", "parquet"])
     assert refused.exit_code == 2 and "add --out predictions.parquet" in refused.output
+
+
+def test_an_unreachable_ray_address_is_an_error_in_seconds(run, tmp_path):
+    """A head that takes no connection: one clear line naming the address, not minutes of Ray's retries."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip('ray is not installed (pip install "cnnkit[ray]")')
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        started = time.perf_counter()
+        result = CliRunner().invoke(app, ["predict", str(run / "run"), str(run / "data"), "--ray", address,
+                                          "--out", str(tmp_path / "p.csv")])
+        assert result.exit_code == 2, result.output
+        assert f"Cannot reach a Ray cluster at '{address}'" in result.output and "Traceback" not in result.output
+        assert time.perf_counter() - started < 30 and not (tmp_path / "p.csv").exists()

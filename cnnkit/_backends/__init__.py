@@ -14,6 +14,11 @@ are (``list_devices``) and TensorFlow's ``MirroredStrategy`` (``tensorflow_strat
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import subprocess
+import sys
+from typing import Any
 
 import numpy as np
 
@@ -76,3 +81,40 @@ def list_devices(count: int | None = None) -> tuple[str, list[str]]:
 def tensorflow_strategy(names: list[str]):
     """A ``tf.distribute.MirroredStrategy`` over the named TensorFlow devices."""
     return importlib.import_module(_MODULES["tensorflow"]).mirrored_strategy(names)
+
+
+_CHILD = """
+import importlib, json, sys
+from cnnkit.errors import CnnkitError
+module, _, name = sys.argv[1].partition(":")
+try:
+    result = getattr(importlib.import_module(module), name)(*sys.argv[2:])
+except CnnkitError as exc:
+    print(json.dumps({"error": str(exc)}))
+    sys.exit(2)
+print(json.dumps({"result": result}, default=str))
+"""
+
+
+def call_in_tensorflow(function: str, *args: str, what: str, received: str) -> Any:
+    """``module:function(*args)`` in a subprocess on the TensorFlow backend; its JSON-able result.
+
+    TensorFlow's conversions (SavedModel, TFLite, ONNX through tf2onnx) need the TensorFlow backend;
+    a JAX or PyTorch process runs them this way on the ``.keras`` file, which loads on any backend.
+
+    Raises:
+        ModelError: the subprocess failed (its cnnkit error, or the last line it wrote), with ``what``
+            it was doing and ``received`` (the values concerned).
+    """
+    import keras
+
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, function, *args], env=env, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    answer = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    if proc.returncode != 0 or "result" not in answer:
+        reason = answer.get("error") or (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelError(f"{what} runs TensorFlow in a subprocess (this process uses the '{keras.backend.backend()}' "
+                         f"backend), and it failed: {reason} Check that TensorFlow imports (python -c 'import "
+                         f"tensorflow'), or run with KERAS_BACKEND=tensorflow. Received: {received}")
+    return answer["result"]

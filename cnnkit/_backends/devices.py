@@ -26,12 +26,24 @@ VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_v
 _SHIMS = {"tensorflow": "cnnkit._backends.tensorflow", "jax": "cnnkit._backends.jax", "torch": "cnnkit._backends.torch"}
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+# Plays another CPU for every CPU-dependent decision and report (tests, CI): "sse4_2 avx avx2 fma" is
+# an AVX2-only CPU. Read by cpu_flags() alone, so `cnnkit info` and the precision agree.
+PLAYED_FLAGS_ENV = "CNNKIT_CPU_FLAGS"
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The CPU's feature flags (``flags`` on x86-64, ``Features`` on Arm); empty where unknown.
+
+    Without ``cpuinfo``: this machine's (``/proc/cpuinfo``), or the CPU played by ``CNNKIT_CPU_FLAGS``.
 
     >>> "avx512_bf16" in cpu_flags() or "avx512_bf16" not in cpu_flags()
     True
     """
+    if cpuinfo is None:
+        played = os.environ.get(PLAYED_FLAGS_ENV)
+        if played is not None:
+            return frozenset(played.replace(",", " ").split())
+        cpuinfo = "/proc/cpuinfo"
     try:
         with open(cpuinfo, encoding="ascii", errors="replace") as f:
             for line in f:
@@ -121,8 +133,6 @@ def choose_precision(requested: bool, backend: str | None = None, flags: frozens
     >>> choose_precision(True, flags=frozenset({"avx512_bf16"}), gpus=[]).policy
     'mixed_bfloat16'
     """
-    if os.environ.get("CNNKIT_CPU_FLAGS") is not None and flags is None:  # play another CPU (tests, CI)
-        flags = frozenset(os.environ["CNNKIT_CPU_FLAGS"].replace(",", " ").split())
     if not requested:
         return Precision("float32", False, "mixed precision not requested")
     gpus = accelerators(backend) if gpus is None else gpus

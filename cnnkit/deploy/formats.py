@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
-from cnnkit.errors import ConfigError, ModelError
+from cnnkit._backends import call_in_tensorflow
+from cnnkit.errors import ConfigError
 from cnnkit.models.saving import ModelMeta, load_model
 from cnnkit.rundir import META_MEMBER, atomic_directory, model_path, read_export_meta  # noqa: F401 (re-exported)
 
@@ -71,34 +69,16 @@ def export(run: str | Path, format: str, out: str | Path | None = None) -> Expor
     return ExportResult(format, out_dir, [out_dir / f.relative_to(work) for f in files])
 
 
-_CHILD = """
-import json, sys
-from cnnkit.errors import CnnkitError
-from cnnkit.deploy.formats import export
-try:
-    result = export(sys.argv[1], sys.argv[2], sys.argv[3])
-except CnnkitError as exc:
-    print(json.dumps({"error": str(exc)}))
-    sys.exit(2)
-print(json.dumps({"files": [str(f) for f in result.files]}))
-"""
-
-
 def _export_in_tensorflow(path: Path, format: str, out_dir: Path) -> ExportResult:
     """Run the TensorFlow conversion in a subprocess on the TensorFlow backend (this one is JAX or torch)."""
-    backend = keras.backend.backend()
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), format, str(out_dir)], env=env,
-                          capture_output=True, text=True)
-    lines = proc.stdout.strip().splitlines()
-    answer = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-    if proc.returncode != 0 or "files" not in answer:
-        reason = answer.get("error") or (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ModelError(f"Exporting to {format} runs TensorFlow in a subprocess (this process uses the '{backend}' "
-                         f"backend), and it failed: {reason} Check that TensorFlow imports "
-                         f"(python -c 'import tensorflow'), or export with KERAS_BACKEND=tensorflow. "
-                         f"Received: format={format!r}, model={str(path)!r}")
-    return ExportResult(format, out_dir, [Path(f) for f in answer["files"]])
+    files = call_in_tensorflow("cnnkit.deploy.formats:_exported_files", str(path), format, str(out_dir),
+                               what=f"Exporting to {format}", received=f"format={format!r}, model={str(path)!r}")
+    return ExportResult(format, out_dir, [Path(f) for f in files])
+
+
+def _exported_files(path: str, format: str, out_dir: str) -> list[str]:
+    """``export`` as the TensorFlow subprocess runs it: the files it wrote, as strings."""
+    return [str(f) for f in export(path, format, out_dir).files]
 
 
 def _savedmodel(model: keras.Model, work: Path) -> list[Path]:

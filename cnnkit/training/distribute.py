@@ -93,7 +93,8 @@ def distributed(requested: int | str, batch_size: int) -> Iterator[Devices]:
         raise ConfigError(
             f"Training on several devices needs the JAX or TensorFlow backend: Keras 3 has no multi-device training "
             f"for '{backend}' (keras.distribution supports JAX, tf.distribute TensorFlow). Run with KERAS_BACKEND=jax "
-            "or tensorflow (the saved model loads on any backend), or drop --devices to train on one device. "
+            "or tensorflow (the saved model loads on any backend), or pass --devices 1 to train on one device (a resumed "
+            "run keeps the device count it was started with until you do). "
             f"Received: devices={requested!r}, backend={backend!r}")
     _check_count(backend, requested, count, kind, names, batch_size)
     devices = Devices(count, kind, tuple(_short(name) for name in names[:count]),
