@@ -36,7 +36,18 @@ def machine() -> dict[str, Any]:
             ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
     except (StopIteration, OSError):
         model = platform.processor()
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+    info = {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+    try:  # CPUs that lscpu names alike (AMD EPYC) differ: family/model tell the generations apart
+        with open("/proc/cpuinfo") as f:
+            first_cpu = f.read().split("\n\n")[0]
+        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu.splitlines())}
+        flags = set(fields.get("flags", "").split())
+        info["family_model"] = f"{fields['cpu family']}/{fields['model']}"
+        info["bfloat16"] = bool(flags & {"avx512_bf16", "amx_bf16"})
+        info["avx512"] = "avx512f" in flags
+    except (OSError, KeyError, ValueError):
+        pass
+    return info
 
 
 def timed(fn, repeat: int = 1) -> tuple[float, list[float]]:

@@ -16,6 +16,11 @@ Rows (options of ``cnnkit train``), in the order they were measured:
   tta-crop      --tta flip+crop: flip and 4 shifted views in the final metrics (their time counts)
   batch-256     --batch-size 256: a smaller batch (twice the steps; cache-friendlier)
   dirac         --init dirac: identity-initialised convolutions (airbench)
+  width-large   --width large: the widest fast where the budget's rule (large needs 16 epochs) picks
+                medium; on a fast CPU medium gets 16-18 epochs in 10 minutes and large 10-11
+  bn-bias-64    --bn-bias-lr 64: BatchNorm's shifts learn 64x faster (airbench; fast's BatchNorm has
+                no scale, airbench's frozen weights, already)
+  bn-bias-8     --bn-bias-lr 8: the same, raised less
   combined      every technique whose median beat its reference, on the whitening stem
 
 Usage: python bench/recipe_ablation.py --session NAME [--budget 10m] [--seeds 2] [--only lr-0.6,dirac]
@@ -58,6 +63,9 @@ ROWS: dict[str, tuple[dict, str | None]] = {
     "tta-crop": ({**WHITEN, "tta": "flip+crop"}, "whiten"),
     "batch-256": ({**WHITEN, "batch_size": 256}, "whiten"),
     "dirac": ({**WHITEN, "init": "dirac"}, "whiten"),
+    "width-large": ({**WHITEN, "width": "large"}, "whiten"),
+    "bn-bias-64": ({**WHITEN, "bn_bias_lr": 64.0}, "whiten"),
+    "bn-bias-8": ({**WHITEN, "bn_bias_lr": 8.0}, "whiten"),
 }
 REFERENCE = "whiten"  # the row the combined techniques are added to
 

@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--budgets", default=None, help="cnnkit's --time-budget per run (default 2m,10m; quick 90s)")
     parser.add_argument("--tutorial-minutes", type=float, default=None,
                         help="stop the tutorial after the epoch that passes this (default 3; quick 0.5)")
+    parser.add_argument("--name", default="time_to_accuracy", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     from cnnkit.cli import _parse_duration
 
@@ -185,7 +186,7 @@ def main() -> None:
     tutorial_time = first_reaching(tutorial_points, best_tutorial)
     ours = first_reaching(fast_points, best_tutorial)
     ratio = tutorial_time / ours if ours else None
-    path = write_result("time_to_accuracy", {"cnnkit": runs, "tutorial": tutorial, "reach_seconds": reach,
+    path = write_result(args.name, {"cnnkit": runs, "tutorial": tutorial, "reach_seconds": reach,
                                              "headline": {"tutorial_best": best_tutorial, "tutorial_seconds": tutorial_time,
                                                           "cnnkit_seconds_to_tutorial_best": ours, "ratio": ratio}})
     print(f"results: {path}")

@@ -8,6 +8,9 @@ traceback); Ctrl-C exits with 130 after the run directory has been written.
 from __future__ import annotations
 
 import os
+import time
+
+_PROCESS_STARTED = time.monotonic()  # the cnnkit script's start, near enough: its --time-budget counts from here
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before any import of it
 
@@ -195,6 +198,9 @@ def main_options(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     _state["debug"] = debug
+    # What a --time-budget counts from: the process's start for the cnnkit script (main), else this
+    # invocation's (a CliRunner in a long-lived process).
+    _state["started"] = _state.pop("process_started", None) or time.monotonic()
     _progress.set_progress(not quiet)
 
 
@@ -313,6 +319,8 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
                                     "(replaces --epochs).", parse=_parse_duration),
     TrainOption("ema", float, "Keep an exponential moving average of the weights with this momentum (e.g. 0.99; "
                               "0 = off)."),
+    TrainOption("bn_bias_lr", float, "BatchNorm shifts (beta) learn at this many times the rate (1 = off; airbench "
+                                     "uses 64)."),
     TrainOption("tta", str, "Views of the final *_accuracy_tta metrics: auto (flip when the augmentation flips), "
                             "none, flip or flip+crop."),
     TrainOption("augment", str, "none, light, standard, strong, screens (screenshots/documents: no flips) or "
@@ -374,7 +382,7 @@ def train(
     **options: Any,
 ) -> None:
     """Train a classifier on DATA_DIR and write a run directory."""
-    from cnnkit.config import load_config, overrides_from_options
+    from cnnkit.config import read_config
     from cnnkit.training import train as run_training
 
     try:
@@ -386,8 +394,11 @@ def train(
         else:
             if data_dir is None:
                 raise ConfigError("cnnkit train needs DATA_DIR (or --resume RUN).")
-            cfg = load_config(config, overrides_from_options(_given(options)))
-            result = run_training(data_dir, out, cfg, overwrite=overwrite)
+            # The file's settings and the options as they are, as the Python API takes them: with no
+            # --model, train() still looks at the images (photos: transfer learning) and, under
+            # --time-budget, weighs transfer against fast.
+            result = run_training(data_dir, out, read_config(config) or None, overwrite=overwrite,
+                                  budget_started=_state.get("started"), **_given(options))
     except Exception as exc:
         if isinstance(exc, OSError) and not isinstance(exc, CnnkitError) and not exc.filename and (out or resume):
             exc.filename = str(out or resume)  # a write deep in a library: at least name the run being written
@@ -1072,6 +1083,7 @@ def main() -> None:
             stream.reconfigure(errors=errors)
         except (AttributeError, ValueError):  # not a text stream that can be reconfigured
             pass
+    _state["process_started"] = _PROCESS_STARTED
     app(prog_name="cnnkit")
 
 

@@ -223,6 +223,8 @@ class TrainConfig:
             it is spent; ``epochs`` is then not used. ``None``: train for ``epochs``.
         ema: average the weights over the last steps (exponential moving average with this
             momentum, e.g. 0.99; Keras's optimizer ``use_ema``) and keep the average; 0 = off.
+        bn_bias_lr: BatchNorm's shifts (``beta``, the biases of a network whose convolutions have
+            none) learn at this many times the scheduled rate (airbench raises it 64x); 1 = off.
         tta: the views behind the final ``*_accuracy_tta`` metrics: "auto" (flip when the
             augmentation flips), "none", "flip" or "flip+crop" (flip and four 1/16 shifts).
         devices: how many devices train in data parallel (``keras.distribution.DataParallel`` on
@@ -250,12 +252,16 @@ class TrainConfig:
     mixed_precision: bool = False
     time_budget: float | None = None
     ema: float = 0.0
+    bn_bias_lr: float = 1.0
     tta: FinalTTA = "auto"
     devices: int | str = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"[train] ema must be in [0, 1) (0 = off; e.g. 0.99). Received: ema={self.ema}")
+        if not self.bn_bias_lr > 0:
+            raise ConfigError(f"[train] bn_bias_lr must be > 0 (1 = BatchNorm shifts learn at the rate of the rest; "
+                              f"e.g. 16). Received: bn_bias_lr={self.bn_bias_lr}")
         _check_choice("train", "tta", self.tta, FinalTTA)
         if self.epochs < 0 or (self.epochs == 0 and not self.fine_tune_epochs):
             raise ConfigError(f"[train] epochs must be >= 1. Received: epochs={self.epochs}")
@@ -490,6 +496,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     Example:
         >>> cfg = load_config(None, {"train.epochs": 3, "model.name": "vgg"})
     """
+    return config_from_dict(read_config(path), overrides)
+
+
+def read_config(path: str | Path | None) -> dict[str, Any]:
+    """A TOML or JSON config file (or a run's run.json, its ``config``) as a nested dict; None -> {}.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed (named in the message).
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -503,7 +518,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"Config file '{path}' is not valid {path.suffix[1:].upper() or 'TOML'}: {exc}") from exc
         if "config" in raw and isinstance(raw["config"], dict):  # a run.json
             raw = raw["config"]
-    return config_from_dict(raw, overrides)
+    return raw
 
 
 # Flat option names (``train(epochs=3)``, ``--epochs``) -> "section.field". Every field of every

@@ -43,8 +43,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 ENGINES = ("keras", "onnxruntime")
-# Measured with bench/predict.py (README, "Inference engines"): ONNX Runtime was not faster than
-# Keras on TensorFlow for the `fast` model on this project's 2-core CPUs, so Keras stays the default.
+# Measured with bench/predict.py (README, "Inference engines"): on idle 2-core EPYCs ONNX Runtime runs
+# `fast` 1.13x Keras end to end, but its first use of a model costs an ONNX export (3.7 s), repaid only
+# after ~80,000 images, and it needs cnnkit[export]; so Keras stays the default, onnxruntime a choice.
 DEFAULT_ENGINE = "keras"
 
 

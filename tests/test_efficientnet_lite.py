@@ -218,8 +218,15 @@ def test_the_default_looks_at_the_images_not_only_at_the_size_option(tmp_path, m
 @needs_weights
 @pytest.mark.slow
 def test_a_photo_folder_with_no_options_trains_efficientnet_lite0(tmp_path):
+    """As a user types it: `cnnkit train photos/` (the CLI once built a finished config, which skipped the look)."""
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+
     data = _folder(tmp_path / "photos", size=96, per_class=4)
-    cnnkit.train(data, tmp_path / "run", epochs=1, batch_size=8, cache_root=tmp_path / "cache", workers=1)
+    result = CliRunner().invoke(app, ["-q", "train", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                      "--batch-size", "8", "--workers", "1"])
+    assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["model"] == "efficientnetlite0"
     assert "photos of about 96x96 px" in record["model_choice"]
@@ -228,7 +235,7 @@ def test_a_photo_folder_with_no_options_trains_efficientnet_lite0(tmp_path):
 
 @needs_weights
 @pytest.mark.slow
-def test_a_budget_weighs_transfer_against_fast_by_measured_speed(tmp_path):
+def test_a_budget_weighs_transfer_against_fast_by_measured_speed(tmp_path, monkeypatch):
     """Few images per class and no --model: the budget measures both approaches and picks transfer."""
     import time
 
@@ -246,6 +253,14 @@ def test_a_budget_weighs_transfer_against_fast_by_measured_speed(tmp_path):
     assert {"small", "efficientnetlite0"} <= set(plan.probes)  # both speeds measured here
     assert all(rate.train > 0 and rate.predict > 0 for rate in plan.probes.values())
     assert plan.approach["chosen"] == "efficientnetlite0" and f"{TRANSFER_MAX_PER_CLASS:,}" in plan.approach["rule"]
+    # more images per class than transfer pays for: decided without spending the budget on its probe
+    import cnnkit.training.budget as budget
+
+    monkeypatch.setattr(budget, "TRANSFER_MAX_PER_CLASS", 10)
+    kept, plan = plan_budget(cfg, data, make_batches(data, cfg)[0], "float32", time.monotonic() + 600, transfer)
+    assert kept.model.name == "fast" and "efficientnetlite0" not in plan.probes
+    assert plan.approach["chosen"] == "fast" and "at most 10 training images per class; here 24 per class (not probed)" \
+        in plan.approach["rule"]  # 30 per class, 80% of them in the training split
     # a short budget cannot afford to measure both: fast stays
     short = load_config(None, {"train.time_budget": 60, "data.image_size": 32})
     kept, plan = plan_budget(short, data, make_batches(data, short)[0], "float32", time.monotonic() + 60, transfer)

@@ -204,6 +204,11 @@ def test_the_width_follows_the_speed_measured_here(train_small, seconds, width, 
     wider = {"small": "medium", "medium": "large"}.get(width)
     if wider:
         assert plan.epochs_affordable(rates[wider], seconds) < MIN_EPOCHS[wider]
+        # the run says why not wider: measured and short, or not worth measuring
+        assert plan.why_not_wider.startswith(f"{wider} needs {MIN_EPOCHS[wider]:g} epochs to pay off")
+        assert ("measured here it affords" in plan.why_not_wider) == (wider in probed)
+    else:
+        assert plan.why_not_wider == ""
 
 
 def test_measuring_takes_a_small_share_of_a_short_budget():
@@ -212,6 +217,7 @@ def test_measuring_takes_a_small_share_of_a_short_budget():
     asked = []
     assert choose_width(plan, lambda w: asked.append(w) or slow_to_compile[w], time.monotonic() + 60) == "small"
     assert asked == ["small"]  # medium would pay off on speed, but measuring it would cost too much
+    assert plan.why_not_wider == "medium not measured: measuring it would take more than 8% of this budget"
     plan = BudgetPlan(600, train_images=500, validation_images=100, after_training_images=600)
     assert choose_width(plan, lambda w: slow_to_compile[w], time.monotonic() + 600) == "large"
 
@@ -345,3 +351,40 @@ def test_final_metrics_with_flip_and_crop_views(tmp_path):
     averaged = np.mean([keras.ops.convert_to_numpy(model.predict_on_batch(v)) for v in views], axis=0)
     assert len(views) == 6
     assert result.metrics["test_accuracy_tta"] == pytest.approx(float(np.mean(averaged.argmax(1) == labels[order])))
+
+
+def test_bn_bias_lr_scales_only_the_batchnorm_shifts(tmp_path):
+    """--bn-bias-lr K: one SGD step from the same weights moves every BatchNorm beta K times as far and
+    every kernel exactly as far as without it; the option reaches run.json through the CLI."""
+    from cnnkit.config import TrainConfig
+    from cnnkit.models import LOSS
+    from cnnkit.training.optim import batchnorm_shift_multipliers, make_optimizer
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    moved = {}
+    for factor in (1.0, 16.0):
+        keras.utils.set_random_seed(3)
+        model = build_model("fast", 3, (16, 16), width="small")
+        multipliers = batchnorm_shift_multipliers(model, factor)
+        bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        assert len(multipliers) == (len(bn) if factor != 1.0 else 0) and len(bn) >= 7
+        model.compile(optimizer=make_optimizer(TrainConfig(optimizer="sgd", weight_decay=5e-4), 0.05, 10,
+                                               multipliers, schedule="plateau"), loss=LOSS)
+        before = {v.path: keras.ops.convert_to_numpy(v).copy() for v in model.trainable_weights}
+        model.train_on_batch(pixels, labels)
+        moved[factor] = {v.path: keras.ops.convert_to_numpy(v) - before[v.path] for v in model.trainable_weights}
+    for path, delta in moved[1.0].items():
+        if path.endswith("beta"):
+            assert np.abs(delta).max() > 0
+            np.testing.assert_allclose(moved[16.0][path], 16.0 * delta, rtol=1e-3, atol=1e-7)
+        else:
+            np.testing.assert_allclose(moved[16.0][path], delta, rtol=1e-5, atol=1e-8)
+    data = write_class_folder(tmp_path / "data", per_class=8)
+    result = CliRunner().invoke(app, ["-q", "train", str(data), "--out", str(tmp_path / "run"), "--model", "fast",
+                                      "--width", "small", "--image-size", "16", "--epochs", "1", "--batch-size", "8",
+                                      "--bn-bias-lr", "16"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["train"]["bn_bias_lr"] == 16.0
+    bad = CliRunner().invoke(app, ["-q", "train", str(data), "--out", str(tmp_path / "bad"), "--bn-bias-lr", "0"])
+    assert bad.exit_code != 0 and "bn_bias_lr must be > 0" in bad.output

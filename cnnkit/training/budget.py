@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -117,6 +118,7 @@ class BudgetPlan:
     probes: dict[str, Throughput] = field(default_factory=dict)
     width: str | None = None
     reason: str = ""
+    why_not_wider: str = ""  # why choose_width stopped where it did ("" when it took the widest)
     approach: dict[str, str] | None = None  # fast against transfer learning: what was chosen, by which rule
 
     def reserve(self, predict_rate: float) -> float:
@@ -146,9 +148,17 @@ def _new_plan(cfg: RunConfig, data: LoadedData) -> BudgetPlan:
 
 def _probe(cfg: RunConfig, data: LoadedData, batches: ArrayBatches, policy: str) -> Throughput:
     started = time.monotonic()
-    model = build_for_training(cfg, len(data.class_names), policy)
-    rate = measure_throughput(model, batches, cfg, started)
-    del model
+    # Each probe is a new model, so TensorFlow traces its steps anew and warns of "excessive retracing"
+    # after a few: expected here, and nothing for the user to fix.
+    tf_logger = logging.getLogger("tensorflow")
+    level = tf_logger.level
+    tf_logger.setLevel(max(level, logging.ERROR))
+    try:
+        model = build_for_training(cfg, len(data.class_names), policy)
+        rate = measure_throughput(model, batches, cfg, started)
+        del model
+    finally:
+        tf_logger.setLevel(level)
     gc.collect()
     return rate
 
@@ -176,9 +186,8 @@ def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy
     width = choose_width(plan, probe, deadline)
     rate = plan.probes[width]
     epochs = plan.epochs_affordable(rate, deadline - time.monotonic())
-    wider = [w for w in MIN_EPOCHS if MIN_EPOCHS[w] > MIN_EPOCHS[width]]
     why = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here" + (
-        f"; {wider[0]} needs {MIN_EPOCHS[wider[0]]:g} to pay off" if wider else "")
+        f"; {plan.why_not_wider}" if plan.why_not_wider else "")
     plan.width, plan.reason = width, f"width {width}: {why}"
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width))
     spent = sum(rate.seconds for rate in plan.probes.values())
@@ -203,6 +212,10 @@ def choose_approach(fast: RunConfig, plan: BudgetPlan, transfer: RunConfig, data
     """
     counts = np.bincount(data.split_rows("train")[1], minlength=len(data.class_names))
     per_class = int(np.median(counts)) if len(counts) else 0
+    if per_class > TRANSFER_MAX_PER_CLASS:  # decided without measuring: the probe's time stays with training
+        plan.approach = {"chosen": "fast", "rule": f"transfer when at most {TRANSFER_MAX_PER_CLASS:,} training images "
+                                                   f"per class; here {per_class:,} per class (not probed)"}
+        return None
     batches = make_batches(data, transfer)[0]
     transfer_plan = _new_plan(transfer, data)
     rate = _probe(transfer, data, batches, policy)
@@ -229,17 +242,26 @@ def choose_width(plan: BudgetPlan, probe: Callable[[str], Throughput], deadline:
     or when its probe would take measuring past ``PROBE_SHARE`` of the budget.
     """
     chosen: str | None = None
+    plan.why_not_wider = ""
     for width in sorted(MIN_EPOCHS, key=MIN_EPOCHS.get):
-        if chosen is not None and \
-                plan.epochs_affordable(plan.probes[chosen], deadline - time.monotonic()) < MIN_EPOCHS[width]:
-            break  # a wider model is slower: it cannot buy its epochs if the narrower one could not
+        need = f"{width} needs {MIN_EPOCHS[width]:g} epochs to pay off"
+        if chosen is not None:
+            narrower = plan.epochs_affordable(plan.probes[chosen], deadline - time.monotonic())
+            if narrower < MIN_EPOCHS[width]:  # a wider model is slower: it cannot buy its epochs either
+                plan.why_not_wider = f"{need}, and even {chosen} affords only {narrower:.1f} (not measured)"
+                break
         spent = sum(rate.seconds for rate in plan.probes.values())
         if chosen is not None and spent + PROBE_GROWTH * plan.probes[chosen].seconds > PROBE_SHARE * plan.seconds:
-            break  # measuring may take only a small share of the budget
-        plan.probes[width] = probe(width)
-        if chosen is not None and \
-                plan.epochs_affordable(plan.probes[width], deadline - time.monotonic()) < MIN_EPOCHS[width]:
+            plan.why_not_wider = (f"{width} not measured: measuring it would take more than "
+                                  f"{PROBE_SHARE:.0%} of this budget")
             break
+        plan.probes[width] = probe(width)
+        if chosen is not None:
+            affordable = plan.epochs_affordable(plan.probes[width], deadline - time.monotonic())
+            if affordable < MIN_EPOCHS[width]:
+                plan.why_not_wider = (f"{need}; measured here it affords {affordable:.1f} at "
+                                      f"{plan.probes[width].train:,.0f} images/s")
+                break
         chosen = width
     assert chosen is not None
     return chosen

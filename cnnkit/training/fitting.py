@@ -36,7 +36,7 @@ from cnnkit.models.saving import all_layers
 from cnnkit.models.transfer import set_backbone_frozen, unfreeze_top
 from cnnkit.rundir import HISTORY_CSV
 from cnnkit.training.callbacks import BestCheckpoint, HistoryRecorder, LastCheckpoint, RichEpochs
-from cnnkit.training.optim import layer_lr_multipliers, make_loss, make_optimizer
+from cnnkit.training.optim import batchnorm_shift_multipliers, layer_lr_multipliers, make_loss, make_optimizer
 from cnnkit.training.precision import dtype_policy
 
 # Schedules that decay the rate to ~0 over a planned length: stopping them early (EarlyStopping)
@@ -151,6 +151,8 @@ class Fitter:
                 f"learning rate {phase.learning_rate:.2g}")
         if phase.learning_rate is not None:
             multipliers = layer_lr_multipliers(self.model, train_cfg.layer_lr_decay) if phase.number == 2 else {}
+            for path, factor in batchnorm_shift_multipliers(self.model, train_cfg.bn_bias_lr).items():
+                multipliers[path] = multipliers.get(path, 1.0) * factor
             # Under a time budget the rate is set per step by TimeBudget: a plain variable, no schedule.
             optimizer = make_optimizer(train_cfg, phase.learning_rate, len(self.train_ds) * phase.epochs, multipliers,
                                        schedule="plateau" if self.budget is not None else None)

@@ -70,6 +70,15 @@ def layer_lr_multipliers(model: keras.Model, decay: float, blocks: int = 10) -> 
     return multipliers
 
 
+def batchnorm_shift_multipliers(model: keras.Model, factor: float) -> dict[str, float]:
+    """Every trainable BatchNorm ``beta`` (nested models too) -> ``factor``; ``factor`` 1 -> {}."""
+    if factor == 1.0:
+        return {}
+    return {layer.beta.path: float(factor)
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.center and layer.beta.trainable}
+
+
 class _LayerwiseRates:
     """Mixin scaling the rate per variable (``update_step`` runs once per variable, on every backend).
 

@@ -118,6 +118,7 @@ def train(
     cache_root: Path | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     resume: str | Path | None = None,
+    budget_started: float | None = None,
     **options: Any,
 ) -> TrainResult:
     """Train a classifier on a folder of images and write a run directory.
@@ -138,6 +139,8 @@ def train(
         resume: a run directory to continue from its ``last.keras`` (model and optimizer state)
             with its own config; ``epochs`` then means how many more epochs (default: what an
             interrupted run had left). Other options that would change the run are refused.
+        budget_started: the ``time.monotonic()`` a ``time_budget`` counts from (default: this call).
+            ``cnnkit train`` passes the moment it started, so its budget covers start-up too.
         **options: any config field by its flat name: ``model``, ``weights``, ``epochs``,
             ``batch_size``, ``learning_rate``, ``augment``, ``fine_tune_epochs``, ``image_size``,
             ``devices`` (data-parallel over N devices, or "all"; see ``cnnkit.training.distribute``), ...
@@ -179,7 +182,8 @@ def train(
         devices = scope.enter_context(distributed(cfg.train.devices, cfg.train.batch_size))
         with RunDirectory(out, overwrite=overwrite) as run:
             return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []),
-                               _Devices(devices, scope.close), model_choice=choice, transfer=transfer)
+                               _Devices(devices, scope.close), model_choice=choice, transfer=transfer,
+                               budget_started=budget_started)
 
 
 def _transfer_alternative(cfg: RunConfig, config: RunConfig | dict | None, options: dict[str, Any]) -> RunConfig | None:
@@ -257,9 +261,10 @@ class _Plan:
 def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: Path | None,
                 extra_callbacks: list[keras.callbacks.Callback], devices: _Devices,
                 resume: ResumePoint | None = None, model_choice: str | None = None,
-                transfer: RunConfig | None = None) -> TrainResult:
+                transfer: RunConfig | None = None, budget_started: float | None = None) -> TrainResult:
     started = time.time()
-    deadline = time.monotonic() + cfg.train.time_budget if cfg.train.time_budget else None
+    counted_from = time.monotonic() if budget_started is None else min(budget_started, time.monotonic())
+    deadline = counted_from + cfg.train.time_budget if cfg.train.time_budget else None
     data = load_image_folder(data_dir, cfg.data, cache_root=cache_root)
     write_skipped_csv(data.skipped, run.path / SKIPPED_CSV)
     write_split_csv(run.path / SPLIT_CSV, split_rows(data))
@@ -271,7 +276,9 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     if deadline is not None:  # measure this machine: the speed decides the width and prices the final work
         named = cfg.model.name
         cfg, budget_plan = plan_budget(cfg, data, train_ds, precision.policy, deadline, transfer)
-        if cfg.model.name != named:  # the budget chose transfer learning: its own batches and recipe
+        if cfg.model.name != named:  # the budget chose transfer learning: its own batches and recipe,
+            # in the precision its speed was measured in (run.json's mixed_precision says so too)
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=precision.requested))
             train_ds, val_ds = make_batches(data, cfg, devices.devices.count)
             model_choice = f"{model_choice}; under --time-budget: {budget_plan.approach['rule']}"
     if cfg.model.name == "fast" and cfg.model.width == "auto":
