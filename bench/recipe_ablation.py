@@ -91,7 +91,8 @@ def run(folder: Path, cache: Path, budget: float, seed: int, options: dict) -> d
         shutil.rmtree(out, ignore_errors=True)
     return {"seed": seed, "test_accuracy": result.metrics["test_accuracy"],
             "test_accuracy_tta": result.metrics.get("test_accuracy_tta"), "wall_seconds": round(wall, 1),
-            "epochs": len(result.history.get("loss", [])), "width": record["time_budget"]["width"],
+            "epochs": len(result.history.get("loss", [])),
+            "width": record["time_budget"]["width"] or options.get("width"),  # None: named, not the budget's
             "steps": record["time_budget"].get("steps"), "load_average": [round(load_before, 2),
                                                                          round(os.getloadavg()[0], 2)]}
 
@@ -171,7 +172,7 @@ def print_session(session: str, rows: dict[str, dict], budget_text: str, seeds: 
         delta = "" if reference is None else f"{r['test_accuracy_tta'] - rows[reference]['test_accuracy_tta']:+.4f}"
         table.append((name, json.dumps(r["options"]), f"{r['test_accuracy']:.4f}", f"{r['test_accuracy_tta']:.4f}",
                       reference or "", delta, r["wall_seconds"], ",".join(str(x["epochs"]) for x in r["runs"]),
-                      ",".join(x["width"] for x in r["runs"])))
+                      ",".join(x["width"] or r["options"].get("width", "?") for x in r["runs"])))
     print(f"\nsession {session}: fast, --time-budget {budget_text}, median of {len(seeds)} seed(s), CIFAR-10 JPEG:")
     print_table(table, ("row", "options", "test acc", "test acc TTA", "against", "vs it (TTA)", "wall s",
                         "epochs", "width"))

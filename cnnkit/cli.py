@@ -91,7 +91,10 @@ def _import_keras_quietly(seeds_tensorflow: bool = False) -> None:
             return
         _quiet_import("keras")
     if seeds_tensorflow and "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is not None:
-        _quiet_import("tensorflow")
+        try:
+            _quiet_import("tensorflow")
+        except Exception:  # a broken TensorFlow is Keras's business when (and if) it imports it, not ours here
+            pass
 
 
 def _quiet_import(module: str) -> None:
