@@ -20,7 +20,7 @@ Rows (options of ``cnnkit train``), in the order they were measured:
                 medium; on a fast CPU medium gets 16-18 epochs in 10 minutes and large 10-11
   bn-bias-64    --bn-bias-lr 64: BatchNorm's shifts learn 64x faster (airbench; fast's BatchNorm has
                 no scale, airbench's frozen weights, already)
-  bn-bias-8     --bn-bias-lr 8: the same, raised less
+  bn-bias-8     --bn-bias-lr 8: the same, raised less (defined, not measured yet: 64 lost 0.5)
   combined      every technique whose median beat its reference, on the whitening stem
 
 Usage: python bench/recipe_ablation.py --session NAME [--budget 10m] [--seeds 2] [--only lr-0.6,dirac]
