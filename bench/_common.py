@@ -82,8 +82,10 @@ def forward_flops(model) -> int:
     """
     import keras
 
+    from cnnkit.models.saving import all_layers
+
     total = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.DepthwiseConv2D):
             kh, kw = layer.kernel_size
             out = layer.output.shape

@@ -18,6 +18,7 @@ from keras import ops
 
 from cnnkit.config import TrainConfig
 from cnnkit.models import LOSS
+from cnnkit.models.saving import all_layers
 
 ONECYCLE_WARMUP = 0.3  # fastai's default pct_start
 ONECYCLE_START_DIVISOR = 25.0  # fastai's div
@@ -75,7 +76,7 @@ def batchnorm_shift_multipliers(model: keras.Model, factor: float) -> dict[str, 
     if factor == 1.0:
         return {}
     return {layer.beta.path: float(factor)
-            for layer in model._flatten_layers(include_self=False, recursive=True)
+            for layer in all_layers(model)
             if isinstance(layer, keras.layers.BatchNormalization) and layer.center and layer.beta.trainable}
 
 

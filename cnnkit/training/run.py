@@ -263,7 +263,7 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
                 resume: ResumePoint | None = None, model_choice: str | None = None,
                 transfer: RunConfig | None = None, budget_started: float | None = None) -> TrainResult:
     started = time.time()
-    counted_from = time.monotonic() if budget_started is None else min(budget_started, time.monotonic())
+    counted_from = time.monotonic() if budget_started is None else budget_started
     deadline = counted_from + cfg.train.time_budget if cfg.train.time_budget else None
     data = load_image_folder(data_dir, cfg.data, cache_root=cache_root)
     write_skipped_csv(data.skipped, run.path / SKIPPED_CSV)
