@@ -324,6 +324,8 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
                               "0 = off)."),
     TrainOption("bn_bias_lr", float, "BatchNorm shifts (beta) learn at this many times the rate (1 = off; airbench "
                                      "uses 64)."),
+    TrainOption("progressive", float, "fast only: progressive resizing; start at this fraction of the image side "
+                                      "(e.g. 0.75) and reach the full size half-way (1 = off)."),
     TrainOption("tta", str, "Views of the final *_accuracy_tta metrics: auto (flip when the augmentation flips), "
                             "none, flip or flip+crop."),
     TrainOption("augment", str, "none, light, standard, strong, screens (screenshots/documents: no flips) or "

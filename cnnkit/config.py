@@ -225,6 +225,9 @@ class TrainConfig:
             momentum, e.g. 0.99; Keras's optimizer ``use_ema``) and keep the average; 0 = off.
         bn_bias_lr: BatchNorm's shifts (``beta``, the biases of a network whose convolutions have
             none) learn at this many times the scheduled rate (airbench raises it 64x); 1 = off.
+        progressive: fast only: progressive resizing. Training starts at this fraction of the
+            image side (0.75: 24 px for 32 px images) and grows in 4-pixel steps to the full size
+            by half-way (of the epochs, or of a time budget), where it stays; 1 = off.
         tta: the views behind the final ``*_accuracy_tta`` metrics: "auto" (flip when the
             augmentation flips), "none", "flip" or "flip+crop" (flip and four 1/16 shifts).
         devices: how many devices train in data parallel (``keras.distribution.DataParallel`` on
@@ -253,6 +256,7 @@ class TrainConfig:
     time_budget: float | None = None
     ema: float = 0.0
     bn_bias_lr: float = 1.0
+    progressive: float = 1.0
     tta: FinalTTA = "auto"
     devices: int | str = 1
 
@@ -262,6 +266,11 @@ class TrainConfig:
         if not self.bn_bias_lr > 0:
             raise ConfigError(f"[train] bn_bias_lr must be > 0 (1 = BatchNorm shifts learn at the rate of the rest; "
                               f"e.g. 16). Received: bn_bias_lr={self.bn_bias_lr}")
+        if isinstance(self.progressive, bool) or not isinstance(self.progressive, (int, float)) \
+                or not 0.25 <= self.progressive <= 1.0:
+            raise ConfigError("[train] progressive must be a fraction of the image side in [0.25, 1] (1 = off; "
+                              f"e.g. 0.75). Received: progressive={self.progressive!r}")
+        object.__setattr__(self, "progressive", float(self.progressive))
         _check_choice("train", "tta", self.tta, FinalTTA)
         if self.epochs < 0 or (self.epochs == 0 and not self.fine_tune_epochs):
             raise ConfigError(f"[train] epochs must be >= 1. Received: epochs={self.epochs}")
@@ -354,6 +363,12 @@ class RunConfig:
     # Why cnnkit chose the model when none was named ("" when the user named it): said on screen
     # and kept in run.json, not part of the config itself.
     model_choice: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.train.progressive < 1.0 and self.model.name != "fast":
+            raise ConfigError(f"[train] progressive (resizing) applies to the fast model only, whose global pooling "
+                              f"takes any image size; not to '{self.model.name}'. Drop --progressive or use --model "
+                              f"fast. Received: progressive={self.train.progressive:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}

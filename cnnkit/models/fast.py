@@ -82,9 +82,40 @@ WHITEN_EPS = 5e-4
 WHITEN_LAYER = "stem_whiten"
 
 
-def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH], stem: str = "conv", init: str = "default"):
+PROGRESSIVE_LAYER = "progressive_resize"
+
+
+@keras.saving.register_keras_serializable(package="cnnkit")
+class ProgressiveResize(layers.Layer):
+    """In training, images downscaled to ``side`` (set by ``cnnkit.training.progressive``); else unchanged.
+
+    Progressive resizing: the first epochs train at a lower resolution, where every convolution
+    costs ``(side / full) ** 2`` as much, and the model ends at the full size. ``fast`` ends in
+    global pooling, so its layers take any size. ``side`` is a plain attribute (not a weight): the
+    training step is retraced when it changes. At inference, and once training is over
+    (``side = None``), the layer passes its input on, so a saved model and its exports see the
+    full size.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.side: tuple[int, int] | None = None
+
+    def call(self, inputs, training=None):
+        if not training or self.side is None or tuple(inputs.shape[1:3]) == self.side:
+            return inputs
+        return keras.ops.image.resize(inputs, self.side, interpolation="bilinear", antialias=True)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH], stem: str = "conv", init: str = "default",
+              resizable: bool = False):
     """The feature extractor; ``x`` is scaled to [0, 1]. ``init="dirac"``: the blocks' convolutions
-    start as the identity (``dirac_``)."""
+    start as the identity (``dirac_``). ``resizable``: a ``ProgressiveResize`` layer first."""
+    if resizable:
+        x = ProgressiveResize(name=PROGRESSIVE_LAYER)(x)
     x = layers.Rescaling(2.0, offset=-1.0, name="center")(x)  # [0, 1] -> [-1, 1]
     if stem == "whiten":
         channels = 2 * WHITEN_KERNEL * WHITEN_KERNEL * x.shape[-1]
@@ -125,6 +156,7 @@ def set_whitening(model, images: np.ndarray, max_images: int = 2_000) -> bool:
 
 
 @register("fast", (32, 32), "cnnkit's fast BatchNorm CNN (stem 32, blocks 48-96-192) with its one-cycle recipe; "
-          "the default for images up to 64 px", options=("width", "stem", "init"))
-def fast_model(x, num_classes: int, width: str = "auto", stem: str = "conv", init: str = "default"):
-    return fast_body(x, WIDTHS[DEFAULT_WIDTH if width == "auto" else width], stem, init)
+          "the default for images up to 64 px", options=("width", "stem", "init", "resizable"))
+def fast_model(x, num_classes: int, width: str = "auto", stem: str = "conv", init: str = "default",
+               resizable: bool = False):
+    return fast_body(x, WIDTHS[DEFAULT_WIDTH if width == "auto" else width], stem, init, resizable)

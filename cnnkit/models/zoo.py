@@ -105,6 +105,7 @@ def build_model(
     width: str = "auto",
     stem: str = "conv",
     init: str = "default",
+    resizable: bool = False,
 ) -> keras.Model:
     """Build an uncompiled classifier from the zoo.
 
@@ -126,6 +127,8 @@ def build_model(
         stem: ``fast`` only: conv, or whiten (a frozen patch-whitening layer; fit it to the data
             with ``cnnkit.models.fast.set_whitening``).
         init: ``fast`` only: default, or dirac (the blocks' convolutions start as the identity).
+        resizable: ``fast`` only: a first layer that trains at a lower resolution when told to
+            (progressive resizing, ``cnnkit.training.progressive``); at inference it does nothing.
 
     Returns:
         A ``keras.Model`` mapping raw 0-255 pixels (batch, height, width, channels) to class
@@ -150,7 +153,8 @@ def build_model(
         x = spec.body(x, num_classes=num_classes, weights=weights, head_width=head_width, dropout=dropout)
     else:
         x = layers.Rescaling(1.0 / 255, name="rescale_0_255")(x)
-        given = {"width": (width, "auto"), "stem": (stem, "conv"), "init": (init, "default")}
+        given = {"width": (width, "auto"), "stem": (stem, "conv"), "init": (init, "default"),
+                 "resizable": (resizable, False)}
         for option, (value, default) in given.items():
             if value != default and option not in spec.options:
                 raise ModelError(f"{option} applies to the fast model only, not to '{name}'. "

@@ -37,6 +37,7 @@ from cnnkit.models.transfer import set_backbone_frozen, unfreeze_top
 from cnnkit.rundir import HISTORY_CSV
 from cnnkit.training.callbacks import BestCheckpoint, HistoryRecorder, LastCheckpoint, RichEpochs
 from cnnkit.training.optim import batchnorm_shift_multipliers, layer_lr_multipliers, make_loss, make_optimizer
+from cnnkit.training.progressive import ProgressiveResizing
 from cnnkit.training.precision import dtype_policy
 
 # Schedules that decay the rate to ~0 over a planned length: stopping them early (EarlyStopping)
@@ -110,7 +111,7 @@ def build_for_training(cfg: RunConfig, num_classes: int, policy: str, data: Load
                             augment=cfg.train.augment, seed=cfg.data.seed, weights=cfg.model.weights,
                             head_width=cfg.model.head_width, dropout=cfg.model.dropout,
                             upscale_size=cfg.model.upscale_size, width=cfg.model.width,
-                            stem=cfg.model.stem, init=cfg.model.init)
+                            stem=cfg.model.stem, init=cfg.model.init, resizable=cfg.train.progressive < 1.0)
     if is_pretrained(cfg):
         set_backbone_frozen(model)
     if data is not None and cfg.model.stem == "whiten":
@@ -168,6 +169,13 @@ class Fitter:
         callbacks += [self.best, self.last]
         if self.budget is not None:
             callbacks.insert(0, self.budget)
+        resizing = None
+        if train_cfg.progressive < 1.0:
+            budget = self.budget
+            progress = (lambda epoch: budget.progress()) if budget is not None else \
+                (lambda epoch: epoch / max(self.total_epochs, 1))
+            resizing = ProgressiveResizing(train_cfg.progressive, tuple(self.model.input_shape[1:3]), progress)
+            callbacks.insert(1 if budget is not None else 0, resizing)
         if train_cfg.schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(
                 monitor=self.monitor, factor=0.5, patience=max(1, train_cfg.patience // 2), min_lr=1e-7))
@@ -182,6 +190,8 @@ class Fitter:
             status = "interrupted"
             warn("Interrupted: keeping the best checkpoint so far.")
         info["epochs_run"] = self.recorder.epochs - start
+        if resizing is not None:
+            info["progressive_sides"] = resizing.sides  # the training side of each epoch
         self.phases.append(info)
         return status
 

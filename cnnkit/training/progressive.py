@@ -1,0 +1,82 @@
+"""Training stage: progressive resizing (``--progressive``), the first epochs at a lower resolution.
+
+``fast`` built with ``resizable=True`` starts with a ``ProgressiveResize`` layer that, in training,
+downscales each batch to a side it is given. ``ProgressiveResizing`` (a callback) sets that side
+at the start of every epoch from the progress of the run: ``progressive_side`` grows it in 4-pixel
+steps from ``start`` times the image side to the full side by ``GROWN_BY`` of the run (the wall
+clock of a time budget, or the epochs), after which training is at full size. A step at 24 px
+costs about (24/32)^2 = 56% of one at 32 px, so the same time buys more epochs; the last half
+trains at the size the model is evaluated at, and BatchNorm's statistics are re-estimated at it.
+
+A change of side retraces the training step (one compilation per size: three for 0.75 at 32 px).
+The layer is set back to full size when training ends, so evaluation and the saved model see the
+full size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import keras
+
+from cnnkit.models.fast import PROGRESSIVE_LAYER
+from cnnkit.models.saving import all_layers
+
+# The share of the run (time or epochs) by which the side has grown to full.
+GROWN_BY = 0.5
+# Sides are multiples of this many pixels (fewer sizes: fewer recompilations).
+SIDE_STEP = 4
+
+
+def progressive_side(progress: float, start: float, full: int) -> int:
+    """The side to train at, at ``progress`` (0 to 1) of the run, starting at ``start`` times ``full``.
+
+    Example:
+        >>> [progressive_side(p, 0.75, 32) for p in (0.0, 0.2, 0.3, 0.5, 0.9)]
+        [24, 24, 28, 32, 32]
+    """
+    if start >= 1.0 or progress >= GROWN_BY:
+        return full
+    first = max(SIDE_STEP, int(start * full) // SIDE_STEP * SIDE_STEP)
+    sizes = list(range(first, full, SIDE_STEP))  # the sizes below full, each for an equal share
+    return sizes[min(len(sizes) - 1, math.floor(progress / GROWN_BY * len(sizes)))]
+
+
+def resize_layer(model: keras.Model):
+    """The model's ``ProgressiveResize`` layer, or None."""
+    return next((layer for layer in all_layers(model) if layer.name == PROGRESSIVE_LAYER), None)
+
+
+class ProgressiveResizing(keras.callbacks.Callback):
+    """Sets the training resolution of a resizable ``fast`` at each epoch's start.
+
+    Args:
+        start: the first side as a fraction of the full one (``TrainConfig.progressive``).
+        full: the image size (height, width) the model is built for.
+        progress: the share of the run done, 0 to 1 (the time budget's, or epochs done / planned).
+    """
+
+    def __init__(self, start: float, full: tuple[int, int], progress: Callable[[int], float]) -> None:
+        super().__init__()
+        self.start, self.full, self.progress = start, full, progress
+        self.sides: list[int] = []  # the side of every epoch run, for run.json
+
+    def _set(self, side: tuple[int, int] | None) -> None:
+        layer = resize_layer(self.model)
+        if layer is None or layer.side == side:
+            return
+        layer.side = side
+        # The side is a Python attribute read when the step is traced: trace the step again.
+        self.model.make_train_function(force=True)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        height, width = self.full
+        side = progressive_side(self.progress(epoch), self.start, min(height, width))
+        scale = side / min(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        self._set(None if size == tuple(self.full) else size)
+        self.sides.append(side)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._set(None)

@@ -1,0 +1,82 @@
+"""Progressive resizing (--progressive): fast trains its first epochs at a lower resolution, then at
+the full size; evaluation, the saved model and its exports see the full size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cnnkit.cli import app
+from cnnkit.config import RunConfig, TrainConfig, resolve_config
+from cnnkit.errors import ConfigError
+from cnnkit.models import build_model
+from cnnkit.training.progressive import GROWN_BY, progressive_side, resize_layer
+from tests.conftest import write_class_folder
+
+
+@pytest.mark.parametrize("start, full, expected", [
+    (0.75, 32, [24, 24, 28, 28, 32, 32]),
+    (0.5, 32, [16, 16, 24, 28, 32, 32]),
+    (0.75, 16, [12, 12, 12, 12, 16, 16]),
+    (1.0, 32, [32] * 6),
+])
+def test_the_side_grows_in_steps_to_full_by_half_way(start, full, expected):
+    progress = [0.0, 0.1, 0.26, 0.49, GROWN_BY, 0.99]
+    assert [progressive_side(p, start, full) for p in progress] == expected
+
+
+def test_the_layer_downscales_in_training_only():
+    model = build_model("fast", 3, (32, 32), width="small", resizable=True)
+    layer = resize_layer(model)
+    assert layer is not None and resize_layer(build_model("fast", 3, (32, 32), width="small")) is None
+    upto = keras.Model(model.inputs[0], layer.output)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("uint8")
+    layer.side = (24, 24)
+    assert tuple(upto(images, training=True).shape) == (2, 24, 24, 3)
+    # at inference the model sees its full input: the same answers as with no side set
+    inference = keras.ops.convert_to_numpy(model(images, training=False))
+    layer.side = None
+    np.testing.assert_array_equal(inference, keras.ops.convert_to_numpy(model(images, training=False)))
+    assert tuple(upto(images, training=True).shape) == (2, 32, 32, 3)
+
+
+def test_training_steps_run_at_each_side_and_the_run_ends_at_full_size(tmp_path, monkeypatch):
+    """The training step is traced again at every new side: the resize sees 24 px, then 28 px. The run
+    records each epoch's side, and the saved model loads in a new process and predicts at 32 px."""
+    seen: list[tuple[int, int]] = []
+    resize = keras.ops.image.resize
+
+    def recording(images, size, *args, **kwargs):
+        seen.append(tuple(int(s) for s in size))
+        return resize(images, size, *args, **kwargs)
+
+    monkeypatch.setattr(keras.ops.image, "resize", recording)
+    data = write_class_folder(tmp_path / "data", per_class=12, size=32)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["-q", "train", str(data), "--out", str(out), "--model", "fast", "--width", "small",
+                                      "--epochs", "4", "--batch-size", "8", "--progressive", "0.75"])
+    assert result.exit_code == 0, result.output
+    assert {(24, 24), (28, 28)} <= set(seen) and (32, 32) not in seen
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["train"]["progressive"] == 0.75
+    assert record["phases"][0]["progressive_sides"] == [24, 28, 32, 32]
+    image = next((data / "red").iterdir())
+    predicted = subprocess.run([sys.executable, "-m", "cnnkit.cli", "-q", "predict", str(out), str(image),
+                                "--format", "json"],
+                               capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)[0]["label"] in ("red", "green", "blue"), predicted.stdout
+
+
+def test_progressive_is_checked():
+    with pytest.raises(ConfigError, match="progressive must be a fraction"):
+        TrainConfig(progressive=0.1)
+    with pytest.raises(ConfigError, match="fast model only"):
+        resolve_config(None, model="simple", progressive=0.75)
+    assert RunConfig().train.progressive == 1.0  # off unless asked for
