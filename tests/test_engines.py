@@ -58,6 +58,22 @@ def test_onnxruntime_equals_keras_on_the_evaluation_set(digits):
     assert np.abs(probabilities(got, classes) - probabilities(got, classes)[::-1]).max() > TOLERANCE
 
 
+def test_onnxruntime_equals_keras_for_the_time_budget_model(digits, tmp_path):
+    """The model a --time-budget trains: fast with the frozen whitening stem (and here progressive
+    resizing's layer, a no-op at inference) exports to ONNX with the same answers."""
+    _, test = digits
+    run = tmp_path / "budget-recipe"
+    cnnkit.train(test.parent, run, model="fast", epochs=2, image_size=16, stem="whiten", progressive=0.75,
+                 cache_root=tmp_path / "cache")
+    keras_predictor = cnnkit.Predictor(run, engine="keras")
+    classes = keras_predictor.class_names
+    expected = probabilities(keras_predictor.predict([test], top_k=len(classes)), classes)
+    got = probabilities(cnnkit.Predictor(run, engine="onnxruntime").predict([test], top_k=len(classes)), classes)
+    assert len(got) > 300
+    diff = np.abs(got - expected)
+    assert diff.max() <= TOLERANCE, f"onnxruntime differs from keras by {diff.max():.2e} on {test}"
+
+
 def test_predictor_uses_the_default_engine(digits):
     run, _ = digits
     assert DEFAULT_ENGINE in ENGINES
