@@ -229,6 +229,28 @@ def test_the_reserve_is_priced_from_the_inference_speed():
     assert plan.epochs_affordable(Throughput(100, 300, 1), 10) == 0  # nothing left: no epochs, not negative
 
 
+def test_the_reserve_prices_the_final_evaluation_at_the_float32_models_speed():
+    """Training in mixed bfloat16, the final evaluation runs on the saved float32 model: its measured
+    speed relative to the probe's prices the work after training (not the last validation pass)."""
+    from cnnkit.data.batches import ArrayBatches
+    from cnnkit.training.budget import evaluation_speed
+    from cnnkit.training.precision import dtype_policy
+
+    plan = BudgetPlan(600, train_images=45_000, validation_images=5_000, after_training_images=45_000)
+    same = plan.reserve(1000)
+    plan.evaluation_speed = 0.5  # float32 at half the speed: the work after training takes twice as long
+    assert plan.reserve(1000) - 4.0 == pytest.approx((2 * 45_000 + 5_000) / 1000 * 1.5)
+    assert plan.reserve(1000) > same
+    images = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    batches = ArrayBatches(images, np.arange(64), np.zeros(64), 16)
+    rate = Throughput(1000, 1000, 1)
+    assert evaluation_speed(build_model("fast", 3, (16, 16), width="small"), batches, rate) == 1.0  # float32 already
+    with dtype_policy("mixed_bfloat16"):
+        mixed = build_model("fast", 3, (16, 16), width="small")
+    measured = evaluation_speed(mixed, batches, rate)
+    assert measured > 0 and measured != 1.0  # a float32 copy was timed
+
+
 def test_width_is_for_the_fast_model_only():
     with pytest.raises(ConfigError, match="fast model only"):
         load_config(None, {"model.name": "vgg", "model.width": "large"})

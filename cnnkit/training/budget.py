@@ -10,7 +10,8 @@ measured on another machine:
   that could not pay off even at the narrower one's speed), picks the widest width whose
   affordable epochs reach ``cnnkit.models.fast.MIN_EPOCHS``, and says why. It prices the work after
   training (BatchNorm re-estimation, the final evaluation with its flip views, one last validation
-  pass) from the measured inference speed, and keeps that much in reserve.
+  pass) from the measured inference speed, and keeps that much in reserve; ``evaluation_speed``
+  measures the float32 model the final evaluation runs on, when training is in mixed precision.
 * ``TimeBudget``, a callback, fits the one-cycle rate to the fraction of the training time used,
   and stops at the last step that still fits (an epoch's last step counts its validation pass).
   It re-measures the inference speed on every validation pass after the first (which compiles) and
@@ -37,6 +38,7 @@ from cnnkit.data.dataset import LoadedData
 from cnnkit.errors import ConfigError
 from cnnkit.models.augment import final_tta
 from cnnkit.models.fast import MIN_EPOCHS
+from cnnkit.models.saving import as_float32
 from cnnkit.training.fitting import BATCHNORM_IMAGES, build_for_training, make_batches
 from cnnkit.training.optim import make_loss, make_optimizer, onecycle_rate
 
@@ -120,11 +122,15 @@ class BudgetPlan:
     reason: str = ""
     why_not_wider: str = ""  # why choose_width stopped where it did ("" when it took the widest)
     approach: dict[str, str] | None = None  # fast against transfer learning: what was chosen, by which rule
+    # The final model's inference speed over the training precision's: the work after training runs on
+    # the float32 model (``as_float32``), slower than mixed bfloat16 on a CPU with bfloat16 (1.0 elsewhere).
+    evaluation_speed: float = 1.0
 
     def reserve(self, predict_rate: float) -> float:
-        """Seconds kept for the work after training, at ``predict_rate`` images per second."""
-        last_validation = self.validation_images
-        return (self.after_training_images + last_validation) / max(predict_rate, 1e-9) * RESERVE_MARGIN + SAVE_SECONDS
+        """Seconds kept for the work after training, at ``predict_rate`` images per second (the training
+        precision's; the last validation pass runs in it, the work after training at ``evaluation_speed``)."""
+        images = self.after_training_images / max(self.evaluation_speed, 1e-9) + self.validation_images
+        return images / max(predict_rate, 1e-9) * RESERVE_MARGIN + SAVE_SECONDS
 
     def epochs_affordable(self, rate: Throughput, seconds_left: float) -> float:
         """Epochs (with their validation passes) that ``seconds_left`` buys at ``rate``."""
@@ -135,6 +141,7 @@ class BudgetPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "width": self.width, "reason": self.reason,
                 "probes": {name: rate.to_dict() for name, rate in self.probes.items()},
+                "evaluation_speed": round(self.evaluation_speed, 3),
                 **({"approach": self.approach} if self.approach else {})}
 
 
@@ -366,13 +373,39 @@ class TimeBudget(keras.callbacks.Callback):
                 "peak_learning_rate": self.learning_rate, "last_learning_rate": self.last_rate}
 
 
-def make_time_budget(deadline: float, learning_rate: float, cfg: RunConfig, plan: BudgetPlan) -> TimeBudget:
-    """The budget callback for a planned run.
+def evaluation_speed(model: keras.Model, batches: ArrayBatches, rate: Throughput, steps: int = PROBE_STEPS) -> float:
+    """How fast the final, float32 model infers relative to ``rate.predict`` (1.0 when ``model`` is float32).
+
+    Training may run in mixed bfloat16, but the final evaluation runs on the float32 model that is saved
+    (``as_float32``): on a CPU with bfloat16 that is slower, and the reserve must price it. Times a
+    float32 copy of ``model`` on real batches (after one pass that compiles).
+    """
+    final = as_float32(model)
+    if final is model:
+        return 1.0
+    final.predict_on_batch(batches[0][0])  # compiles
+    images = 0
+    tick = time.monotonic()
+    for index in range(1, steps + 1):
+        batch = batches[index % len(batches)][0]
+        keras.ops.convert_to_numpy(final.predict_on_batch(batch))
+        images += len(batch)
+    del final
+    gc.collect()
+    return images / max(time.monotonic() - tick, 1e-9) / max(rate.predict, 1e-9)
+
+
+def make_time_budget(deadline: float, learning_rate: float, cfg: RunConfig, plan: BudgetPlan,
+                     model: keras.Model | None = None, batches: ArrayBatches | None = None) -> TimeBudget:
+    """The budget callback for a planned run; with ``model`` and ``batches``, the speed of its final
+    (float32) form is measured first (``evaluation_speed``), and the reserve priced with it.
 
     Raises:
         ConfigError: decoding and measuring already spent most of the budget.
     """
     probe = plan.probes[plan.width or cfg.model.name]
+    if model is not None and batches is not None and len(batches):
+        plan.evaluation_speed = evaluation_speed(model, batches, probe)
     budget = TimeBudget(deadline, learning_rate, plan, probe.predict)
     if budget.remaining() < 0.2 * cfg.train.time_budget:
         spent = cfg.train.time_budget - (deadline - time.monotonic())

@@ -307,7 +307,9 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
                     extra_callbacks, plan.history, total_epochs=sum(p.epochs for p in plan.phases))
     if budget_plan is not None:
         plan.phases = [Phase(1, BUDGET_MAX_EPOCHS, plan.phases[0].learning_rate)]
-        fitter.budget = make_time_budget(deadline, plan.phases[0].learning_rate, cfg, budget_plan)
+        one_device = devices.devices.count == 1  # the float32 copy is timed outside any distribution
+        fitter.budget = make_time_budget(deadline, plan.phases[0].learning_rate, cfg, budget_plan,
+                                         plan.model if one_device else None, train_ds)
         say(f"time budget {clock(cfg.train.time_budget)}: {clock(fitter.budget.remaining())} for training, "
             f"{clock(fitter.budget.reserve)} kept for the final evaluation and saving")
     status = _fit_phases(fitter, plan.phases, len(data.class_names), cfg, warnings)
