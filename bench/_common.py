@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -31,21 +30,21 @@ def cifar_folder() -> Path:
 
 
 def machine() -> dict[str, Any]:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (StopIteration, OSError):
-        model = platform.processor()
-    info = {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
-    try:  # CPUs that lscpu names alike (AMD EPYC) differ: family/model tell the generations apart
+    """The machine a result was measured on: CPU model, cores, Python, and the CPU facts that change
+    speed (cnnkit's own reading of them: ``cnnkit.info``'s, so a played CPU is recorded as played)."""
+    from cnnkit._backends.devices import PLAYED_FLAGS_ENV, cpu_flags, cpu_has_bfloat16, cpu_model
+
+    flags = cpu_flags()
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                            "bfloat16": cpu_has_bfloat16(flags), "avx512": "avx512f" in flags}
+    if os.environ.get(PLAYED_FLAGS_ENV) is not None:
+        info["cpu_flags_played"] = True
+    try:  # CPUs that share a model name (AMD EPYC) differ: family/model tell the generations apart
         with open("/proc/cpuinfo") as f:
-            first_cpu = f.read().split("\n\n")[0]
-        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu.splitlines())}
-        flags = set(fields.get("flags", "").split())
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
         info["family_model"] = f"{fields['cpu family']}/{fields['model']}"
-        info["bfloat16"] = bool(flags & {"avx512_bf16", "amx_bf16"})
-        info["avx512"] = "avx512f" in flags
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError):
         pass
     return info
 
