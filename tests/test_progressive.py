@@ -46,6 +46,7 @@ def test_the_layer_downscales_in_training_only():
     assert tuple(upto(images, training=True).shape) == (2, 32, 32, 3)
 
 
+@pytest.mark.backends
 def test_training_steps_run_at_each_side_and_the_run_ends_at_full_size(tmp_path, monkeypatch):
     """The training step is traced again at every new side: the resize sees 24 px, then 28 px. The run
     records each epoch's side, and the saved model loads in a new process and predicts at 32 px."""
