@@ -248,7 +248,7 @@ def test_the_reserve_prices_the_final_evaluation_at_the_float32_models_speed():
     with dtype_policy("mixed_bfloat16"):
         mixed = build_model("fast", 3, (16, 16), width="small")
     measured = evaluation_speed(mixed, batches, rate)
-    assert measured > 0 and measured != 1.0  # a float32 copy was timed
+    assert 0.1 < measured < 20 and measured != 1.0  # a float32 copy was timed, and only its inference
 
 
 def test_width_is_for_the_fast_model_only():

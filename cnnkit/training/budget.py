@@ -338,7 +338,7 @@ class TimeBudget(keras.callbacks.Callback):
         now = time.monotonic()
         seconds, self._last_tick = now - self._last_tick, now
         self.steps += 1
-        if self.steps > 1:  # the first step compiles
+        if self.steps > 1 and batch > 0:  # an epoch's first step may compile (the first; a new side: progressive)
             self.step_seconds = seconds if self.step_seconds == 0 else 0.7 * self.step_seconds + 0.3 * seconds
         needed = self.step_seconds
         steps_per_epoch = (self.params or {}).get("steps")
@@ -390,9 +390,10 @@ def evaluation_speed(model: keras.Model, batches: ArrayBatches, rate: Throughput
         batch = batches[index % len(batches)][0]
         keras.ops.convert_to_numpy(final.predict_on_batch(batch))
         images += len(batch)
+    speed = images / max(time.monotonic() - tick, 1e-9)
     del final
     gc.collect()
-    return images / max(time.monotonic() - tick, 1e-9) / max(rate.predict, 1e-9)
+    return speed / max(rate.predict, 1e-9)
 
 
 def make_time_budget(deadline: float, learning_rate: float, cfg: RunConfig, plan: BudgetPlan,

@@ -37,7 +37,7 @@ from cnnkit.models.transfer import set_backbone_frozen, unfreeze_top
 from cnnkit.rundir import HISTORY_CSV
 from cnnkit.training.callbacks import BestCheckpoint, HistoryRecorder, LastCheckpoint, RichEpochs
 from cnnkit.training.optim import batchnorm_shift_multipliers, layer_lr_multipliers, make_loss, make_optimizer
-from cnnkit.training.progressive import ProgressiveResizing
+from cnnkit.training.progressive import ProgressiveResizing, resize_layer, schedule_text
 from cnnkit.training.precision import dtype_policy
 
 # Schedules that decay the rate to ~0 over a planned length: stopping them early (EarlyStopping)
@@ -174,7 +174,11 @@ class Fitter:
             budget = self.budget
             progress = (lambda epoch: budget.progress()) if budget is not None else \
                 (lambda epoch: epoch / max(self.total_epochs, 1))
-            resizing = ProgressiveResizing(train_cfg.progressive, tuple(self.model.input_shape[1:3]), progress)
+            full = tuple(self.model.input_shape[1:3])
+            resizing = ProgressiveResizing(train_cfg.progressive, full, progress)
+            if phase.learning_rate is not None and resize_layer(self.model) is not None:  # said once, not on resume
+                say(f"progressive resizing: {schedule_text(train_cfg.progressive, min(full))} (--progressive "
+                    f"{train_cfg.progressive:g}; --progressive 1 turns it off)")
             callbacks.insert(1 if budget is not None else 0, resizing)
         if train_cfg.schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(

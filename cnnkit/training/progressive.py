@@ -43,6 +43,21 @@ def progressive_side(progress: float, start: float, full: int) -> int:
     return sizes[min(len(sizes) - 1, math.floor(progress / GROWN_BY * len(sizes)))]
 
 
+def schedule_text(start: float, full: int) -> str:
+    """The schedule in words, for the run's log.
+
+    Example:
+        >>> schedule_text(0.75, 32)
+        'training at 24, then 28 px over the first half of the run, then at the full 32 px'
+    """
+    sizes = sorted({progressive_side(GROWN_BY * i / 64, start, full) for i in range(64)} - {full})
+    if not sizes:
+        return f"training at the full {full} px throughout"
+    steps = ", then ".join(f"{side}" for side in sizes)
+    return f"training at {steps} px over the first {'half' if GROWN_BY == 0.5 else f'{GROWN_BY:.0%}'} of the run, " \
+           f"then at the full {full} px"
+
+
 def resize_layer(model: keras.Model):
     """The model's ``ProgressiveResize`` layer, or None."""
     return next((layer for layer in all_layers(model) if layer.name == PROGRESSIVE_LAYER), None)

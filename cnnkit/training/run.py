@@ -193,7 +193,7 @@ def _transfer_alternative(cfg: RunConfig, config: RunConfig | dict | None, optio
     if not cfg.model_choice or cfg.model.name != "fast" or cfg.train.time_budget is None \
             or isinstance(config, RunConfig) or importlib.util.find_spec(PRETRAINED_MODULE) is None:
         return None
-    if any(key in options for key in ("width", "stem", "init")) or cfg.train.devices not in (1, "1"):
+    if any(key in options for key in ("width", "stem", "init", "progressive")) or cfg.train.devices not in (1, "1"):
         return None
     try:
         transfer = resolve_config(config, **{**options, "model": PRETRAINED_DEFAULT,
