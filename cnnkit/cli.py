@@ -257,6 +257,16 @@ def _parse_rate(text: str | None) -> float | str | None:
         raise ConfigError(f"--learning-rate takes a number (e.g. 1e-3) or 'auto'. Received: learning_rate={text!r}") from None
 
 
+def _parse_progressive(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--progressive takes a fraction of the image side (e.g. 0.75; 1 = off) or 'auto'. "
+                          f"Received: progressive={text!r}") from None
+
+
 @dataclass(frozen=True)
 class TrainOption:
     """One training option on the command line: a field of the run config (``cnnkit.config.OPTION_KEYS``).
@@ -324,8 +334,10 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
                               "0 = off)."),
     TrainOption("bn_bias_lr", float, "BatchNorm shifts (beta) learn at this many times the rate (1 = off; airbench "
                                      "uses 64)."),
-    TrainOption("progressive", float, "fast only: progressive resizing; start at this fraction of the image side "
-                                      "(e.g. 0.75) and reach the full size half-way (1 = off)."),
+    TrainOption("progressive", str, "fast only: progressive resizing; start at this fraction of the image side "
+                                    "(e.g. 0.75) and reach the full size half-way (1 = off), or auto (under "
+                                    "--time-budget, the default: on when the budget affords 8 epochs).",
+                parse=_parse_progressive),
     TrainOption("tta", str, "Views of the final *_accuracy_tta metrics: auto (flip when the augmentation flips), "
                             "none, flip or flip+crop."),
     TrainOption("augment", str, "none, light, standard, strong, screens (screenshots/documents: no flips) or "

@@ -227,8 +227,10 @@ class TrainConfig:
             none) learn at this many times the scheduled rate (airbench raises it 64x); 1 = off.
         progressive: fast only: progressive resizing. Training starts at this fraction of the
             image side (0.75: 24 px for 32 px images) and grows in 4-pixel steps to the full size
-            by half-way (of the epochs, or of a time budget), where it stays; 1 = off (the default;
-            under a time budget, ``BUDGET_PROGRESSIVE``).
+            by half-way (of the epochs, or of a time budget), where it stays; 1 = off (the default).
+            "auto" (fast's default under a time budget): the budget turns it on at
+            ``BUDGET_PROGRESSIVE`` when it affords at least ``PROGRESSIVE_MIN_EPOCHS`` epochs at full
+            size (``cnnkit.training.budget``), else off; without a budget "auto" is off.
         tta: the views behind the final ``*_accuracy_tta`` metrics: "auto" (flip when the
             augmentation flips), "none", "flip" or "flip+crop" (flip and four 1/16 shifts).
         devices: how many devices train in data parallel (``keras.distribution.DataParallel`` on
@@ -257,7 +259,7 @@ class TrainConfig:
     time_budget: float | None = None
     ema: float = 0.0
     bn_bias_lr: float = 1.0
-    progressive: float = 1.0
+    progressive: float | str = 1.0
     tta: FinalTTA = "auto"
     devices: int | str = 1
 
@@ -267,11 +269,12 @@ class TrainConfig:
         if not self.bn_bias_lr > 0:
             raise ConfigError(f"[train] bn_bias_lr must be > 0 (1 = BatchNorm shifts learn at the rate of the rest; "
                               f"e.g. 16). Received: bn_bias_lr={self.bn_bias_lr}")
-        if isinstance(self.progressive, bool) or not isinstance(self.progressive, (int, float)) \
-                or not 0.25 <= self.progressive <= 1.0:
-            raise ConfigError("[train] progressive must be a fraction of the image side in [0.25, 1] (1 = off; "
-                              f"e.g. 0.75). Received: progressive={self.progressive!r}")
-        object.__setattr__(self, "progressive", float(self.progressive))
+        if self.progressive != "auto":
+            if isinstance(self.progressive, bool) or not isinstance(self.progressive, (int, float)) \
+                    or not 0.25 <= self.progressive <= 1.0:
+                raise ConfigError("[train] progressive must be a fraction of the image side in [0.25, 1] (1 = off; "
+                                  f"e.g. 0.75) or 'auto'. Received: progressive={self.progressive!r}")
+            object.__setattr__(self, "progressive", float(self.progressive))
         _check_choice("train", "tta", self.tta, FinalTTA)
         if self.epochs < 0 or (self.epochs == 0 and not self.fine_tune_epochs):
             raise ConfigError(f"[train] epochs must be >= 1. Received: epochs={self.epochs}")
@@ -304,6 +307,11 @@ class TrainConfig:
                                   f"'onecycle'. Received: schedule={self.schedule!r}")
             object.__setattr__(self, "time_budget", float(self.time_budget))
         self._check_devices()
+
+    @property
+    def progressive_start(self) -> float:
+        """The side progressive resizing starts at, as a fraction (1.0: off; "auto" not decided is off)."""
+        return 1.0 if self.progressive == "auto" else float(self.progressive)
 
     def _check_devices(self) -> None:
         devices = self.devices
@@ -366,10 +374,10 @@ class RunConfig:
     model_choice: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if self.train.progressive < 1.0 and self.model.name != "fast":
+        if self.train.progressive_start < 1.0 and self.model.name != "fast":
             raise ConfigError(f"[train] progressive (resizing) applies to the fast model only, whose global pooling "
                               f"takes any image size; not to '{self.model.name}'. Drop --progressive or use --model "
-                              f"fast. Received: progressive={self.train.progressive:g}")
+                              f"fast. Received: progressive={self.train.progressive_start:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
@@ -394,11 +402,14 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 # whitening layer amplifies pixel noise (a gain of ~6x over colour on the tests' noisy colour folders),
 # and a model so trained misread a clean, noise-free image of a class it had learned.
 BUDGET_STEM = "whiten"
-# fast's resolution schedule under --time-budget: progressive resizing from 0.75 of the side (24, then
-# 28 px over the first half of a 32 px run) gave +0.6 points of CIFAR-10 test accuracy (+0.3 with flip
-# TTA) in a 10-minute budget, both seeds above both of the reference's: 12 epochs instead of 9
-# (bench/results/recipe_ablation.json, session zen4-2026-12-06). ``--progressive 1`` turns it off.
+# fast's resolution schedule under --time-budget ("auto": the budget decides). Progressive resizing from
+# 0.75 of the side (24, then 28 px over the first half of a 32 px run) gave +0.6 points of CIFAR-10 test
+# accuracy (+0.3 with flip TTA) in a 10-minute budget that affords ~10 epochs at full size, both seeds
+# above both of the reference's (12 epochs instead of 9), and lost 3 points in a 2-minute budget (3
+# epochs: too few to spend half of them at a lower resolution) (bench/results/recipe_ablation.json,
+# sessions zen4-2026-12-06 and zen4-2026-12-06-2m). So it is on from PROGRESSIVE_MIN_EPOCHS epochs.
 BUDGET_PROGRESSIVE = 0.75
+PROGRESSIVE_MIN_EPOCHS = 8.0
 
 # Without --model: "fast" for images up to this size (per side); above it, EfficientNet-Lite0 with
 # ImageNet weights when cnnkit[pretrained] installed them, else "simple".
@@ -508,7 +519,7 @@ def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = Non
         sections["train"].setdefault("schedule", "onecycle")  # a budget is fitted with the one-cycle schedule
         if sections["model"]["name"] == "fast":
             sections["model"].setdefault("stem", BUDGET_STEM)
-            sections["train"].setdefault("progressive", BUDGET_PROGRESSIVE)
+            sections["train"].setdefault("progressive", "auto")
     return RunConfig(**{name: _build_section(name, values) for name, values in sections.items()}, model_choice=choice)
 
 

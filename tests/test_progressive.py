@@ -60,9 +60,12 @@ def test_training_steps_run_at_each_side_and_the_run_ends_at_full_size(tmp_path,
     monkeypatch.setattr(keras.ops.image, "resize", recording)
     data = write_class_folder(tmp_path / "data", per_class=12, size=32)
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["-q", "train", str(data), "--out", str(out), "--model", "fast", "--width", "small",
+    result = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "--model", "fast", "--width", "small",
                                       "--epochs", "4", "--batch-size", "8", "--progressive", "0.75"])
     assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "progressive resizing: training at 24, then 28 px over the first half of the run, then at the full 32 px" \
+        in said and "costs about 56%" in said
     assert {(24, 24), (28, 28)} <= set(seen) and (32, 32) not in seen
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["train"]["progressive"] == 0.75
@@ -81,3 +84,22 @@ def test_progressive_is_checked():
     with pytest.raises(ConfigError, match="fast model only"):
         resolve_config(None, model="simple", progressive=0.75)
     assert RunConfig().train.progressive == 1.0  # off unless asked for
+
+
+def test_a_time_budget_turns_progressive_resizing_on_when_it_affords_enough_epochs():
+    from cnnkit.config import BUDGET_PROGRESSIVE, PROGRESSIVE_MIN_EPOCHS, load_config
+    from cnnkit.training.budget import BudgetPlan, choose_progressive
+
+    budget = load_config(None, {"train.time_budget": 60})
+    assert budget.train.progressive == "auto" and budget.train.progressive_start == 1.0  # decided by the budget
+    plan = BudgetPlan(600, train_images=45_000, validation_images=5_000, after_training_images=25_000)
+    long_enough = choose_progressive(budget, plan, PROGRESSIVE_MIN_EPOCHS + 2)
+    assert long_enough.train.progressive == BUDGET_PROGRESSIVE < 1.0
+    assert plan.progressive["start"] == BUDGET_PROGRESSIVE and "here 10.0" in plan.progressive["rule"]
+    assert choose_progressive(budget, plan, 3.0).train.progressive == 1.0  # a short run: all epochs at full size
+    assert plan.to_dict()["progressive"]["start"] == 1.0
+    told = load_config(None, {"train.time_budget": 60, "train.progressive": 1.0})
+    assert choose_progressive(told, plan, 50.0).train.progressive == 1.0  # what the user says stands
+    assert load_config(None, {"model.name": "fast"}).train.progressive == 1.0  # without a budget: off
+    assert load_config(None, {"train.time_budget": 60, "model.name": "simple"}).train.progressive_start == 1.0
+    assert TrainConfig(progressive="auto").progressive_start == 1.0

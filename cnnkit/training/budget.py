@@ -12,6 +12,8 @@ measured on another machine:
   training (BatchNorm re-estimation, the final evaluation with its flip views, one last validation
   pass) from the measured inference speed, and keeps that much in reserve; ``evaluation_speed``
   measures the float32 model the final evaluation runs on, when training is in mixed precision.
+* ``choose_progressive`` turns progressive resizing on (``progressive = "auto"``, fast's default
+  under a budget) when the budget affords enough epochs at full size for it to pay.
 * ``TimeBudget``, a callback, fits the one-cycle rate to the fraction of the training time used,
   and stops at the last step that still fits (an epoch's last step counts its validation pass).
   It re-measures the inference speed on every validation pass after the first (which compiles) and
@@ -32,7 +34,7 @@ import keras
 import numpy as np
 
 from cnnkit._progress import say
-from cnnkit.config import RunConfig
+from cnnkit.config import BUDGET_PROGRESSIVE, PROGRESSIVE_MIN_EPOCHS, RunConfig
 from cnnkit.data.batches import TTA_VIEW_COUNT, ArrayBatches
 from cnnkit.data.dataset import LoadedData
 from cnnkit.errors import ConfigError
@@ -122,6 +124,7 @@ class BudgetPlan:
     reason: str = ""
     why_not_wider: str = ""  # why choose_width stopped where it did ("" when it took the widest)
     approach: dict[str, str] | None = None  # fast against transfer learning: what was chosen, by which rule
+    progressive: dict[str, Any] | None = None  # progressive resizing ("auto"): the start chosen, by which rule
     # The final model's inference speed over the training precision's: the work after training runs on
     # the float32 model (``as_float32``), slower than mixed bfloat16 on a CPU with bfloat16 (1.0 elsewhere).
     evaluation_speed: float = 1.0
@@ -142,7 +145,8 @@ class BudgetPlan:
         return {"seconds": self.seconds, "width": self.width, "reason": self.reason,
                 "probes": {name: rate.to_dict() for name, rate in self.probes.items()},
                 "evaluation_speed": round(self.evaluation_speed, 3),
-                **({"approach": self.approach} if self.approach else {})}
+                **({"approach": self.approach} if self.approach else {}),
+                **({"progressive": self.progressive} if self.progressive else {})}
 
 
 def _new_plan(cfg: RunConfig, data: LoadedData) -> BudgetPlan:
@@ -185,7 +189,7 @@ def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy
         rate = plan.probes[cfg.model.name] = _probe(cfg, data, train_ds, policy)
         epochs = plan.epochs_affordable(rate, deadline - time.monotonic())
         plan.reason = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here"
-        return cfg, plan
+        return choose_progressive(cfg, plan, epochs), plan
 
     def probe(width: str) -> Throughput:
         return _probe(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width)), data, train_ds, policy)
@@ -203,7 +207,26 @@ def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy
         if chosen is not None:
             return chosen
     say(f"model width for this budget: [bold]{width}[/] ({why}; --width to choose)")
-    return cfg, plan
+    return choose_progressive(cfg, plan, epochs), plan
+
+
+def choose_progressive(cfg: RunConfig, plan: BudgetPlan, epochs: float) -> RunConfig:
+    """``progressive = "auto"`` decided: ``BUDGET_PROGRESSIVE`` when the budget affords at least
+    ``PROGRESSIVE_MIN_EPOCHS`` epochs at full size, else off (1.0); recorded in ``plan.progressive``.
+
+    The rule (bench/recipe_ablation.py, CIFAR-10, 2 cores): in 10 minutes (~10 epochs at full size)
+    progressive resizing ran 12 epochs instead of 9 and gained 0.3-0.6 points; in 2 minutes (3 epochs)
+    it lost 3, spending half of too few epochs below the size the model is tested at.
+    """
+    if cfg.train.progressive != "auto":
+        return cfg
+    on = epochs >= PROGRESSIVE_MIN_EPOCHS
+    start = BUDGET_PROGRESSIVE if on else 1.0
+    rule = (f"on from {PROGRESSIVE_MIN_EPOCHS:g} epochs affordable at full size; here {epochs:.1f}")
+    plan.progressive = {"start": start, "rule": rule}
+    say(f"progressive resizing: {'on' if on else 'off'} ({rule}; --progressive "
+        f"{'1 turns it off' if on else f'{BUDGET_PROGRESSIVE:g} forces it'})")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progressive=start))
 
 
 def choose_approach(fast: RunConfig, plan: BudgetPlan, transfer: RunConfig, data: LoadedData, policy: str,

@@ -37,7 +37,7 @@ from cnnkit.models.transfer import set_backbone_frozen, unfreeze_top
 from cnnkit.rundir import HISTORY_CSV
 from cnnkit.training.callbacks import BestCheckpoint, HistoryRecorder, LastCheckpoint, RichEpochs
 from cnnkit.training.optim import batchnorm_shift_multipliers, layer_lr_multipliers, make_loss, make_optimizer
-from cnnkit.training.progressive import ProgressiveResizing, resize_layer, schedule_text
+from cnnkit.training.progressive import ProgressiveResizing, progressive_side, resize_layer, schedule_text
 from cnnkit.training.precision import dtype_policy
 
 # Schedules that decay the rate to ~0 over a planned length: stopping them early (EarlyStopping)
@@ -111,7 +111,7 @@ def build_for_training(cfg: RunConfig, num_classes: int, policy: str, data: Load
                             augment=cfg.train.augment, seed=cfg.data.seed, weights=cfg.model.weights,
                             head_width=cfg.model.head_width, dropout=cfg.model.dropout,
                             upscale_size=cfg.model.upscale_size, width=cfg.model.width,
-                            stem=cfg.model.stem, init=cfg.model.init, resizable=cfg.train.progressive < 1.0)
+                            stem=cfg.model.stem, init=cfg.model.init, resizable=cfg.train.progressive_start < 1.0)
     if is_pretrained(cfg):
         set_backbone_frozen(model)
     if data is not None and cfg.model.stem == "whiten":
@@ -170,15 +170,17 @@ class Fitter:
         if self.budget is not None:
             callbacks.insert(0, self.budget)
         resizing = None
-        if train_cfg.progressive < 1.0:
+        if train_cfg.progressive_start < 1.0:
             budget = self.budget
             progress = (lambda epoch: budget.progress()) if budget is not None else \
                 (lambda epoch: epoch / max(self.total_epochs, 1))
             full = tuple(self.model.input_shape[1:3])
-            resizing = ProgressiveResizing(train_cfg.progressive, full, progress)
+            resizing = ProgressiveResizing(train_cfg.progressive_start, full, progress)
             if phase.learning_rate is not None and resize_layer(self.model) is not None:  # said once, not on resume
-                say(f"progressive resizing: {schedule_text(train_cfg.progressive, min(full))} (--progressive "
-                    f"{train_cfg.progressive:g}; --progressive 1 turns it off)")
+                first = progressive_side(0.0, train_cfg.progressive_start, min(full))
+                say(f"progressive resizing: {schedule_text(train_cfg.progressive_start, min(full))}; a step at {first} px "
+                    f"costs about {(first / min(full)) ** 2:.0%} of one at {min(full)} px, so more epochs fit "
+                    f"(--progressive {train_cfg.progressive_start:g}; --progressive 1 turns it off)")
             callbacks.insert(1 if budget is not None else 0, resizing)
         if train_cfg.schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(
