@@ -28,7 +28,8 @@ Rows (options of ``cnnkit train``), in the order they were measured:
   combined      every technique whose median beat its reference, on the whitening stem
 
 Usage: python bench/recipe_ablation.py --session NAME [--budget 10m] [--seeds 2] [--only lr-0.6,dirac]
-(results: bench/results/recipe_ablation.json; each row is seeds x budget long).
+(results: bench/results/recipe_ablation.json, every session's table at each budget it measured;
+each row is seeds x budget long).
 A session is one machine at one time: rows are compared only with rows of their own session (the
 same code on another day's machine ran 8 epochs in a budget where this one ran 10), and a row's
 reference is measured in the session when it is not there yet. Each finished run is appended to
@@ -208,14 +209,18 @@ def main() -> None:
         raise SystemExit(f"unknown row(s) {', '.join(unknown)}; the rows are {', '.join(ROWS)}")
     folder, cache = cifar_folder(), DATA / "ablation-cache"
     sessions = {}
-    for session in dict.fromkeys([r["session"] for r in records()] + [args.session]):
-        mine = session == args.session
-        rows = session_table(session, budget, seeds, wanted if mine else [], folder, cache,
+    # Every session's table at every budget it measured (the results file holds them all, whatever this
+    # invocation's budget); this invocation's session at its budget is measured where it is missing.
+    for session, session_budget in dict.fromkeys([(r["session"], r["budget"]) for r in records()]
+                                                 + [(args.session, budget)]):
+        mine = (session, session_budget) == (args.session, budget)
+        rows = session_table(session, session_budget, seeds, wanted if mine else [], folder, cache,
                              mine and not args.no_combined)
         if rows:
-            print_session(session, rows, args.budget, seeds)
-            sessions[session] = list(rows.values())
-    path = write_result("recipe_ablation", {"budget_seconds": budget, "seeds": seeds, "sessions": sessions})
+            print_session(session, rows, f"{session_budget:g}s", seeds)
+            sessions[session if session_budget == 600 else f"{session} ({session_budget:g}s)"] = {
+                "budget_seconds": session_budget, "rows": list(rows.values())}
+    path = write_result("recipe_ablation", {"seeds": seeds, "sessions": sessions})
     print(f"written {path}")
 
 
