@@ -226,7 +226,7 @@ class TrainConfig:
         bn_bias_lr: BatchNorm's shifts (``beta``, the biases of a network whose convolutions have
             none) learn at this many times the scheduled rate (airbench raises it 64x); 1 = off.
         progressive: fast only: progressive resizing. Training starts at this fraction of the
-            image side (0.75: 24 px for 32 px images) and grows in 4-pixel steps to the full size
+            shorter side (0.75: 24 px for 32 px images; rounded to 4 px, at least 8) and grows in 4-pixel steps to the full size
             by half-way (of the epochs, or of a time budget), where it stays; 1 = off (the default).
             "auto" (fast's default under a time budget): the budget turns it on at
             ``BUDGET_PROGRESSIVE`` when it affords at least ``PROGRESSIVE_MIN_EPOCHS`` epochs at full

@@ -16,6 +16,7 @@ from cnnkit.cli import app
 from cnnkit.config import RunConfig, TrainConfig, resolve_config
 from cnnkit.errors import ConfigError
 from cnnkit.models import build_model
+from cnnkit.models.fast import without_progressive
 from cnnkit.training.progressive import GROWN_BY, progressive_side, resize_layer
 from tests.conftest import write_class_folder
 
@@ -24,6 +25,10 @@ from tests.conftest import write_class_folder
     (0.75, 32, [24, 24, 28, 28, 32, 32]),
     (0.5, 32, [16, 16, 24, 28, 32, 32]),
     (0.75, 16, [12, 12, 12, 12, 16, 16]),
+    (0.75, 30, [24, 24, 28, 28, 30, 30]),  # 22.5 px rounds to the nearest step
+    (0.25, 28, [8, 12, 16, 24, 28, 28]),  # never below 8 px: fast pools three times
+    (0.75, 10, [8, 8, 8, 8, 10, 10]),
+    (0.75, 8, [8] * 6),  # too small to go lower: full size throughout
     (1.0, 32, [32] * 6),
 ])
 def test_the_side_grows_in_steps_to_full_by_half_way(start, full, expected):
@@ -43,10 +48,26 @@ def test_the_layer_downscales_in_training_only():
     inference = keras.ops.convert_to_numpy(model(images, training=False))
     layer.side = None
     np.testing.assert_array_equal(inference, keras.ops.convert_to_numpy(model(images, training=False)))
+    plain = without_progressive(model)  # what a run saves: the same answers without the layer
+    assert resize_layer(plain) is None and len(plain.layers) == len(model.layers) - 1
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(plain(images)), inference, rtol=0, atol=1e-6)
     assert tuple(upto(images, training=True).shape) == (2, 32, 32, 3)
 
 
 @pytest.mark.backends
+def test_the_shorter_side_follows_the_schedule_and_the_other_keeps_the_aspect():
+    from cnnkit.training.progressive import ProgressiveResizing
+
+    for size, expected in (((32, 48), (24, 36)), ((48, 32), (36, 24)), ((8, 8), None)):
+        model = build_model("fast", 3, size, width="small", resizable=True)
+        callback = ProgressiveResizing(0.75, size, lambda epoch: 0.0)
+        callback.set_model(model)
+        callback.on_epoch_begin(0)
+        assert resize_layer(model).side == expected, size
+        callback.on_train_end()
+        assert resize_layer(model).side is None
+
+
 def test_training_steps_run_at_each_side_and_the_run_ends_at_full_size(tmp_path, monkeypatch):
     """The training step is traced again at every new side: the resize sees 24 px, then 28 px. The run
     records each epoch's side, and the saved model loads in a new process and predicts at 32 px."""
@@ -70,17 +91,29 @@ def test_training_steps_run_at_each_side_and_the_run_ends_at_full_size(tmp_path,
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["train"]["progressive"] == 0.75
     assert record["phases"][0]["progressive_sides"] == [24, 28, 32, 32]
-    image = next((data / "red").iterdir())
-    predicted = subprocess.run([sys.executable, "-m", "cnnkit.cli", "-q", "predict", str(out), str(image),
-                                "--format", "json"],
-                               capture_output=True, text=True, timeout=300)
-    assert predicted.returncode == 0, predicted.stderr
-    assert json.loads(predicted.stdout)[0]["label"] in ("red", "green", "blue"), predicted.stdout
+    # the saved model is plain Keras: no training-only layer, and it loads without cnnkit
+    load = ("import sys, keras, numpy as np; m = keras.saving.load_model(sys.argv[1]); "
+            "assert not any(n.startswith('cnnkit') for n in sys.modules), 'cnnkit imported'; "
+            "assert 'progressive_resize' not in [l.name for l in m.layers]; "
+            "print(m.predict(np.zeros((1, 32, 32, 3), 'uint8'), verbose=0).shape)")
+    loaded = subprocess.run([sys.executable, "-c", load, str(out / "model.keras")], capture_output=True, text=True,
+                            timeout=300)
+    assert loaded.returncode == 0 and "(1, 3)" in loaded.stdout, loaded.stderr[-2000:]
+    # a resumed run trains on at full size: its first epochs had the lower sides
+    seen.clear()
+    resumed = CliRunner().invoke(app, ["-q", "train", "--resume", str(out), "--epochs", "1", "--out",
+                                       str(tmp_path / "resumed")])
+    assert resumed.exit_code == 0, resumed.output
+    phases = json.loads((tmp_path / "resumed" / "run.json").read_text())["phases"]
+    assert "progressive_sides" not in phases[-1] and not seen
 
 
-def test_progressive_is_checked():
+def test_progressive_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="progressive must be a fraction"):
         TrainConfig(progressive=0.1)
+    data = write_class_folder(tmp_path / "data", per_class=4)
+    bad = CliRunner().invoke(app, ["-q", "train", str(data), "--out", str(tmp_path / "run"), "--progressive", "half"])
+    assert bad.exit_code != 0 and "--progressive takes a fraction" in bad.output and "Traceback" not in bad.output
     with pytest.raises(ConfigError, match="fast model only"):
         resolve_config(None, model="simple", progressive=0.75)
     assert RunConfig().train.progressive == 1.0  # off unless asked for
@@ -101,5 +134,6 @@ def test_a_time_budget_turns_progressive_resizing_on_when_it_affords_enough_epoc
     told = load_config(None, {"train.time_budget": 60, "train.progressive": 1.0})
     assert choose_progressive(told, plan, 50.0).train.progressive == 1.0  # what the user says stands
     assert load_config(None, {"model.name": "fast"}).train.progressive == 1.0  # without a budget: off
-    assert load_config(None, {"train.time_budget": 60, "model.name": "simple"}).train.progressive_start == 1.0
+    simple = load_config(None, {"train.time_budget": 60, "model.name": "simple", "train.progressive": "auto"})
+    assert choose_progressive(simple, plan, 50.0).train.progressive == 1.0  # only fast takes any size
     assert TrainConfig(progressive="auto").progressive_start == 1.0

@@ -110,6 +110,34 @@ class ProgressiveResize(layers.Layer):
         return input_shape
 
 
+def without_progressive(model: keras.Model) -> keras.Model:
+    """``model`` without its ``ProgressiveResize`` layer (same weights: the layer has none); itself
+    when it has none.
+
+    The layer only acts in training; the model a run saves is written without it, so it is a plain
+    Keras model that loads without cnnkit (no custom layer in the file).
+    """
+    config = model.get_config()
+    entry = next((layer for layer in config.get("layers", []) if layer["name"] == PROGRESSIVE_LAYER), None)
+    if entry is None:
+        return model
+    source = entry["inbound_nodes"][0]["args"][0]["config"]["keras_history"]
+
+    def rewire(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "__keras_tensor__" and node["config"]["keras_history"][0] == PROGRESSIVE_LAYER:
+                return {**node, "config": {**node["config"], "keras_history": list(source)}}
+            return {key: rewire(value) for key, value in node.items()}
+        if isinstance(node, (list, tuple)):  # a loaded model's config holds tuples where a built one has lists
+            return type(node)(rewire(value) for value in node)
+        return node
+
+    config = rewire({**config, "layers": [layer for layer in config["layers"] if layer is not entry]})
+    clone = model.__class__.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def fast_body(x, widths: tuple[int, ...] = WIDTHS[DEFAULT_WIDTH], stem: str = "conv", init: str = "default",
               resizable: bool = False):
     """The feature extractor; ``x`` is scaled to [0, 1]. ``init="dirac"``: the blocks' convolutions

@@ -131,7 +131,8 @@ class BudgetPlan:
 
     def reserve(self, predict_rate: float) -> float:
         """Seconds kept for the work after training, at ``predict_rate`` images per second (the training
-        precision's; the last validation pass runs in it, the work after training at ``evaluation_speed``)."""
+        precision's; the last validation pass runs in it, the work after training at ``evaluation_speed``:
+        this prices the BatchNorm re-estimation, done in the training precision, on the safe side)."""
         images = self.after_training_images / max(self.evaluation_speed, 1e-9) + self.validation_images
         return images / max(predict_rate, 1e-9) * RESERVE_MARGIN + SAVE_SECONDS
 
@@ -220,6 +221,8 @@ def choose_progressive(cfg: RunConfig, plan: BudgetPlan, epochs: float) -> RunCo
     """
     if cfg.train.progressive != "auto":
         return cfg
+    if cfg.model.name != "fast":  # only fast takes any image size: "auto" is off for the others
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progressive=1.0))
     on = epochs >= PROGRESSIVE_MIN_EPOCHS
     start = BUDGET_PROGRESSIVE if on else 1.0
     rule = (f"on from {PROGRESSIVE_MIN_EPOCHS:g} epochs affordable at full size; here {epochs:.1f}")
@@ -361,10 +364,11 @@ class TimeBudget(keras.callbacks.Callback):
         now = time.monotonic()
         seconds, self._last_tick = now - self._last_tick, now
         self.steps += 1
-        if self.steps > 1 and batch > 0:  # an epoch's first step may compile (the first; a new side: progressive)
+        steps_per_epoch = (self.params or {}).get("steps")
+        # An epoch's first step may compile (the run's first; a new side under progressive resizing).
+        if self.steps > 1 and (batch > 0 or steps_per_epoch == 1):
             self.step_seconds = seconds if self.step_seconds == 0 else 0.7 * self.step_seconds + 0.3 * seconds
         needed = self.step_seconds
-        steps_per_epoch = (self.params or {}).get("steps")
         if steps_per_epoch and batch + 1 >= steps_per_epoch:
             # the epoch's validation pass and checkpoints come before the next step
             needed += self.validation_seconds() + self.epoch_overhead

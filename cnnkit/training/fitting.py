@@ -130,6 +130,7 @@ class Fitter:
         self.model, self.cfg, self.train_ds, self.val_ds = model, cfg, train_ds, val_ds
         self.monitor, self.class_weight, self.extra_callbacks = monitor, class_weight, extra_callbacks
         self.recorder = HistoryRecorder(history)
+        self.resumed = self.recorder.epochs > 0  # progressive resizing is for a run's first epochs only
         self.total_epochs = self.recorder.epochs + total_epochs
         self.best_path = run_path / "best.weights.h5"
         self.last = LastCheckpoint(run_path / "last.keras", self.recorder, run_path / HISTORY_CSV)
@@ -170,7 +171,7 @@ class Fitter:
         if self.budget is not None:
             callbacks.insert(0, self.budget)
         resizing = None
-        if train_cfg.progressive_start < 1.0:
+        if train_cfg.progressive_start < 1.0 and not self.resumed:
             budget = self.budget
             progress = (lambda epoch: budget.progress()) if budget is not None else \
                 (lambda epoch: epoch / max(self.total_epochs, 1))

@@ -4,13 +4,15 @@
 downscales each batch to a side it is given. ``ProgressiveResizing`` (a callback) sets that side
 at the start of every epoch from the progress of the run: ``progressive_side`` grows it in 4-pixel
 steps from ``start`` times the image side to the full side by ``GROWN_BY`` of the run (the wall
-clock of a time budget, or the epochs), after which training is at full size. A step at 24 px
+clock of a time budget, or the epochs), after which training is at full size. A resumed run trains
+at full size (its first part had the lower sides). A step at 24 px
 costs about (24/32)^2 = 56% of one at 32 px, so the same time buys more epochs; the last half
 trains at the size the model is evaluated at, and BatchNorm's statistics are re-estimated at it.
 
 A change of side retraces the training step (one compilation per size: three for 0.75 at 32 px).
-The layer is set back to full size when training ends, so evaluation and the saved model see the
-full size.
+The layer is set back to full size when training ends, so evaluation sees the full size, and the
+saved model is written without it (``cnnkit.models.fast.without_progressive``): a plain Keras
+model that loads without cnnkit.
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ from cnnkit.models.saving import all_layers
 GROWN_BY = 0.5
 # Sides are multiples of this many pixels (fewer sizes: fewer recompilations).
 SIDE_STEP = 4
+# The smallest side trained at: fast pools three times by 2, so 8 px still leaves one pixel.
+MIN_SIDE = 8
 
 
 def progressive_side(progress: float, start: float, full: int) -> int:
     """The side to train at, at ``progress`` (0 to 1) of the run, starting at ``start`` times ``full``.
+
+    The first side is ``start * full`` rounded to the nearest multiple of ``SIDE_STEP`` (at least
+    ``MIN_SIDE``); the sides below ``full`` share the first ``GROWN_BY`` of the run equally. Images
+    too small for a lower side train at full size throughout.
 
     Example:
         >>> [progressive_side(p, 0.75, 32) for p in (0.0, 0.2, 0.3, 0.5, 0.9)]
@@ -38,8 +46,10 @@ def progressive_side(progress: float, start: float, full: int) -> int:
     """
     if start >= 1.0 or progress >= GROWN_BY:
         return full
-    first = max(SIDE_STEP, int(start * full) // SIDE_STEP * SIDE_STEP)
+    first = max(MIN_SIDE, round(start * full / SIDE_STEP) * SIDE_STEP)
     sizes = list(range(first, full, SIDE_STEP))  # the sizes below full, each for an equal share
+    if not sizes:
+        return full
     return sizes[min(len(sizes) - 1, math.floor(progress / GROWN_BY * len(sizes)))]
 
 

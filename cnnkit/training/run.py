@@ -41,7 +41,7 @@ from cnnkit.errors import CnnkitError, ConfigError, DataError
 from cnnkit.metrics import cross_entropy
 from cnnkit.models import get_spec
 from cnnkit.models.augment import augment_config, final_tta
-from cnnkit.models.fast import DEFAULT_WIDTH
+from cnnkit.models.fast import DEFAULT_WIDTH, without_progressive
 from cnnkit.models.zoo import backbone_names
 from cnnkit.models.saving import ModelMeta, as_float32, save_model
 from cnnkit.rundir import (
@@ -381,7 +381,9 @@ def _final_model(fitter: Fitter, plan: _Plan, data: LoadedData, cfg: RunConfig, 
     plan.extra["phases"] = fitter.phases
     if fitter.budget is not None:
         plan.extra["time_budget"] = fitter.budget.record()
-    return as_float32(model)  # the saved model computes in float32 on any machine
+    # The saved model computes in float32 on any machine, and has no progressive-resizing layer (a
+    # training-only layer: without it the file loads in plain Keras).
+    return without_progressive(as_float32(model))
 
 
 def _save_outputs(run: RunDirectory, model: keras.Model, data: LoadedData, cfg: RunConfig,
