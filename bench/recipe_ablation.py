@@ -20,7 +20,7 @@ Rows (options of ``cnnkit train``), in the order they were measured:
                 medium; on a fast CPU medium gets 16-18 epochs in 10 minutes and large 10-11
   bn-bias-64    --bn-bias-lr 64: BatchNorm's shifts learn 64x faster (airbench; fast's BatchNorm has
                 no scale, airbench's frozen weights, already)
-  bn-bias-8     --bn-bias-lr 8: the same, raised less (defined, not measured yet: 64 lost 0.5)
+  bn-bias-8     --bn-bias-lr 8: the same, raised less (64 lost 0.5; 8 tied: +0.07 with TTA)
   progressive   --progressive 0.75: progressive resizing, 24 then 28 px over the first half of the
                 budget, 32 px after (a 24 px step costs ~56% of a 32 px one: more epochs in the time);
                 it paid, and is fast's schedule under --time-budget since (the rows above say
