@@ -248,23 +248,20 @@ def _parse_duration(text: str | None) -> float | None:
     return sum(float(n) * unit[u] for n, u in parts)
 
 
-def _parse_rate(text: str | None) -> float | str | None:
-    if text is None or text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"--learning-rate takes a number (e.g. 1e-3) or 'auto'. Received: learning_rate={text!r}") from None
+def _number_or_auto(flag: str, key: str, expected: str) -> Callable[[str | None], float | str | None]:
+    """A parser of an option that takes a number or 'auto' (``--learning-rate``, ``--progressive``)."""
+    def parse(text: str | None) -> float | str | None:
+        if text is None or text == "auto":
+            return text
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{flag} takes {expected} or 'auto'. Received: {key}={text!r}") from None
+    return parse
 
 
-def _parse_progressive(text: str | None) -> float | str | None:
-    if text is None or text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"--progressive takes a fraction of the image side (e.g. 0.75; 1 = off) or 'auto'. "
-                          f"Received: progressive={text!r}") from None
+_parse_rate = _number_or_auto("--learning-rate", "learning_rate", "a number (e.g. 1e-3)")
+_parse_progressive = _number_or_auto("--progressive", "progressive", "a fraction of the image side (e.g. 0.75; 1 = off)")
 
 
 @dataclass(frozen=True)
