@@ -96,19 +96,25 @@ def measure_throughput(model: keras.Model, batches: ArrayBatches, cfg: RunConfig
     model.compile(optimizer=make_optimizer(cfg.train, 1e-3, 1, schedule="plateau"),
                   loss=make_loss(cfg.train.label_smoothing))
 
-    def timed(step) -> float:
-        step(*batches[0])  # compiles
-        images = 0
-        tick = time.monotonic()
-        for index in range(1, steps + 1):
-            batch = batches[index % len(batches)]
-            step(*batch)
-            images += len(batch[0])
-        return images / max(time.monotonic() - tick, 1e-9)
-
-    train = timed(model.train_on_batch)
-    predict = timed(lambda images, labels: keras.ops.convert_to_numpy(model.predict_on_batch(images)))
+    train = _images_per_second(model.train_on_batch, batches, steps)
+    predict = _images_per_second(_inference(model), batches, steps)
     return Throughput(train, predict, time.monotonic() - started)
+
+
+def _inference(model: keras.Model) -> Callable[[Any, Any], Any]:
+    return lambda images, labels: keras.ops.convert_to_numpy(model.predict_on_batch(images))
+
+
+def _images_per_second(step: Callable[[Any, Any], Any], batches: ArrayBatches, steps: int) -> float:
+    """Images per second of ``step(images, labels)`` over ``steps`` real batches, after one that compiles."""
+    step(*batches[0])  # compiles
+    images = 0
+    tick = time.monotonic()
+    for index in range(1, steps + 1):
+        batch = batches[index % len(batches)]
+        step(*batch)
+        images += len(batch[0])
+    return images / max(time.monotonic() - tick, 1e-9)
 
 
 @dataclass
@@ -410,14 +416,7 @@ def evaluation_speed(model: keras.Model, batches: ArrayBatches, rate: Throughput
     final = as_float32(model)
     if final is model:
         return 1.0
-    final.predict_on_batch(batches[0][0])  # compiles
-    images = 0
-    tick = time.monotonic()
-    for index in range(1, steps + 1):
-        batch = batches[index % len(batches)][0]
-        keras.ops.convert_to_numpy(final.predict_on_batch(batch))
-        images += len(batch)
-    speed = images / max(time.monotonic() - tick, 1e-9)
+    speed = _images_per_second(_inference(final), batches, steps)
     del final
     gc.collect()
     return speed / max(rate.predict, 1e-9)
