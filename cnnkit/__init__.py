@@ -18,6 +18,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from cnnkit._backends.devices import prefer_onednn
+
+prefer_onednn()  # before anything imports TensorFlow: it reads the switch once (see prefer_onednn)
+
 from cnnkit._version import __version__
 from cnnkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from cnnkit.errors import (

@@ -678,6 +678,7 @@ def machine_info() -> dict[str, Any]:
         "cnnkit": __version__, "python": sys.version.split()[0], "keras": keras.__version__,
         "backend": backend, "backend_version": devices.backend_version(backend),
         "devices": devices.devices(backend),
+        "onednn": devices.onednn(backend),
         "mixed_precision": {**precision.as_dict(), "cpu_bfloat16": devices.cpu_has_bfloat16(flags)},
         "cpu": {"model": devices.cpu_model(), "cores": os.cpu_count(),
                 "vector_extensions": [flag for flag in devices.VECTOR_FLAGS if flag in flags],
@@ -707,6 +708,8 @@ def info(
     rows = [("cnnkit", f"{facts['cnnkit']} (Python {facts['python']}, Keras {facts['keras']})"),
             ("backend", f"{facts['backend']} {facts['backend_version']}  (set KERAS_BACKEND to change)"),
             ("devices", ", ".join(facts["devices"])),
+            *([("oneDNN", "on" if facts["onednn"] else "off (TF_ENABLE_ONEDNN_OPTS=1 turns it on)")]
+              if facts["onednn"] is not None else []),
             ("mixed precision", f"{mixed['policy']}: {mixed['reason']}"),
             ("cpu", f"{facts['cpu']['model']}, {facts['cpu']['cores']} cores"),
             ("vector extensions", (" ".join(facts["cpu"]["vector_extensions"]) or "unknown")

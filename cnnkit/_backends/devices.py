@@ -31,6 +31,26 @@ _SHIMS = {"tensorflow": "cnnkit._backends.tensorflow", "jax": "cnnkit._backends.
 PLAYED_FLAGS_ENV = "CNNKIT_CPU_FLAGS"
 
 
+# TensorFlow runs its convolutions on oneDNN by default only on CPUs it counts as built for neural
+# networks (AVX512-VNNI, AVX512-BF16, AVX-VNNI, AMX: ``IsMKLEnabled`` in tensorflow/core/util/util.cc);
+# on every other x86-64 CPU, AVX2-only ones included, they run as Eigen contractions over small GEMMs.
+# On a 2-core AVX2-only EPYC (Zen 3), oneDNN trained ``fast`` 1.7x as fast and predicted 1.4x as fast
+# (bench/results/onednn.json). TensorFlow reads this switch once, when it is imported, so ``import cnnkit``
+# sets it first; a value the user set (0 turns oneDNN off) is kept.
+TF_ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def prefer_onednn() -> None:
+    """Ask TensorFlow for its oneDNN kernels on any x86-64 CPU (unless ``TF_ENABLE_ONEDNN_OPTS`` is set)."""
+    os.environ.setdefault(TF_ONEDNN_ENV, "1")
+
+
+def onednn(backend: str | None = None) -> bool | None:
+    """Whether the active backend runs on oneDNN: TensorFlow's own answer; None for other backends."""
+    shim = _shim(backend)
+    return getattr(shim, "onednn", lambda: None)() if shim is not None else None
+
+
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The CPU's feature flags (``flags`` on x86-64, ``Features`` on Arm); empty where unknown.
 

@@ -19,6 +19,13 @@ def version() -> str:
     return tf.__version__
 
 
+def onednn() -> bool:
+    """Whether TensorFlow runs on oneDNN in this process (decided when it was imported)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def devices() -> list[str]:
     return [f"{d.device_type.lower()}:{d.name.rsplit(':', 1)[-1]}" for d in tf.config.list_physical_devices()]
 
