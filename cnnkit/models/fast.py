@@ -30,7 +30,8 @@ from cnnkit.models.zoo import register
 
 # Channel widths of the stem and the three blocks, by name (``--width``). Their speed depends on the
 # machine (on a 2-core AVX512-BF16 CPU in bfloat16: about 1,350 / 800 / 560 CIFAR images per second
-# of training; on a 2-core AVX2 CPU in float32: about 280 / 180 / 110), so a time budget measures it
+# of training; on a 2-core AVX2-only CPU in float32, on oneDNN: about 840 / 420 for small / medium,
+# bench/results/onednn.json), so a time budget measures it
 # (``cnnkit.training.budget``) instead of reading a table.
 WIDTHS = {"small": (24, 32, 64, 128), "medium": (32, 48, 96, 192), "large": (32, 64, 128, 256)}
 DEFAULT_WIDTH = "medium"
