@@ -32,11 +32,12 @@ def cifar_folder() -> Path:
 def machine() -> dict[str, Any]:
     """The machine a result was measured on: CPU model, cores, Python, and the CPU facts that change
     speed (cnnkit's own reading of them: ``cnnkit.info``'s, so a played CPU is recorded as played)."""
-    from cnnkit._backends.devices import PLAYED_FLAGS_ENV, cpu_flags, cpu_has_bfloat16, cpu_model
+    from cnnkit._backends.devices import PLAYED_FLAGS_ENV, TF_ONEDNN_ENV, cpu_flags, cpu_has_bfloat16, cpu_model
 
     flags = cpu_flags()
     info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                             "bfloat16": cpu_has_bfloat16(flags), "avx512": "avx512f" in flags}
+    info["tf_enable_onednn_opts"] = os.environ.get(TF_ONEDNN_ENV)  # what TensorFlow was asked for (cnnkit sets 1)
     if os.environ.get(PLAYED_FLAGS_ENV) is not None:
         info["cpu_flags_played"] = True
     try:  # CPUs that share a model name (AMD EPYC) differ: family/model tell the generations apart

@@ -52,9 +52,9 @@ def subset(train: Path, images: int, out: Path) -> int:
 
 def child(data: Path, models: list[str], epochs: int, images: int) -> list[dict]:
     """In a process on one backend: each model, float32 then mixed; seconds per epoch."""
+    import cnnkit  # first: it asks TensorFlow for oneDNN before TensorFlow is imported
     import keras
 
-    import cnnkit
     from cnnkit import _progress
 
     _progress.set_progress(False)

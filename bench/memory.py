@@ -79,6 +79,7 @@ def write_large_cache(path: Path, count: int, side: int) -> Path:
 
 
 def child_large(cache_path: str, steps: int) -> dict:
+    import cnnkit  # noqa: F401  first: it asks TensorFlow for oneDNN before TensorFlow is imported
     import keras
     import numpy as np
 

@@ -91,6 +91,8 @@ def test_every_command_on_a_run(run, data, tmp_path):
     from cnnkit._backends.devices import VECTOR_FLAGS, cpu_flags
 
     assert facts["cpu"]["cores"] >= 1
+    # oneDNN: TensorFlow's own answer on TensorFlow (a bool), nothing on the other backends
+    assert isinstance(facts["onednn"], bool) if BACKEND == "tensorflow" else facts["onednn"] is None
     assert facts["cpu"]["vector_extensions"] == [flag for flag in VECTOR_FLAGS if flag in cpu_flags()]
     assert all(facts[key] for key in ("home", "cache", "registry", "artifacts"))
     assert set(facts["extras"]) == {"jax", "torch", "serve", "export", "postgres", "ray", "pretrained"}

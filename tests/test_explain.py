@@ -148,9 +148,10 @@ def test_gradcam_peaks_where_the_class_is_decided(backend, module, tmp_path):
         pytest.skip(f"{module} is not installed (pip install 'cnnkit[{backend}]')")
     write_corner_folder(tmp_path / "corners")
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
-    # TensorFlow's oneDNN kernels differ by CPU (AVX2, AVX-512, AMX), and so did the trained model: a 2-core AVX2
-    # EPYC measured a margin of 0.184 where this AVX512-BF16 machine gets 0.47. Its Eigen kernels are compiled for
-    # plain AVX, the same instructions on every x86-64 CPU that runs TensorFlow, so the test means one thing anywhere.
+    # TensorFlow's kernels differ by CPU (Eigen's; oneDNN's AVX2, AVX-512, AMX paths), and so did the trained model:
+    # a 2-core AVX2 EPYC measured a margin of 0.184 where this AVX512-BF16 machine gets 0.47. Eigen's kernels are
+    # compiled for plain AVX, the same instructions on every x86-64 CPU that runs TensorFlow, so the test means one
+    # thing anywhere.
     env["TF_ENABLE_ONEDNN_OPTS"] = "0"
     proc = subprocess.run([sys.executable, "-c", LOCALISE, str(tmp_path / "corners"), str(tmp_path / "run")],
                           capture_output=True, text=True, env=env, timeout=600)

@@ -186,7 +186,7 @@ def _rates(train_small: float) -> dict[str, Throughput]:
 @pytest.mark.parametrize("train_small, seconds, width, probed", [
     (1350, 600, "medium", ["small", "medium"]),  # the bf16 CPU, 10 minutes: medium pays off, large cannot
     (1350, 1800, "large", ["small", "medium", "large"]),  # 30 minutes buy large its epochs
-    (280, 600, "small", ["small"]),  # the AVX2 CPU, 10 minutes: ~3 epochs; medium is not even probed
+    (280, 600, "small", ["small"]),  # a CPU 5x slower, 10 minutes: ~3 epochs; medium is not even probed
     (1350, 120, "small", ["small"]),  # a short budget
 ])
 def test_the_width_follows_the_speed_measured_here(train_small, seconds, width, probed):

@@ -36,7 +36,7 @@ def test_fast_default_keeps_a_three_minute_budget_on_any_cpu(cifar, tmp_path):
     """The default model and recipe (``fast``), fitted to --time-budget, decode included.
 
     A budget is a promise on any machine: the run ends within 3% (+2 s) of the time asked, whether
-    the CPU trains in bfloat16 or 4-5x slower in float32 (AVX2 only). What it reaches depends on the
+    the CPU trains in bfloat16 or in float32 (AVX2 only, 1.5-2x slower). What it reaches depends on the
     CPU (bench/time_to_accuracy.py measures it); here it must at least have learned.
     """
     budget = 180

@@ -18,11 +18,12 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from cnnkit.errors import ModelError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _MODULES = {"tensorflow": "cnnkit._backends.tensorflow", "jax": "cnnkit._backends.jax",
             "torch": "cnnkit._backends.torch"}
@@ -55,6 +56,7 @@ def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarr
         ModelError: the active Keras backend has no gradient shim (e.g. "numpy").
     """
     import keras
+    import numpy as np
 
     require_gradients("explain")
     backend = keras.backend.backend()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import sys
 from dataclasses import asdict, dataclass
 
 BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86-64 (AVX512-BF16, AMX); Arm's "bf16" feature
@@ -32,17 +33,19 @@ PLAYED_FLAGS_ENV = "CNNKIT_CPU_FLAGS"
 
 
 # TensorFlow runs its convolutions on oneDNN by default only on CPUs it counts as built for neural
-# networks (AVX512-VNNI, AVX512-BF16, AVX-VNNI, AMX: ``IsMKLEnabled`` in tensorflow/core/util/util.cc);
+# networks (AVX512-VNNI, AVX512-BF16, AVX-VNNI, AMX: ``IsMklEnabled`` in tensorflow/core/util/port.cc);
 # on every other x86-64 CPU, AVX2-only ones included, they run as Eigen contractions over small GEMMs.
-# On a 2-core AVX2-only EPYC (Zen 3), oneDNN trained ``fast`` 1.7x as fast and predicted 1.4x as fast
-# (bench/results/onednn.json). TensorFlow reads this switch once, when it is imported, so ``import cnnkit``
-# sets it first; a value the user set (0 turns oneDNN off) is kept.
+# On a 2-core AVX2-only EPYC (Zen 3), oneDNN trained ``fast`` 1.9x (small) and 1.6x (medium) as fast and
+# predicted 1.6x / 1.4x as fast (bench/onednn.py). TensorFlow reads this switch once, when it is imported,
+# so ``import cnnkit`` sets it first; a value the user set (0 turns oneDNN off) is kept. x86-64 Linux only:
+# TensorFlow's Arm builds choose oneDNN per CPU themselves, and other platforms' builds lack it.
 TF_ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 
 
 def prefer_onednn() -> None:
-    """Ask TensorFlow for its oneDNN kernels on any x86-64 CPU (unless ``TF_ENABLE_ONEDNN_OPTS`` is set)."""
-    os.environ.setdefault(TF_ONEDNN_ENV, "1")
+    """Ask TensorFlow for its oneDNN kernels on any x86-64 Linux CPU (unless ``TF_ENABLE_ONEDNN_OPTS`` is set)."""
+    if sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64"):
+        os.environ.setdefault(TF_ONEDNN_ENV, "1")
 
 
 def onednn(backend: str | None = None) -> bool | None:

@@ -19,11 +19,14 @@ def version() -> str:
     return tf.__version__
 
 
-def onednn() -> bool:
-    """Whether TensorFlow runs on oneDNN in this process (decided when it was imported)."""
-    from tensorflow.python.util import _pywrap_util_port
+def onednn() -> bool | None:
+    """Whether TensorFlow runs on oneDNN in this process (decided when it was imported); None if it won't say."""
+    try:  # TensorFlow's own answer, from a private module (tf.sysconfig has only the build's)
+        from tensorflow.python.util import _pywrap_util_port
 
-    return bool(_pywrap_util_port.IsMklEnabled())
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
 
 
 def devices() -> list[str]:
