@@ -30,6 +30,32 @@ def run(tmp_path_factory):
 
 
 @pytest.mark.slow
+def _rows(path, fmt: str) -> list:
+    import csv
+    import json
+
+    if fmt == "json":
+        return json.loads(path.read_text())
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def _same_rows(a, b, tolerance: float = 1e-6) -> bool:
+    """Equal structures, numbers (and numbers written as text) within ``tolerance``, all else exactly."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_rows(a[k], b[k], tolerance) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_rows(x, y, tolerance) for x, y in zip(a, b))
+    if isinstance(a, str) and isinstance(b, str):
+        try:
+            return a == b or abs(float(a) - float(b)) <= tolerance
+        except ValueError:
+            return a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) <= tolerance
+    return a == b
+
+
 def test_ray_output_equals_single_process_output(run, tmp_path):
     if importlib.util.find_spec("ray") is None:
         pytest.skip('ray is not installed (pip install "cnnkit[ray]")')
@@ -48,10 +74,14 @@ def test_ray_output_equals_single_process_output(run, tmp_path):
             # Batches of 8 over 2 workers: 39 rows in several blocks and shards, merged back in order.
             done = predict_with_ray(run / "run", inputs, tmp_path / f"ray.{fmt}", fmt, workers=2, batch_size=8)
             assert (done.count, done.failed, done.workers) == (len(expected), 2, 2)
+            # The same rows in the same order; probabilities equal within 1e-6: oneDNN's kernels (TensorFlow's
+            # on every x86-64 CPU) may round differently for a batch of another size, and Ray's blocks end
+            # where the single process's batches do not.
             if fmt == "parquet":
-                assert pq.read_table(tmp_path / "ray.parquet").equals(pq.read_table(tmp_path / "one.parquet"))
+                ray_rows, one_rows = (pq.read_table(tmp_path / f"{kind}.parquet").to_pylist() for kind in ("ray", "one"))
             else:
-                assert (tmp_path / f"ray.{fmt}").read_bytes() == (tmp_path / f"one.{fmt}").read_bytes()
+                ray_rows, one_rows = (_rows(tmp_path / f"{kind}.{fmt}", fmt) for kind in ("ray", "one"))
+            assert _same_rows(ray_rows, one_rows), (ray_rows[:3], one_rows[:3])
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
             f"{kind}.{fmt}" for kind in ("one", "ray") for fmt in ("csv", "json", "parquet"))  # no shards left
     finally:
