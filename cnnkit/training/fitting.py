@@ -26,6 +26,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from cnnkit._backends import release_input_pipeline
 from cnnkit._progress import say, warn
 from cnnkit.config import RunConfig
 from cnnkit.data.batches import ArrayBatches, BatchAugment
@@ -196,6 +197,8 @@ class Fitter:
         except KeyboardInterrupt:
             status = "interrupted"
             warn("Interrupted: keeping the best checkpoint so far.")
+        finally:
+            release_input_pipeline()  # a budget or Ctrl-C may have stopped the epoch mid-way
         info["epochs_run"] = self.recorder.epochs - start
         if resizing is not None:
             info["progressive_sides"] = resizing.sides  # the training side of each epoch
