@@ -199,10 +199,15 @@ class _Walker:
                 self.skipped.append(SkippedFile(path, reason, "hidden"))
                 continue
             link = entry.is_symlink()
-            target = os.path.realpath(path)
-            if link and not self._link_allowed(path, target):
-                continue
-            if os.path.isdir(target):
+            if link:
+                target = os.path.realpath(path)
+                if not self._link_allowed(path, target):
+                    continue
+                is_dir = os.path.isdir(target)
+            else:  # not a link: its real path is its real folder's plus its name (no lstat per part)
+                target = os.path.join(real, entry.name)
+                is_dir = entry.is_dir(follow_symlinks=False)
+            if is_dir:
                 found += self.walk(path, key, via_link or link, ancestors + (real,))
             elif not is_image_name(entry.name):
                 self.skipped.append(SkippedFile(
