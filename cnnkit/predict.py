@@ -17,6 +17,7 @@ calibration and abstaining are the same code for both.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import csv
 import io
@@ -225,14 +226,13 @@ class Predictor:
         of them (``cnnkit.predict_ray``).
         """
         _check_positive("top_k", top_k)
-        paths = [Path(p) for p in paths]
+        paths = [p if isinstance(p, Path) else Path(p) for p in paths]
         missing = {i: e for i, e in enumerate(errors or []) if e is not None}
         results: list[Prediction] = []
         with progress_task("Predicting", len(paths)) as advance:
             for batch_paths, images, batch_errors in self._decoded_batches(paths, missing):
-                good = [i for i, e in enumerate(batch_errors) if e is None]
-                probs = self.predict_arrays(np.stack([images[i] for i in good])) if good else np.zeros((0, 0))
-                ranked = iter(self.top_k(probs, top_k)) if good else iter(())
+                probs = self.predict_arrays(images) if images is not None else None
+                ranked = iter(self.top_k(probs, top_k)) if probs is not None else iter(())
                 for path, err in zip(batch_paths, batch_errors):
                     if err is not None:
                         results.append(Prediction(str(path), error=err))
@@ -241,26 +241,37 @@ class Predictor:
                 advance(len(batch_paths))
         return results
 
-    def _decode(self, item: tuple[Path, str | None]) -> tuple[np.ndarray | None, str | None]:
-        path, known_error = item
-        if known_error is not None:
-            return None, known_error
-        try:
-            return self.load(path), None
-        except DecodeError as exc:
-            return None, exc.reason
+    def _decode_batch(self, items: list[tuple[Path, str | None]]) -> tuple[list[Path], np.ndarray | None, list]:
+        """One batch, decoded on a worker thread: its paths, its good images stacked (or None), each error."""
+        images, errors = [], []
+        for path, known_error in items:
+            if known_error is not None:
+                errors.append(known_error)
+                continue
+            try:
+                images.append(self.load(path))
+                errors.append(None)
+            except DecodeError as exc:
+                errors.append(exc.reason)
+        return [p for p, _ in items], (np.stack(images) if images else None), errors
 
-    def _decoded_batches(self, paths: list[Path], errors: dict[int, str]) -> Iterator[tuple[list[Path], list, list]]:
-        """Batches of decoded images; the next batches decode on threads while this one predicts."""
+    def _decoded_batches(self, paths: list[Path], errors: dict[int, str]
+                         ) -> Iterator[tuple[list[Path], np.ndarray | None, list[str | None]]]:
+        """Batches of decoded, stacked images: the next ones decode on threads while this one predicts.
+
+        A whole batch is one task, stacked on its thread: the main thread, which runs the model,
+        does nothing per image but build its Prediction.
+        """
         items = [(p, errors.get(i)) for i, p in enumerate(paths)]
         chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        ahead = self.workers + 1  # batches in flight: one per decode thread, and one ready
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            pending = [pool.map(self._decode, chunk) for chunk in chunks[:2]]
-            for i, chunk in enumerate(chunks):
-                decoded = list(pending[i])
-                if i + 2 < len(chunks):
-                    pending.append(pool.map(self._decode, chunks[i + 2]))
-                yield [p for p, _ in chunk], [d[0] for d in decoded], [d[1] for d in decoded]
+            pending = collections.deque(pool.submit(self._decode_batch, chunk) for chunk in chunks[:ahead])
+            for i in range(len(chunks)):
+                batch = pending.popleft().result()
+                if i + ahead < len(chunks):
+                    pending.append(pool.submit(self._decode_batch, chunks[i + ahead]))
+                yield batch
 
 
 def list_inputs(inputs: list[str | Path] | str | Path) -> tuple[list[Path], list[str | None]]:

@@ -95,6 +95,32 @@ def test_predict_reports_unreadable_files_and_predicts_the_rest(run, tmp_path):
     assert len(by_name["blue.jpg"].top_k) == 2 and by_name["blue.jpg"].top_k[0][0] == "blue"
 
 
+def test_predict_batches_keep_order_when_a_whole_batch_fails(run, tmp_path):
+    # Batches decode on threads, several in flight: the answers come back in input order, a batch of
+    # nothing but bad files included, and equal one-image predictions.
+    base, result = run
+    folder = tmp_path / "batches"
+    folder.mkdir()
+    names = []
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200), None, None, (30, 200, 30), (200, 30, 30), (30, 30, 200)]):
+        name = f"img{i}.jpg"
+        if colour is None:
+            (folder / name).write_bytes(b"\xff\xd8\xff not a jpeg")
+        else:
+            Image.new("RGB", (24, 24), colour).save(folder / name)
+        names.append(name)
+    predictor = Predictor(result.run_dir, batch_size=2, workers=2)
+    results = predictor.predict([folder], top_k=3)
+    assert [r.path.split("/")[-1] for r in results] == names
+    assert [r.error is not None for r in results] == [False, False, True, True, False, False, False]
+    for r in results:
+        if r.error is None:
+            alone = predictor.predict_image(r.path, top_k=3)
+            assert r.label == alone.label
+            assert [c for c, _ in r.top_k] == [c for c, _ in alone.top_k]
+            np.testing.assert_allclose([p for _, p in r.top_k], [p for _, p in alone.top_k], atol=1e-6)
+
+
 def test_prescaled_pixels_are_refused(run):
     _, result = run
     predictor = Predictor(result.run_dir)

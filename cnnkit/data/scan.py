@@ -192,7 +192,7 @@ class _Walker:
             return []
         found: list[_Found] = []
         for entry in entries:
-            path = Path(folder) / entry.name
+            path = Path(entry.path)  # folder/name, parsed once
             if _is_hidden(entry.name):
                 reason = ("hidden file (macOS resource fork)" if entry.name.startswith("._") else
                           "hidden folder" if entry.is_dir() else "hidden file")
