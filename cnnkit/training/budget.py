@@ -330,6 +330,7 @@ class TimeBudget(keras.callbacks.Callback):
         self._test_ended = 0.0
         self._validation_passes = 0
         self.epoch_overhead = 0.0  # seconds an epoch spends outside its steps and validation (checkpoints)
+        self.stopped: float | None = None  # when fit ended (its last validation pass and checkpoints done)
 
     @property
     def reserve(self) -> float:
@@ -357,6 +358,9 @@ class TimeBudget(keras.callbacks.Callback):
         if self.started is None:
             self.started = time.monotonic()
         self._last_tick = time.monotonic()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.stopped = time.monotonic()
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         if keras.backend.backend() == "jax":
@@ -400,8 +404,11 @@ class TimeBudget(keras.callbacks.Callback):
 
     def record(self) -> dict[str, Any]:
         """run.json's ``time_budget``: the plan, and what training used."""
+        stopped = self.stopped or time.monotonic()
         return {**self.plan.to_dict(),
-                "training_seconds": round(time.monotonic() - self.started, 1) if self.started else 0.0,
+                "training_seconds": round(stopped - self.started, 1) if self.started else 0.0,
+                # on the budget's clock (from the start of the run): when training stopped
+                "training_ended_at_s": round(stopped - (self.deadline - self.plan.seconds), 1),
                 "reserve_seconds": round(self.reserve, 1), "steps": self.steps,
                 "peak_learning_rate": self.learning_rate, "last_learning_rate": self.last_rate}
 

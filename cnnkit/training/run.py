@@ -324,6 +324,10 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     _save_outputs(run, model, data, cfg, history)
     record = _run_record(cfg, data, data_dir, metrics, warnings, status, time.time() - started,
                          len(history.get("loss", [])))
+    if deadline is not None and "time_budget" in plan.extra:  # did the budget hold? (run.json is the last write)
+        finished = time.monotonic() - counted_from
+        plan.extra["time_budget"]["finished_at_s"] = round(finished, 1)
+        say(f"time budget {clock(cfg.train.time_budget)}: finished at {clock(finished)}")
     write_json(run.path / RUN_JSON, {**record, **plan.extra})
     return TrainResult(run.commit(), model, data.class_names, history, metrics, data.data_hash, warnings, status)
 
