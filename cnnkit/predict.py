@@ -241,8 +241,8 @@ class Predictor:
                 advance(len(batch_paths))
         return results
 
-    def _decode_batch(self, items: list[tuple[Path, str | None]]) -> tuple[list[Path], np.ndarray | None, list]:
-        """One batch, decoded on a worker thread: its paths, its good images stacked (or None), each error."""
+    def _decode_part(self, items: list[tuple[Path, str | None]]) -> tuple[np.ndarray | None, list[str | None]]:
+        """Part of a batch, decoded on a worker thread: its good images stacked (or None), and each error."""
         images, errors = [], []
         for path, known_error in items:
             if known_error is not None:
@@ -253,25 +253,37 @@ class Predictor:
                 errors.append(None)
             except DecodeError as exc:
                 errors.append(exc.reason)
-        return [p for p, _ in items], (np.stack(images) if images else None), errors
+        return (np.stack(images) if images else None), errors
 
     def _decoded_batches(self, paths: list[Path], errors: dict[int, str]
                          ) -> Iterator[tuple[list[Path], np.ndarray | None, list[str | None]]]:
         """Batches of decoded, stacked images: the next ones decode on threads while this one predicts.
 
-        A whole batch is one task, stacked on its thread: the main thread, which runs the model,
-        does nothing per image but build its Prediction.
+        A batch is one task, stacked on its thread, so the main thread (which runs the model) does
+        nothing per image but build its Prediction; with fewer batches than threads (a small job, a
+        Ray block) each batch is split so that every thread decodes. At most 5 batches are in flight.
         """
         items = [(p, errors.get(i)) for i, p in enumerate(paths)]
         chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        ahead = self.workers + 1  # batches in flight: one per decode thread, and one ready
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            pending = collections.deque(pool.submit(self._decode_batch, chunk) for chunk in chunks[:ahead])
-            for i in range(len(chunks)):
-                batch = pending.popleft().result()
+        parts = max(1, math.ceil(self.workers / max(len(chunks), 1)))  # tasks per batch
+        ahead = min(math.ceil(self.workers / parts), 4) + 1  # batches in flight: one per thread, one ready
+
+        def submit(chunk: list) -> list[concurrent.futures.Future]:
+            size = math.ceil(len(chunk) / parts)
+            return [pool.submit(self._decode_part, chunk[i : i + size]) for i in range(0, len(chunk), size)]
+
+        pool = concurrent.futures.ThreadPoolExecutor(self.workers)
+        try:
+            pending = collections.deque(submit(chunk) for chunk in chunks[:ahead])
+            for i, chunk in enumerate(chunks):
+                decoded = [future.result() for future in pending.popleft()]
                 if i + ahead < len(chunks):
-                    pending.append(pool.submit(self._decode_batch, chunks[i + ahead]))
-                yield batch
+                    pending.append(submit(chunks[i + ahead]))
+                stacks = [images for images, _ in decoded if images is not None]
+                images = None if not stacks else stacks[0] if len(stacks) == 1 else np.concatenate(stacks)
+                yield [p for p, _ in chunk], images, [e for _, part_errors in decoded for e in part_errors]
+        finally:  # a stopped consumer (an error, Ctrl-C) waits for no batch it will not use
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def list_inputs(inputs: list[str | Path] | str | Path) -> tuple[list[Path], list[str | None]]:

@@ -109,16 +109,18 @@ def test_predict_batches_keep_order_when_a_whole_batch_fails(run, tmp_path):
         else:
             Image.new("RGB", (24, 24), colour).save(folder / name)
         names.append(name)
-    predictor = Predictor(result.run_dir, batch_size=2, workers=2)
-    results = predictor.predict([folder], top_k=3)
-    assert [r.path.split("/")[-1] for r in results] == names
-    assert [r.error is not None for r in results] == [False, False, True, True, False, False, False]
-    for r in results:
-        if r.error is None:
-            alone = predictor.predict_image(r.path, top_k=3)
-            assert r.label == alone.label
-            assert [c for c, _ in r.top_k] == [c for c, _ in alone.top_k]
-            np.testing.assert_allclose([p for _, p in r.top_k], [p for _, p in alone.top_k], atol=1e-6)
+    # batches of 2 on 2 threads; one batch of 8 split across 3 threads (a small job, a Ray block)
+    for batch_size, workers in ((2, 2), (8, 3)):
+        predictor = Predictor(result.run_dir, batch_size=batch_size, workers=workers)
+        results = predictor.predict([folder], top_k=3)
+        assert [r.path.split("/")[-1] for r in results] == names
+        assert [r.error is not None for r in results] == [False, False, True, True, False, False, False]
+        for r in results:
+            if r.error is None:
+                alone = predictor.predict_image(r.path, top_k=3)
+                assert r.label == alone.label
+                assert [c for c, _ in r.top_k] == [c for c, _ in alone.top_k]
+                np.testing.assert_allclose([p for _, p in r.top_k], [p for _, p in alone.top_k], atol=1e-6)
 
 
 def test_prescaled_pixels_are_refused(run):
