@@ -153,6 +153,8 @@ def test_time_budget_run_stops_on_time_and_anneals(tmp_path):
     # run.json says when training stopped and when the run finished, on the budget's clock
     ended, finished = record["time_budget"]["training_ended_at_s"], record["time_budget"]["finished_at_s"]
     assert 0 < ended < finished <= elapsed + 0.1 and finished <= budget * 1.03 + 2
+    marks = record["time_budget"]["after_training_at_s"]  # fit returned, final model, evaluated
+    assert ended <= marks["fit_returned"] <= marks["final_model"] <= marks["evaluated"] <= finished
     probes = record["time_budget"]["probes"]
     assert probes["small"]["train_images_per_s"] > 0 and probes["small"]["predict_images_per_s"] > 0
     assert record["time_budget"]["width"] in probes and "measured here" in record["time_budget"]["reason"]

@@ -331,6 +331,7 @@ class TimeBudget(keras.callbacks.Callback):
         self._validation_passes = 0
         self.epoch_overhead = 0.0  # seconds an epoch spends outside its steps and validation (checkpoints)
         self.stopped: float | None = None  # when fit ended (its last validation pass and checkpoints done)
+        self.most_epoch_overhead = 0.0  # the longest time between an epoch's validation pass and the next epoch
 
     @property
     def reserve(self) -> float:
@@ -389,6 +390,7 @@ class TimeBudget(keras.callbacks.Callback):
         now = time.monotonic()
         if self._epoch_started:  # what the last epoch spent after its validation pass (checkpoints, callbacks)
             self.epoch_overhead = max(0.0, now - self._test_ended)
+            self.most_epoch_overhead = max(self.most_epoch_overhead, self.epoch_overhead)
         self._last_tick = self._epoch_started = now
 
     def on_test_begin(self, logs: dict | None = None) -> None:
@@ -410,6 +412,7 @@ class TimeBudget(keras.callbacks.Callback):
                 # on the budget's clock (from the start of the run): when training stopped
                 "training_ended_at_s": round(stopped - (self.deadline - self.plan.seconds), 1),
                 "reserve_seconds": round(self.reserve, 1), "steps": self.steps,
+                "most_epoch_overhead_s": round(self.most_epoch_overhead, 1),  # checkpoints between epochs
                 "peak_learning_rate": self.learning_rate, "last_learning_rate": self.last_rate}
 
 

@@ -313,13 +313,16 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
         say(f"time budget {clock(cfg.train.time_budget)}: {clock(fitter.budget.remaining())} for training, "
             f"{clock(fitter.budget.reserve)} kept for the final evaluation and saving")
     status = _fit_phases(fitter, plan.phases, len(data.class_names), cfg, warnings)
+    marks = {"fit_returned": time.monotonic()}  # where the time after training goes (run.json, under a budget)
     synchronize_batchnorm(plan.model, devices.devices, False)
     devices.leave()  # the final metrics and the saved model are computed on one device
     if devices.devices.count > 1:
         plan.model = fitter.model = single_device_copy(plan.model)
     model = _final_model(fitter, plan, data, cfg, status, deadline)
+    marks["final_model"] = time.monotonic()
     history = fitter.recorder.history
     metrics = _final_metrics(model, data, cfg, history, monitor)
+    marks["evaluated"] = time.monotonic()
     warnings += [_warn(m) for m in diagnose_history(history, len(data.class_names), cfg.train.overfit_gap)]
     _save_outputs(run, model, data, cfg, history)
     record = _run_record(cfg, data, data_dir, metrics, warnings, status, time.time() - started,
@@ -327,6 +330,9 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     if deadline is not None and "time_budget" in plan.extra:  # did the budget hold? (run.json is the last write)
         finished = time.monotonic() - counted_from
         plan.extra["time_budget"]["finished_at_s"] = round(finished, 1)
+        # on the budget's clock: fit returned (its iterators freed), final model ready (BatchNorm
+        # re-estimated), final metrics computed; then saving until finished_at_s
+        plan.extra["time_budget"]["after_training_at_s"] = {k: round(t - counted_from, 1) for k, t in marks.items()}
         say(f"time budget {clock(cfg.train.time_budget)}: finished at {clock(finished)}")
     write_json(run.path / RUN_JSON, {**record, **plan.extra})
     return TrainResult(run.commit(), model, data.class_names, history, metrics, data.data_hash, warnings, status)
