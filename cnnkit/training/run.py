@@ -327,7 +327,7 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     _save_outputs(run, model, data, cfg, history)
     record = _run_record(cfg, data, data_dir, metrics, warnings, status, time.time() - started,
                          len(history.get("loss", [])))
-    if deadline is not None and "time_budget" in plan.extra:  # did the budget hold? (run.json is the last write)
+    if fitter.budget is not None:  # did the budget hold? (run.json is the last write)
         finished = time.monotonic() - counted_from
         plan.extra["time_budget"]["finished_at_s"] = round(finished, 1)
         # on the budget's clock: fit returned (its iterators freed), final model ready (BatchNorm
