@@ -83,7 +83,7 @@ def child_large(cache_path: str, steps: int) -> dict:
     import keras
     import numpy as np
 
-    from cnnkit._backends import release_input_pipeline
+    from cnnkit._backends import fit_input
     from cnnkit.data.batches import ArrayBatches
     from cnnkit.training.fitting import batch_augment
     from cnnkit.training.precision import precision_policy
@@ -98,8 +98,8 @@ def child_large(cache_path: str, steps: int) -> dict:
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     started = time.perf_counter()
-    model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
-    release_input_pipeline()  # stopped mid-epoch: free tf.data's iterator now, not at exit
+    with fit_input():  # stopped mid-epoch: tf.data's iterator is freed on the way out, not at exit
+        model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
     return {"images": len(images), "cache_gb": round(images.nbytes / 1024**3, 2), "steps": steps, "batch_size": 64,
             "seconds": round(time.perf_counter() - started, 1), **memory_status()}
 

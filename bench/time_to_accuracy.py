@@ -93,7 +93,7 @@ def run_tutorial(folder: Path, minutes: float, test: tuple[np.ndarray, np.ndarra
     import keras
     from keras import layers
 
-    from cnnkit._backends import release_input_pipeline
+    from cnnkit._backends import fit_input
 
     keras.utils.set_random_seed(0)
     keras.config.set_dtype_policy("float32")
@@ -134,8 +134,8 @@ def run_tutorial(folder: Path, minutes: float, test: tuple[np.ndarray, np.ndarra
             if elapsed >= minutes * 60:
                 self.model.stop_training = True
 
-    model.fit(train_ds, validation_data=val_ds, epochs=1000, callbacks=[Score()], verbose=0)
-    release_input_pipeline()  # stopped mid-epoch: free tf.data's iterator now, not at exit
+    with fit_input():  # stopped mid-epoch: tf.data's iterator is freed on the way out, not at exit
+        model.fit(train_ds, validation_data=val_ds, epochs=1000, callbacks=[Score()], verbose=0)
     return {"minutes": minutes, "epochs": log}
 
 

@@ -53,6 +53,33 @@ def test_alternating_flip_mirrors_each_image_every_other_epoch():
     assert 5 < mirrored.sum() < 35  # and the first epoch flips about half
 
 
+def test_an_epochs_batches_depend_on_its_number_alone():
+    # A resumed run sets the epoch it resumes at, and sees the batches an uninterrupted run would:
+    # the order, flips and translations of epoch k, whatever was asked for before.
+    images = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    rows = np.arange(50)
+
+    def make():
+        return ArrayBatches(images, rows, rows, 16, shuffle=True, seed=7, augment=BatchAugment(flip="random"))
+
+    def epoch_of(batches):
+        return [batches[i] for i in range(len(batches))]
+
+    run = make()
+    epochs = []
+    for _ in range(3):
+        epochs.append(epoch_of(run))
+        run.on_epoch_end()
+    resumed = make()
+    resumed.epoch = 2
+    for (x, y), (rx, ry) in zip(epochs[2], epoch_of(resumed)):
+        np.testing.assert_array_equal(x, rx)
+        np.testing.assert_array_equal(y, ry)
+    for batches in epochs:  # each epoch holds every row once
+        assert sorted(np.concatenate([y for _, y in batches]).tolist()) == rows.tolist()
+    assert [b[1].tolist() for b in epochs[0]] != [b[1].tolist() for b in epochs[1]]  # reshuffled
+
+
 def test_fast_model_takes_raw_pixels_and_any_size():
     model = build_model("fast", 4, (48, 40))
     probs = keras.ops.convert_to_numpy(model(np.full((2, 48, 40, 3), 200, np.uint8)))

@@ -154,8 +154,7 @@ def test_interrupted_run_keeps_best_checkpoint_and_says_so(image_folder, tmp_pat
 
 def test_a_fit_stopped_mid_epoch_leaves_no_input_iterator_to_interpreter_exit(image_folder, tmp_path):
     # A time budget, the range test or Ctrl-C stops an epoch mid-way. TensorFlow's iterator over the
-    # batches then outlives fit in a reference cycle with its prefetch thread inside our generator;
-    # freed at exit, its destructor waited on that thread: a 12 s pause after "run written", or a hang.
+    # batches then outlives fit in a reference cycle; freed at exit, its destructor could stall or hang.
     class StopMidEpoch(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             if batch == 1:
@@ -166,6 +165,21 @@ def test_a_fit_stopped_mid_epoch_leaves_no_input_iterator_to_interpreter_exit(im
     assert result.status == "completed"
     left = [o for o in gc.get_objects() if type(o).__name__ == "OwnedIterator"]  # tf.data's iterator
     assert left == []
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data's autotuning is TensorFlow's")
+def test_fits_feed_tensorflow_without_tf_data_autotuning():
+    # tf.data's autotuning thread made dropping an input iterator wait up to its sleep (doubling to
+    # 60 s): some epochs' first step, or a fit's return, stalled 3-35 s, and budgets ran over.
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    from cnnkit._backends import fit_input
+    from cnnkit.data.batches import ArrayBatches
+
+    batches = ArrayBatches(np.zeros((8, 4, 4, 3), np.uint8), np.arange(8), np.zeros(8), 4)
+    with fit_input():
+        assert PyDatasetAdapter(batches).get_tf_dataset().options().autotune.enabled is False
+    assert PyDatasetAdapter(batches).get_tf_dataset().options().autotune.enabled is not False  # restored
 
 
 def test_failed_run_leaves_nothing_half_written(tmp_path):

@@ -1,6 +1,8 @@
-"""TensorFlow shim: gradients (``tf.GradientTape``), devices, the TFLite converter."""
+"""TensorFlow shim: gradients (``tf.GradientTape``), devices, the TFLite converter, the fit input pipeline."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -13,6 +15,34 @@ def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarr
         probs = head(x, training=False)
         score = tf.reduce_sum(tf.gather(tf.cast(probs, tf.float32), class_indices, axis=1, batch_dims=1))
     return tape.gradient(score, x).numpy()
+
+
+def pydataset_without_autotuning() -> Callable[[], None] | None:
+    """Turn off tf.data autotuning in the pipelines Keras builds from a ``PyDataset``; returns the undo.
+
+    Keras has no option for it, so its adapter's ``get_tf_dataset`` is wrapped (see
+    ``cnnkit._backends.fit_input`` for why). None, with nothing changed, where Keras has moved it.
+    """
+    try:
+        from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+    except ImportError:
+        return None
+    original = PyDatasetAdapter.__dict__.get("get_tf_dataset")
+    if original is None or getattr(original, "_without_autotuning", False):
+        return None
+
+    def get_tf_dataset(self):
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return original(self).with_options(options)
+
+    get_tf_dataset._without_autotuning = True
+
+    def undo() -> None:
+        PyDatasetAdapter.get_tf_dataset = original
+
+    PyDatasetAdapter.get_tf_dataset = get_tf_dataset
+    return undo
 
 
 def version() -> str:

@@ -84,6 +84,10 @@ def tta_views(images: np.ndarray, mode: str | None) -> list[np.ndarray]:
 class ArrayBatches(keras.utils.PyDataset):
     """Batches of ``images[rows]`` with ``labels``, reshuffled every epoch when ``shuffle``.
 
+    An epoch's order, flips and translations are a function of the seed and the epoch's number
+    alone (``epoch``: 0 at first, advanced by ``on_epoch_end``, set by the trainer to a resumed
+    run's next epoch), so a resumed run sees the batches an uninterrupted one would have.
+
     Args:
         images: (N, H, W, C) uint8 array or memmap.
         rows: rows of ``images`` in this dataset.
@@ -107,34 +111,47 @@ class ArrayBatches(keras.utils.PyDataset):
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
+        self.seed = int(seed)
         self.augment = augment
+        self.epoch = 0
         full, rest = divmod(len(self.rows), self.batch_size)
         self._end = full * self.batch_size + rest // multiple_of * multiple_of  # images used per epoch
-        self._rng = np.random.default_rng(seed)
-        self._aug_rng = np.random.default_rng([seed, 1])
-        self._order = np.arange(len(self.rows))
-        if shuffle:
-            self._order = self._rng.permutation(len(self.rows))
-        self._flips = np.zeros(len(self.rows), dtype=bool)
-        if augment is not None and augment.flip != "none":
-            self._flips = self._aug_rng.random(len(self.rows)) < 0.5
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> (order, flips), the latest few
 
     def __len__(self) -> int:
         return math.ceil(self._end / self.batch_size)
 
     def __getitem__(self, index: int):
-        pick = np.sort(self._order[index * self.batch_size : min((index + 1) * self.batch_size, self._end)])
+        return self.batch(self.epoch, index)
+
+    def batch(self, epoch: int, index: int):
+        """Batch ``index`` of epoch ``epoch``: ``(images, labels)``, or ``(images,)`` without labels."""
+        order, flips = self._epoch_plan(epoch)
+        pick = np.sort(order[index * self.batch_size : min((index + 1) * self.batch_size, self._end)])
         x = np.asarray(self.images[self.rows[pick]])
         if self.augment is not None:
-            x = self.augment(x, self._flips[pick], self._aug_rng)
+            x = self.augment(x, flips[pick], np.random.default_rng([self.seed, 2, epoch, index]))
         if self.labels is None:
             return (x,)
         return x, self.labels[pick]
 
     def on_epoch_end(self) -> None:
-        if self.shuffle:
-            self._order = self._rng.permutation(len(self.rows))
-        if self.augment is not None and self.augment.flip == "alternating":
-            self._flips = ~self._flips
-        elif self.augment is not None and self.augment.flip == "random":
-            self._flips = self._aug_rng.random(len(self.rows)) < 0.5
+        self.epoch += 1
+
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The order of the rows and which of them are mirrored, in ``epoch``."""
+        plan = self._epochs.get(epoch)
+        if plan is None:
+            n = len(self.rows)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            flip = "none" if self.augment is None else self.augment.flip
+            if flip == "alternating":  # random in epoch 0, then each image flips every epoch
+                flips = (np.random.default_rng([self.seed, 1]).random(n) < 0.5) ^ bool(epoch % 2)
+            elif flip == "random":
+                flips = np.random.default_rng([self.seed, 1, epoch]).random(n) < 0.5
+            else:
+                flips = np.zeros(n, dtype=bool)
+            plan = order, flips
+            # Asked for by the training step and by a prefetching thread: keep the latest few.
+            self._epochs = {e: p for e, p in self._epochs.items() if e >= epoch - 2} | {epoch: plan}
+        return plan

@@ -26,7 +26,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from cnnkit._backends import release_input_pipeline
+from cnnkit._backends import fit_input
 from cnnkit._progress import say, warn
 from cnnkit.config import RunConfig
 from cnnkit.data.batches import ArrayBatches, BatchAugment
@@ -191,14 +191,15 @@ class Fitter:
         total = None if self.budget is not None else self.total_epochs
         callbacks += [RichEpochs(total, len(self.train_ds), label, budget=self.budget), *self.extra_callbacks]
         status = "completed"
+        self.train_ds.epoch = start  # a resumed run sees the order and flips an uninterrupted one would
         try:
-            self.model.fit(self.train_ds, validation_data=self.val_ds, initial_epoch=start,
-                           epochs=start + phase.epochs, class_weight=self.class_weight, callbacks=callbacks, verbose=0)
+            with fit_input():
+                self.model.fit(self.train_ds, validation_data=self.val_ds, initial_epoch=start,
+                               epochs=start + phase.epochs, class_weight=self.class_weight, callbacks=callbacks,
+                               verbose=0)
         except KeyboardInterrupt:
             status = "interrupted"
             warn("Interrupted: keeping the best checkpoint so far.")
-        finally:
-            release_input_pipeline()  # a budget or Ctrl-C may have stopped the epoch mid-way
         info["epochs_run"] = self.recorder.epochs - start
         if resizing is not None:
             info["progressive_sides"] = resizing.sides  # the training side of each epoch

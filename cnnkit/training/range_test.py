@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from cnnkit._backends import release_input_pipeline
+from cnnkit._backends import fit_input
 from cnnkit.config import TrainConfig
 from cnnkit.training.optim import make_loss, make_optimizer
 
@@ -95,10 +95,8 @@ def find_learning_rate(model: keras.Model, train_ds: keras.utils.PyDataset, trai
                   metrics=["accuracy"])
     test = _RangeTest(start_lr, end_lr, steps)
     epochs = math.ceil(steps / max(len(train_ds), 1))
-    try:
+    with fit_input():
         model.fit(train_ds, epochs=epochs, callbacks=[test], verbose=0)  # stops mid-epoch
-    finally:
-        release_input_pipeline()
     return _suggest(test.rates, test.losses)
 
 
