@@ -61,9 +61,9 @@ def cnnkit_warm_epoch(data, batch_size: int = 256) -> None:
 
     rows, labels = data.split_rows("train")
     batches = ArrayBatches(data.cache.images, rows, labels, batch_size, shuffle=True, seed=0)
+    batches.on_epoch_begin()
     for i in range(len(batches)):
         x, y = batches[i]
-    batches.on_epoch_end()
 
 
 def keras_pipeline(folder: Path, image_size: tuple[int, int], batch_size: int = 256):

@@ -111,6 +111,8 @@ class DataConfig:
             object.__setattr__(self, "image_size", size)
         _check_choice("data", "color_mode", self.color_mode, ColorMode)
         _check_choice("data", "resize_mode", self.resize_mode, ResizeMode)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"[data] seed must be a whole number from 0 to 2**32 - 1. Received: seed={self.seed!r}")
         if self.val_split is not None:
             _check_fraction("data", "val_split", self.val_split)
         _check_fraction("data", "test_split", self.test_split)

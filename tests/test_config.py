@@ -33,3 +33,7 @@ def test_data_config_validation():
         DataConfig(image_size=(0, 224))
     with pytest.raises(ConfigError, match="color_mode"):
         DataConfig(color_mode="rgba")
+    for seed in (-1, 2**32, 1.5):  # the shuffle's and split's random streams take 0 to 2**32 - 1
+        with pytest.raises(ConfigError, match=f"Received: seed={seed!r}"):
+            DataConfig(seed=seed)
+    assert DataConfig(seed=0).seed == 0

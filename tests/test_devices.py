@@ -93,9 +93,10 @@ def test_tensorflow_mirrored_strategy_matches_one_device(tmp_path):
     assert two["devices"]["count"] == 2 and two["devices"]["names"] == ["cpu:0", "cpu:1"]
     assert two["devices"]["strategy"] == "tf.distribute.MirroredStrategy"
     # BatchNorm is synchronized over the replicas for the fit; the all-reduce sums in another order,
-    # so the runs agree closely, not bit for bit: 0.3-4% on the losses and 0.1% on the weights
-    # measured (with per-replica BatchNorm the first epoch's loss was 22% off and val accuracy 67% vs 100%).
-    np.testing.assert_allclose(two["loss"], one["loss"], rtol=0.1)
+    # so the runs agree closely, not bit for bit. Measured: the weights within 0.1%; the losses within
+    # 0.3-4% with one data order and within 0.02 (up to 12% of a loss near 0.13) with another. With
+    # per-replica BatchNorm the first epoch's loss was 22% off (0.15) and val accuracy 67% vs 100%.
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=0.1, atol=0.03)
     np.testing.assert_allclose(two["weights"], one["weights"], rtol=0.01)
     assert abs(two["val_accuracy"] - one["val_accuracy"]) <= 0.15
     # The saved model is plain: synchronized BatchNorm (TensorFlow only) was switched off before saving.

@@ -17,7 +17,7 @@ from cnnkit.data.scan import AUTO_VAL_MAX_IMAGES, auto_val_split
 from cnnkit.errors import ConfigError
 from cnnkit.training.fitting import reestimate_batchnorm
 from cnnkit.models import build_model
-from cnnkit.training.budget import BudgetPlan, Throughput, choose_width
+from cnnkit.training.budget import RESERVE_MARGIN, SAVE_SECONDS, BudgetPlan, Throughput, choose_width
 from cnnkit.models.fast import MIN_EPOCHS
 from cnnkit.training.optim import onecycle_rate
 from tests.conftest import write_class_folder
@@ -44,8 +44,9 @@ def test_batch_augment_output_is_a_shifted_and_flipped_crop():
 def test_alternating_flip_mirrors_each_image_every_other_epoch():
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
     batches = ArrayBatches(images, np.arange(40), np.zeros(40), 40, augment=BatchAugment(translate=0))
+    batches.on_epoch_begin()
     first = batches[0][0]
-    batches.on_epoch_end()
+    batches.on_epoch_begin()
     second = batches[0][0]
     flipped = np.array([np.array_equal(a, b[:, ::-1]) for a, b in zip(first, second)])
     assert flipped.all()  # every image is seen the other way round in the next epoch
@@ -68,16 +69,36 @@ def test_an_epochs_batches_depend_on_its_number_alone():
     run = make()
     epochs = []
     for _ in range(3):
+        run.on_epoch_begin()
         epochs.append(epoch_of(run))
-        run.on_epoch_end()
     resumed = make()
-    resumed.epoch = 2
+    resumed.start_at(2)
+    resumed.on_epoch_begin()
     for (x, y), (rx, ry) in zip(epochs[2], epoch_of(resumed)):
         np.testing.assert_array_equal(x, rx)
         np.testing.assert_array_equal(y, ry)
     for batches in epochs:  # each epoch holds every row once
         assert sorted(np.concatenate([y for _, y in batches]).tolist()) == rows.tolist()
     assert [b[1].tolist() for b in epochs[0]] != [b[1].tolist() for b in epochs[1]]  # reshuffled
+
+
+def test_a_fit_from_initial_epoch_draws_that_epochs_batches():
+    # Keras calls on_epoch_end before the first epoch too (resetting its iterator); the epoch a fit
+    # draws from is the one it says it runs, counted by on_epoch_begin.
+    class Recording(ArrayBatches):
+        def batch(self, epoch, index):
+            seen.append(epoch)
+            return super().batch(epoch, index)
+
+    seen = []
+    images = np.zeros((16, 8, 8, 3), np.uint8)
+    batches = Recording(images, np.arange(16), np.zeros(16), 8, shuffle=True)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    batches.start_at(3)
+    model.fit(batches, initial_epoch=3, epochs=5, verbose=0, shuffle=False)
+    # (TensorFlow's adapter also reads two batches before the fit to learn their shapes: epoch 0's.)
+    assert {3, 4} <= set(seen) <= {0, 3, 4}, seen
 
 
 def test_fast_model_takes_raw_pixels_and_any_size():
@@ -256,7 +277,7 @@ def test_measuring_takes_a_small_share_of_a_short_budget():
 
 def test_the_reserve_is_priced_from_the_inference_speed():
     plan = BudgetPlan(600, train_images=45_000, validation_images=5_000, after_training_images=45_000)
-    assert plan.reserve(500) == pytest.approx(2 * plan.reserve(1000) - 4.0)  # linear in 1/speed, plus saving
+    assert plan.reserve(500) == pytest.approx(2 * plan.reserve(1000) - SAVE_SECONDS)  # linear in 1/speed, plus saving
     assert plan.reserve(1000) > (45_000 + 5_000) / 1000  # the final evaluation and the last validation pass
     assert plan.epochs_affordable(Throughput(100, 300, 1), 10) == 0  # nothing left: no epochs, not negative
 
@@ -271,7 +292,7 @@ def test_the_reserve_prices_the_final_evaluation_at_the_float32_models_speed():
     plan = BudgetPlan(600, train_images=45_000, validation_images=5_000, after_training_images=45_000)
     same = plan.reserve(1000)
     plan.evaluation_speed = 0.5  # float32 at half the speed: the work after training takes twice as long
-    assert plan.reserve(1000) - 4.0 == pytest.approx((2 * 45_000 + 5_000) / 1000 * 1.5)
+    assert plan.reserve(1000) - SAVE_SECONDS == pytest.approx((2 * 45_000 + 5_000) / 1000 * RESERVE_MARGIN)
     assert plan.reserve(1000) > same
     images = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
     batches = ArrayBatches(images, np.arange(64), np.zeros(64), 16)

@@ -168,18 +168,26 @@ def test_a_fit_stopped_mid_epoch_leaves_no_input_iterator_to_interpreter_exit(im
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data's autotuning is TensorFlow's")
-def test_fits_feed_tensorflow_without_tf_data_autotuning():
+def test_fits_feed_tensorflow_without_tf_data_autotuning(image_folder, tmp_path):
     # tf.data's autotuning thread made dropping an input iterator wait up to its sleep (doubling to
     # 60 s): some epochs' first step, or a fit's return, stalled 3-35 s, and budgets ran over.
     from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
-    from cnnkit._backends import fit_input
     from cnnkit.data.batches import ArrayBatches
 
     batches = ArrayBatches(np.zeros((8, 4, 4, 3), np.uint8), np.arange(8), np.zeros(8), 4)
-    with fit_input():
-        assert PyDatasetAdapter(batches).get_tf_dataset().options().autotune.enabled is False
-    assert PyDatasetAdapter(batches).get_tf_dataset().options().autotune.enabled is not False  # restored
+
+    def autotuned() -> bool:
+        return PyDatasetAdapter(batches).get_tf_dataset().options().autotune.enabled is not False
+
+    class Look(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            during.append(autotuned())
+
+    during = []
+    cnnkit.train(image_folder, tmp_path / "run", epochs=1, image_size=16, batch_size=4, callbacks=[Look()])
+    assert during == [False]  # inside cnnkit's fit
+    assert autotuned()  # a fit of the user's own, outside cnnkit, is left as Keras makes it
 
 
 def test_failed_run_leaves_nothing_half_written(tmp_path):

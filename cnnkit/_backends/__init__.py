@@ -55,9 +55,9 @@ def fit_input() -> Iterator[None]:
     ``prefetch(AUTOTUNE)``), which starts tf.data's autotuning thread. That thread sleeps between
     tunings for a period that doubles up to 60 s, and dropping the iterator (Keras makes a new one
     each epoch; ``fit`` ends) can wait for it: an epoch's first step, or ``fit``'s return, stalled
-    3-35 s in some epochs (4 of 12 in a test, and a 2-minute budget ran 30 s over). Inside this
-    block, the pipeline Keras builds from a ``PyDataset`` runs with autotuning off (prefetching
-    stays); measured: no stall in 24 epochs and 10 fits, at the same speed.
+    3-35 s in some epochs (4 of 12 in a test; a 3-minute budget in CI ended 15 s late). Inside this
+    block, the pipelines Keras builds from a ``PyDataset`` in this thread run with autotuning off
+    (prefetching stays); measured: no stall in 24 epochs and 10 fits, at the same speed.
 
     On the way out, a garbage collection frees the iterator a ``fit`` stopped mid-epoch leaves in a
     reference cycle (a time budget, the range test, Ctrl-C), which otherwise lingers to interpreter
@@ -66,15 +66,13 @@ def fit_input() -> Iterator[None]:
     """
     import keras
 
-    undo = None
-    if keras.backend.backend() == "tensorflow":
-        undo = importlib.import_module(_MODULES["tensorflow"]).pydataset_without_autotuning()
-    try:
-        yield
-    finally:
-        if undo is not None:
-            undo()
-        gc.collect()
+    with contextlib.ExitStack() as stack:
+        if keras.backend.backend() == "tensorflow":
+            stack.enter_context(importlib.import_module(_MODULES["tensorflow"]).fit_input_without_autotuning())
+        try:
+            yield
+        finally:
+            gc.collect()
 
 
 def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarray:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -17,32 +20,49 @@ def gradients(head, features: np.ndarray, class_indices: np.ndarray) -> np.ndarr
     return tape.gradient(score, x).numpy()
 
 
-def pydataset_without_autotuning() -> Callable[[], None] | None:
-    """Turn off tf.data autotuning in the pipelines Keras builds from a ``PyDataset``; returns the undo.
+# Fits in progress in each thread (fit_input_without_autotuning); Keras builds a fit's pipelines in
+# the thread that calls fit.
+_FITTING = threading.local()
+_INSTALL = threading.Lock()
 
-    Keras has no option for it, so its adapter's ``get_tf_dataset`` is wrapped (see
-    ``cnnkit._backends.fit_input`` for why). None, with nothing changed, where Keras has moved it.
+
+@contextlib.contextmanager
+def fit_input_without_autotuning() -> Iterator[None]:
+    """Inside, the ``tf.data`` pipelines Keras builds from a ``PyDataset`` in this thread run without
+    autotuning (see ``cnnkit._backends.fit_input`` for why); other threads' fits are left alone.
+
+    Keras has no option for it, so its adapter's ``get_tf_dataset`` is wrapped, once, by a function that
+    adds the option only inside this block. Nothing changes where Keras has moved it.
     """
+    _install_autotuning_switch()
+    _FITTING.depth = getattr(_FITTING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _FITTING.depth -= 1
+
+
+def _install_autotuning_switch() -> None:
     try:
         from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
     except ImportError:
-        return None
-    original = PyDatasetAdapter.__dict__.get("get_tf_dataset")
-    if original is None or getattr(original, "_without_autotuning", False):
-        return None
+        return
+    with _INSTALL:
+        original = PyDatasetAdapter.__dict__.get("get_tf_dataset")
+        if original is None or getattr(original, "_cnnkit_switch", False):
+            return
 
-    def get_tf_dataset(self):
-        options = tf.data.Options()
-        options.autotune.enabled = False
-        return original(self).with_options(options)
+        @functools.wraps(original)
+        def get_tf_dataset(self):
+            dataset = original(self)
+            if getattr(_FITTING, "depth", 0) > 0:
+                options = tf.data.Options()
+                options.autotune.enabled = False
+                dataset = dataset.with_options(options)
+            return dataset
 
-    get_tf_dataset._without_autotuning = True
-
-    def undo() -> None:
-        PyDatasetAdapter.get_tf_dataset = original
-
-    PyDatasetAdapter.get_tf_dataset = get_tf_dataset
-    return undo
+        get_tf_dataset._cnnkit_switch = True
+        PyDatasetAdapter.get_tf_dataset = get_tf_dataset
 
 
 def version() -> str:

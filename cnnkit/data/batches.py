@@ -85,8 +85,9 @@ class ArrayBatches(keras.utils.PyDataset):
     """Batches of ``images[rows]`` with ``labels``, reshuffled every epoch when ``shuffle``.
 
     An epoch's order, flips and translations are a function of the seed and the epoch's number
-    alone (``epoch``: 0 at first, advanced by ``on_epoch_end``, set by the trainer to a resumed
-    run's next epoch), so a resumed run sees the batches an uninterrupted one would have.
+    alone, so a resumed run sees the batches an uninterrupted one would have. ``epoch`` is the
+    epoch batches are drawn from: each ``on_epoch_begin`` (Keras calls it as an epoch starts) moves
+    it to the next, from 0, or from the epoch given to ``start_at`` (a resumed run's).
 
     Args:
         images: (N, H, W, C) uint8 array or memmap.
@@ -114,6 +115,7 @@ class ArrayBatches(keras.utils.PyDataset):
         self.seed = int(seed)
         self.augment = augment
         self.epoch = 0
+        self._upcoming = 0  # the epoch the next on_epoch_begin starts
         full, rest = divmod(len(self.rows), self.batch_size)
         self._end = full * self.batch_size + rest // multiple_of * multiple_of  # images used per epoch
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> (order, flips), the latest few
@@ -130,28 +132,32 @@ class ArrayBatches(keras.utils.PyDataset):
         pick = np.sort(order[index * self.batch_size : min((index + 1) * self.batch_size, self._end)])
         x = np.asarray(self.images[self.rows[pick]])
         if self.augment is not None:
-            x = self.augment(x, flips[pick], np.random.default_rng([self.seed, 2, epoch, index]))
+            x = self.augment(x, flips[pick], np.random.default_rng([self.seed, 13, epoch, index]))
         if self.labels is None:
             return (x,)
         return x, self.labels[pick]
 
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
+    def start_at(self, epoch: int) -> None:
+        """Make ``epoch`` the next epoch to begin (a fit from ``initial_epoch=epoch``)."""
+        self._upcoming = epoch
+
+    def on_epoch_begin(self) -> None:
+        self.epoch, self._upcoming = self._upcoming, self._upcoming + 1
 
     def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The order of the rows and which of them are mirrored, in ``epoch``."""
         plan = self._epochs.get(epoch)
         if plan is None:
             n = len(self.rows)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            order = np.random.default_rng([self.seed, 10, epoch]).permutation(n) if self.shuffle else np.arange(n)
             flip = "none" if self.augment is None else self.augment.flip
             if flip == "alternating":  # random in epoch 0, then each image flips every epoch
-                flips = (np.random.default_rng([self.seed, 1]).random(n) < 0.5) ^ bool(epoch % 2)
+                flips = (np.random.default_rng([self.seed, 11]).random(n) < 0.5) ^ bool(epoch % 2)
             elif flip == "random":
-                flips = np.random.default_rng([self.seed, 1, epoch]).random(n) < 0.5
+                flips = np.random.default_rng([self.seed, 12, epoch]).random(n) < 0.5
             else:
                 flips = np.zeros(n, dtype=bool)
-            plan = order, flips
+            plan = order, flips  # (the streams' keys differ in their second number: see SeedSequence)
             # Asked for by the training step and by a prefetching thread: keep the latest few.
             self._epochs = {e: p for e, p in self._epochs.items() if e >= epoch - 2} | {epoch: plan}
         return plan

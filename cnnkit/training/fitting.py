@@ -191,7 +191,7 @@ class Fitter:
         total = None if self.budget is not None else self.total_epochs
         callbacks += [RichEpochs(total, len(self.train_ds), label, budget=self.budget), *self.extra_callbacks]
         status = "completed"
-        self.train_ds.epoch = start  # a resumed run sees the order and flips an uninterrupted one would
+        self.train_ds.start_at(start)  # a resumed run sees the order and flips an uninterrupted one would
         try:
             with fit_input():
                 self.model.fit(self.train_ds, validation_data=self.val_ds, initial_epoch=start,
