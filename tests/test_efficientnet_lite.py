@@ -182,13 +182,15 @@ def test_photos_default_to_imagenet_efficientnet_lite0_and_fine_tuning_keeps_bat
     assert record["model"] == "efficientnetlite0" and "ImageNet" in record["model_choice"]
     assert record["config"]["model"]["weights"] is None  # None = imagenet: the installed package
     assert [int(p) for p in result.history["phase"]] == [1, 2]  # --force: phase 2 runs whatever the head scored
-    # fine-tuned with BatchNorm in inference mode: the moving statistics are still ImageNet's
+    # fine-tuned with BatchNorm in inference mode: the moving statistics are still ImageNet's. The model
+    # after the fine-tuning epoch is last.keras (the run's model is the best epoch's, maybe phase 1's).
+    tuned = get_backbone(keras.saving.load_model(tmp_path / "run" / "last.keras"))
     imagenet = build_model("efficientnetlite0", 2, (72, 72), weights="imagenet")
     for name in ("stem_bn", "block7_dwconv_bn", "top_bn"):
-        ours = get_backbone(result.model).get_layer(name).get_weights()
+        ours = tuned.get_layer(name).get_weights()
         np.testing.assert_array_equal(ours[2:], get_backbone(imagenet).get_layer(name).get_weights()[2:])
     # ... while the convolutions moved
-    assert not np.array_equal(get_backbone(result.model).get_layer("top_conv").get_weights()[0],
+    assert not np.array_equal(tuned.get_layer("top_conv").get_weights()[0],
                               get_backbone(imagenet).get_layer("top_conv").get_weights()[0])
     named = json.loads(json.dumps(default_model_choice((32, 32))))
     assert named[0] == "fast"
