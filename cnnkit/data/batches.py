@@ -81,6 +81,11 @@ def tta_views(images: np.ndarray, mode: str | None) -> list[np.ndarray]:
     return views
 
 
+# The second number of each random stream's key, one per use, so no two streams share a key (numpy's
+# SeedSequence ignores trailing zeros: [seed, 1] and [seed, 1, 0] would be one stream).
+_ORDER, _FIRST_FLIPS, _FLIPS, _SHIFTS = 10, 11, 12, 13
+
+
 class ArrayBatches(keras.utils.PyDataset):
     """Batches of ``images[rows]`` with ``labels``, reshuffled every epoch when ``shuffle``.
 
@@ -132,7 +137,7 @@ class ArrayBatches(keras.utils.PyDataset):
         pick = np.sort(order[index * self.batch_size : min((index + 1) * self.batch_size, self._end)])
         x = np.asarray(self.images[self.rows[pick]])
         if self.augment is not None:
-            x = self.augment(x, flips[pick], np.random.default_rng([self.seed, 13, epoch, index]))
+            x = self.augment(x, flips[pick], np.random.default_rng([self.seed, _SHIFTS, epoch, index]))
         if self.labels is None:
             return (x,)
         return x, self.labels[pick]
@@ -149,15 +154,15 @@ class ArrayBatches(keras.utils.PyDataset):
         plan = self._epochs.get(epoch)
         if plan is None:
             n = len(self.rows)
-            order = np.random.default_rng([self.seed, 10, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            order = np.random.default_rng([self.seed, _ORDER, epoch]).permutation(n) if self.shuffle else np.arange(n)
             flip = "none" if self.augment is None else self.augment.flip
             if flip == "alternating":  # random in epoch 0, then each image flips every epoch
-                flips = (np.random.default_rng([self.seed, 11]).random(n) < 0.5) ^ bool(epoch % 2)
+                flips = (np.random.default_rng([self.seed, _FIRST_FLIPS]).random(n) < 0.5) ^ bool(epoch % 2)
             elif flip == "random":
-                flips = np.random.default_rng([self.seed, 12, epoch]).random(n) < 0.5
+                flips = np.random.default_rng([self.seed, _FLIPS, epoch]).random(n) < 0.5
             else:
                 flips = np.zeros(n, dtype=bool)
-            plan = order, flips  # (the streams' keys differ in their second number: see SeedSequence)
+            plan = order, flips
             # Asked for by the training step and by a prefetching thread: keep the latest few.
             self._epochs = {e: p for e, p in self._epochs.items() if e >= epoch - 2} | {epoch: plan}
         return plan
