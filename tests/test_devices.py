@@ -156,7 +156,8 @@ def test_more_devices_than_the_backend_sees_says_how_to_get_them():
     from cnnkit.training.distribute import distributed
 
     if keras.backend.backend() != "jax":
-        pytest.skip("the message names JAX's XLA_FLAGS (the TensorFlow case splits the CPU itself)")
+        pytest.skip(f"the message names JAX's XLA_FLAGS; on {keras.backend.backend()} it does not apply "
+                    "(TensorFlow splits the CPU itself, PyTorch refuses --devices)")
     with pytest.raises(ConfigError, match="xla_force_host_platform_device_count=64"):
         with distributed(64, 64):
             pass
