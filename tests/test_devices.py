@@ -157,7 +157,7 @@ def test_more_devices_than_the_backend_sees_says_how_to_get_them():
 
     if keras.backend.backend() != "jax":
         pytest.skip(f"the message names JAX's XLA_FLAGS; on {keras.backend.backend()} it does not apply "
-                    "(TensorFlow splits the CPU itself, PyTorch refuses --devices)")
+                    "(TensorFlow splits the CPU itself, PyTorch refuses --devices above 1)")
     with pytest.raises(ConfigError, match="xla_force_host_platform_device_count=64"):
         with distributed(64, 64):
             pass
