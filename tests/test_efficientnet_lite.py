@@ -267,3 +267,4 @@ def test_a_budget_weighs_transfer_against_fast_by_measured_speed(tmp_path, monke
     short = load_config(None, {"train.time_budget": 60, "data.image_size": 32})
     kept, plan = plan_budget(short, data, make_batches(data, short)[0], "float32", time.monotonic() + 60, transfer)
     assert kept.model.name == "fast" and "efficientnetlite0" not in plan.probes
+    assert plan.approach["chosen"] == "fast" and "not weighed" in plan.approach["rule"]  # and run.json says why

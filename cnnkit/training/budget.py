@@ -33,7 +33,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from cnnkit._progress import say
+from cnnkit._progress import esc, say
 from cnnkit.config import BUDGET_PROGRESSIVE, PROGRESSIVE_MIN_EPOCHS, RunConfig
 from cnnkit.data.batches import TTA_VIEW_COUNT, ArrayBatches
 from cnnkit.data.dataset import LoadedData
@@ -215,6 +215,10 @@ def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy
         chosen = choose_approach(cfg, plan, transfer, data, policy, deadline)
         if chosen is not None:
             return chosen
+    elif transfer is not None:  # the user left the model open: say why transfer was not weighed
+        shortest = (spent + TRANSFER_PROBE_SECONDS) / (2 * PROBE_SHARE)
+        _keep_fast(plan, f"transfer from {transfer.model.name} not weighed: measuring it too (about "
+                         f"{TRANSFER_PROBE_SECONDS:.0f} s) needs a budget of {clock(shortest)} or more")
     say(f"model width for this budget: [bold]{width}[/] ({why}; --width to choose)")
     return choose_progressive(cfg, plan, epochs), plan
 
@@ -254,8 +258,8 @@ def choose_approach(fast: RunConfig, plan: BudgetPlan, transfer: RunConfig, data
     counts = np.bincount(data.split_rows("train")[1], minlength=len(data.class_names))
     per_class = int(np.median(counts)) if len(counts) else 0
     if per_class > TRANSFER_MAX_PER_CLASS:  # decided without measuring: the probe's time stays with training
-        plan.approach = {"chosen": "fast", "rule": f"transfer when at most {TRANSFER_MAX_PER_CLASS:,} training images "
-                                                   f"per class; here {per_class:,} per class (not probed)"}
+        _keep_fast(plan, f"transfer when at most {TRANSFER_MAX_PER_CLASS:,} training images per class; here "
+                         f"{per_class:,} per class (not probed)")
         return None
     batches = make_batches(data, transfer)[0]
     transfer_plan = _new_plan(transfer, data)
@@ -266,13 +270,19 @@ def choose_approach(fast: RunConfig, plan: BudgetPlan, transfer: RunConfig, data
             f"affordable; here {per_class:,} per class, {epochs:.1f} epochs of {transfer.model.name} at "
             f"{rate.train:,.0f} images/s")
     if per_class > TRANSFER_MAX_PER_CLASS or epochs < 1:
-        plan.approach = {"chosen": "fast", "rule": rule}
+        _keep_fast(plan, rule)
         return None
     transfer_plan.probes.update(plan.probes)
     transfer_plan.approach = {"chosen": transfer.model.name, "rule": rule}
     transfer_plan.reason = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here"
     say(f"approach for this budget: [bold]transfer learning from {transfer.model.name}[/] ({rule}; --model to choose)")
     return transfer, transfer_plan
+
+
+def _keep_fast(plan: BudgetPlan, rule: str) -> None:
+    """``fast`` from scratch rather than transfer learning: recorded in run.json and said, with the rule."""
+    plan.approach = {"chosen": "fast", "rule": rule}
+    say(f"approach for this budget: [bold]fast from scratch[/] ({esc(rule)}; --model to choose)")
 
 
 def choose_width(plan: BudgetPlan, probe: Callable[[str], Throughput], deadline: float) -> str:
