@@ -953,15 +953,16 @@ def docker(
     out: Annotated[Path, typer.Option("--out", "-o", help="Build context folder to write.")] = Path("docker-context"),
     build: Annotated[bool, typer.Option("--build/--no-build", help="Run docker build when a daemon is available.")] = True,
     registry_url: _RegistryUrl = None,
-    engine: Annotated[EngineName, typer.Option(help=(
-        "keras: TensorFlow inside (every route); onnxruntime: a slim image of ONNX Runtime, numpy, Pillow and "
-        "FastAPI, no TensorFlow (:explain answers 501)."))] = EngineName.keras,
+    engine: Annotated[Optional[EngineName], typer.Option(help=(
+        "keras: TensorFlow inside (every route; the default for a run or .keras file); onnxruntime: a slim image of "
+        "ONNX Runtime, numpy, Pillow and FastAPI, no TensorFlow (:explain answers 501; the default for an ONNX "
+        "export folder)."))] = None,
 ) -> None:
     """Write a Docker build context serving a model (and build it when Docker is available)."""
     _import_keras_quietly()
     from cnnkit.deploy import build_image, write_build_context
 
-    context = write_build_context(source, out, tag=tag, registry_url=registry_url, engine=engine.value)
+    context = write_build_context(source, out, tag=tag, registry_url=registry_url, engine=_engine_value(engine))
     typer.echo(f"build context: {context.path} (model '{context.name}', tag {context.tag})")
     if build and build_image(context):
         typer.echo(f"built {context.tag}; run: docker run -p 127.0.0.1:8501:8501 {context.tag}")

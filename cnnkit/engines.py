@@ -192,9 +192,15 @@ def write_onnx_export(source: str | Path, out: str | Path, digest: str | None = 
     ``tf2onnx``; a JAX or PyTorch process converts in a TensorFlow subprocess (as ``cnnkit export`` does).
 
     Raises:
-        ModelError: the converter is missing or fails.
+        ModelError: Keras or the converter is missing (the slim image serves export folders only), or it fails.
     """
-    import keras
+    try:
+        import keras
+    except ImportError as exc:
+        raise ModelError(f"'{source}' is a Keras model, and this install has no Keras to export it to ONNX ({exc}); "
+                         "the slim serving image runs ONNX export folders only. Export it where cnnkit is installed "
+                         "in full ('cnnkit export RUN -f onnx') and serve that folder. "
+                         f"Received: source='{source}'") from exc
 
     from cnnkit.models.saving import as_float32, load_model
 

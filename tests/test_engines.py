@@ -215,7 +215,8 @@ def test_slim_docker_context(digits, tmp_path):
     dockerfile = (context.path / "Dockerfile").read_text()
     assert "CNNKIT_ENGINE=onnxruntime" in dockerfile and "KERAS_BACKEND" not in dockerfile
     assert "--no-deps" in dockerfile and "pip uninstall -y -q pip setuptools" in dockerfile
-    assert '"uvicorn", "--factory", "cnnkit.serve.app:create_app"' in dockerfile and "CNNKIT_MODEL=/model" in dockerfile
+    assert '"python3", "-m", "cnnkit.serve"' in dockerfile and "CNNKIT_MODEL=/model" in dockerfile
+    assert "runs/other/export/onnx:/model" in dockerfile  # what to mount in its place: an ONNX export
     # a mounted or exported ONNX folder is served by resolving it like the image's CMD does
     assert resolve_source(model, "digits").path == model and (model / ONNX_MODEL).stat().st_size > 1000
 
@@ -230,3 +231,30 @@ def test_cli_docker_and_serve_engine_options(digits, tmp_path):
     assert "tag cnnkit-digits:1-slim" in result.output and is_onnx_export(tmp_path / "ctx" / "model")
     result = CliRunner().invoke(app, ["serve", str(run), "--engine", "tensorrt"])
     assert result.exit_code != 0 and "onnxruntime" in result.output
+    # an ONNX export folder builds the slim image without --engine
+    export = onnx_export(run, tmp_path / "onnx-cache")
+    result = CliRunner().invoke(app, ["docker", str(export), "--out", str(tmp_path / "ctx2"), "--no-build"])
+    assert result.exit_code == 0, result.output
+    assert "-slim" in result.output and is_onnx_export(tmp_path / "ctx2" / "model")
+
+
+def test_the_slim_entry_names_what_cannot_be_served(digits, tmp_path):
+    """`python -m cnnkit.serve` (the slim image's CMD): a model that cannot load is one line and exit 2."""
+    run, _ = digits
+    broken = tmp_path / "broken"
+    export = onnx_export(run, tmp_path / "onnx-cache")
+    broken.mkdir()
+    for member in export.iterdir():
+        (broken / member.name).write_bytes(member.read_bytes())
+    (broken / ONNX_MODEL).write_bytes((export / ONNX_MODEL).read_bytes()[:300])  # a truncated copy
+    env = {**os.environ, "CNNKIT_MODEL": str(broken), "CNNKIT_ENGINE": "onnxruntime"}
+    proc = subprocess.run([sys.executable, "-m", "cnnkit.serve", "--port", "1"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: ONNX Runtime cannot load") and str(broken / ONNX_MODEL) in proc.stderr
+    # and a run folder where Keras is missing (the slim image): the export it needs, named
+    code = ("import sys; sys.modules['keras'] = None\n"
+            "from cnnkit.engines import write_onnx_export\n"
+            f"write_onnx_export({str(run)!r}, {str(tmp_path / 'out')!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "ModelError" in proc.stderr and "cnnkit export RUN -f onnx" in proc.stderr

@@ -9,7 +9,8 @@ replaces the baked-in one.
 With ``engine="onnxruntime"`` the image is slim: the model is its ONNX export (``model/model.onnx``
 + ``cnnkit.json`` + ``run.json``) and the requirements are ONNX Runtime, numpy, Pillow, FastAPI,
 uvicorn, python-multipart and prometheus-client (cnnkit itself installed without its dependencies;
-no pip, no CLI: uvicorn runs ``create_app``): no TensorFlow, no Keras. It answers like ``cnnkit predict`` (within 1e-4);
+no pip, no CLI: ``python -m cnnkit.serve`` runs ``create_app``; a model mounted at run time must be
+an ONNX export folder, ``cnnkit export RUN -f onnx``): no TensorFlow, no Keras. It answers like ``cnnkit predict`` (within 1e-4);
 ``:explain`` answers 501. ``build_image`` runs ``docker build`` when a daemon answers, else
 returns the command to run.
 """
@@ -45,7 +46,7 @@ DOCKERFILE = """\
 # A cnnkit model server: TensorFlow Serving's REST API on port {port} (cnnkit serve, engine {engine}).
 #   docker build -t {tag} .            (BASE defaults to python:3.11-slim)
 #   docker run -p 127.0.0.1:{port}:{port} {tag}
-#   docker run -p 127.0.0.1:{port}:{port} -v "$PWD/runs/other:/model:ro" {tag}    (another model, mounted)
+#   docker run -p 127.0.0.1:{port}:{port} -v "$PWD/{mount}:/model:ro" {tag}    (another model, mounted{mount_note})
 ARG BASE=python:3.11-slim
 
 FROM ${{BASE}} AS build
@@ -73,10 +74,11 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \\
 CMD {cmd}
 """
 _CMD = '["cnnkit", "--quiet", "serve", "/model", "--host", "0.0.0.0", "--port", "{port}"]'
-# The slim image has no CLI (Typer, Rich and Pygments are 25 MB): uvicorn calls create_app(), which
-# reads CNNKIT_MODEL and CNNKIT_ENGINE; pip and setuptools leave the image once cnnkit is installed, and
+# The slim image has no CLI (Typer, Rich and Pygments are 25 MB): `python -m cnnkit.serve` calls
+# create_app(), which reads CNNKIT_MODEL and CNNKIT_ENGINE, and says in one line why a model cannot be
+# served (an ONNX export folder is needed: no Keras inside); pip and setuptools leave the image once cnnkit is installed, and
 # so do numpy's test suites and ONNX Runtime's model-conversion tools (26 MB that serving never imports).
-_SLIM_CMD = ('["uvicorn", "--factory", "cnnkit.serve.app:create_app", "--host", "0.0.0.0", "--port", "{port}"]')
+_SLIM_CMD = '["python3", "-m", "cnnkit.serve", "--host", "0.0.0.0", "--port", "{port}"]'
 _SLIM_TRIM = (" \\\n    && pip uninstall -y -q pip setuptools \\\n"
               "    && cd /opt/venv/lib/python3*/site-packages \\\n"
               "    && rm -rf numpy/tests numpy/*/tests onnxruntime/transformers onnxruntime/quantization onnxruntime/tools")
@@ -146,14 +148,15 @@ def slim_requirements() -> list[str]:
 
 
 def write_build_context(source: str | Path, out: str | Path, tag: str | None = None,
-                        registry_url: str | None = None, engine: str = "keras") -> BuildContext:
+                        registry_url: str | None = None, engine: str | None = None) -> BuildContext:
     """Write a Docker build context serving ``source`` (run dir, ``.keras``, ONNX export folder, or ``NAME@stage``).
 
     Args:
         source: what to serve; a registry reference is resolved and its sha256 checked.
         out: the folder to write (replaced if it exists and holds a Dockerfile).
         tag: the image tag (default ``cnnkit-<name>:<version>``, ``-slim`` added for onnxruntime).
-        engine: "keras" (TensorFlow inside) or "onnxruntime" (the slim image: no TensorFlow).
+        engine: "keras" (TensorFlow inside) or "onnxruntime" (the slim image: no TensorFlow); default
+            onnxruntime for an ONNX export folder, else keras.
 
     Raises:
         ConfigError: unknown engine, or keras asked for an ONNX export folder.
@@ -181,7 +184,10 @@ def write_build_context(source: str | Path, out: str | Path, tag: str | None = N
         _copy_cnnkit_source(work / "cnnkit-src")
         engine_env = "CNNKIT_ENGINE=onnxruntime CNNKIT_MODEL=/model" if slim else \
             "KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2"
+        mount = ("runs/other/export/onnx", ": its ONNX export, 'cnnkit export runs/other -f onnx'") if slim else \
+            ("runs/other", "")
         dockerfile = DOCKERFILE.format(port=_PORT, tag=tag, name=resolved.name, engine=engine, engine_env=engine_env,
+                                       mount=mount[0], mount_note=mount[1],
                                        trim=_SLIM_TRIM if slim else "",
                                        cmd=(_SLIM_CMD if slim else _CMD).format(port=_PORT))
         (work / "Dockerfile").write_text(dockerfile, encoding="utf-8")

@@ -62,6 +62,7 @@ def create_app(
 
     Raises:
         ConfigError: no source given. RunNotFoundError / VersionNotFoundError: nothing there.
+        ModelError: the model cannot be loaded on the chosen engine (it loads here, before serving).
 
     Example:
         >>> app = create_app("runs/first", max_batch_size=16)   # then: uvicorn.run(app)
@@ -73,11 +74,14 @@ def create_app(
     settings = settings or ServeSettings.from_env(**setting_overrides)
     registry_url = registry_url or os.environ.get("CNNKIT_REGISTRY_URL")
     resolved = resolve_source(source, name or os.environ.get("CNNKIT_MODEL_NAME"), registry_url)
+    # Loaded here, not at start-up: a model that cannot load (a damaged file, an engine not installed)
+    # is then one clear error from whoever builds the app ('cnnkit serve', uvicorn's --factory), not
+    # a traceback from the server's start-up.
+    served = Served(resolved, settings)
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        served = await run_in_threadpool(Served, resolved, settings)
         await run_in_threadpool(served.warm_up)
         await served.start(on_batch=metrics.batch_size.observe)
         app.state.served, served.ready = served, True
