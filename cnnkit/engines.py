@@ -170,12 +170,23 @@ def onnx_export(source: str | Path, cache: str | Path | None = None) -> Path:
     The folder is named by the ``.keras`` file's SHA-256, so a changed model (calibrated, retrained)
     is exported again; a complete folder is reused as it is.
     """
-    path = model_path(source)
-    digest = sha256_file(path)
-    folder = Path(cache or cnnkit_home() / "onnx") / digest
-    if is_onnx_export(folder) and _recorded_sha(folder) == digest:
-        return folder
-    return write_onnx_export(path, folder, digest)
+    folder = _export_folder(source, cache)
+    return folder if _complete(folder) else write_onnx_export(model_path(source), folder, folder.name)
+
+
+def cached_onnx_export(source: str | Path, cache: str | Path | None = None) -> Path | None:
+    """The complete ONNX export of ``source`` already in ``cache``, or None (``onnx_export`` would write it)."""
+    folder = _export_folder(source, cache)
+    return folder if _complete(folder) else None
+
+
+def _export_folder(source: str | Path, cache: str | Path | None) -> Path:
+    """Where ``source``'s export lives in the cache: named by its ``.keras`` file's SHA-256."""
+    return Path(cache or cnnkit_home() / "onnx") / sha256_file(model_path(source))
+
+
+def _complete(folder: Path) -> bool:
+    return is_onnx_export(folder) and _recorded_sha(folder) == folder.name
 
 
 def _recorded_sha(folder: Path) -> str | None:

@@ -181,6 +181,37 @@ print(json.dumps({"predict": [predicted.status_code, predicted.json()], "engine"
 """
 
 
+PREDICT_WITHOUT_KERAS = r"""
+import json, sys
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("keras", "tensorflow", "jax", "torch"):
+            raise ImportError("blocked in this test: " + name)
+sys.meta_path.insert(0, Blocked())
+from typer.testing import CliRunner
+from cnnkit.cli import app
+result = CliRunner().invoke(app, ["predict", *sys.argv[1:], "--format", "json"])
+print(json.dumps({"exit_code": result.exit_code, "output": result.output}))
+"""
+
+
+def test_cli_predict_on_onnxruntime_imports_no_keras(digits, tmp_path):
+    """`cnnkit predict` on an ONNX export, or on a run whose export is cached, starts without Keras."""
+    run, test = digits
+    image = sorted(test.rglob("*.png"))[3]
+    expected = cnnkit.Predictor(run, engine="keras").predict([image])[0].label
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CNNKIT_HOME": str(tmp_path / "home")}
+    onnx_export(run, tmp_path / "home" / "onnx")  # what a first --engine onnxruntime run leaves in the cache
+    folder = cnnkit.export(run, "onnx", tmp_path / "export").out_dir
+    for args in ([str(folder), str(image)], [str(run), str(image), "--engine", "onnxruntime"]):
+        done = subprocess.run([sys.executable, "-c", PREDICT_WITHOUT_KERAS, *args], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["exit_code"] == 0, result["output"]
+        assert json.loads(result["output"][result["output"].index("["):])[0]["label"] == expected
+
+
 def test_onnxruntime_server_imports_no_keras(digits):
     run, test = digits
     folder = cnnkit.export(run, "onnx").out_dir
