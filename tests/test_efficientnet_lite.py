@@ -255,12 +255,15 @@ def test_a_budget_weighs_transfer_against_fast_by_measured_speed(tmp_path, monke
     assert {"small", "efficientnetlite0"} <= set(plan.probes)  # both speeds measured here
     assert all(rate.train > 0 and rate.predict > 0 for rate in plan.probes.values())
     assert plan.approach["chosen"] == "efficientnetlite0" and f"{TRANSFER_MAX_PER_CLASS:,}" in plan.approach["rule"]
+    # its backbone's BatchNorm is frozen: the reserve prices no re-estimation (it would end the run early)
+    assert plan.batchnorm_images == 0
     # more images per class than transfer pays for: decided without spending the budget on its probe
     import cnnkit.training.budget as budget
 
     monkeypatch.setattr(budget, "TRANSFER_MAX_PER_CLASS", 10)
     kept, plan = plan_budget(cfg, data, make_batches(data, cfg)[0], "float32", time.monotonic() + 600, transfer)
     assert kept.model.name == "fast" and "efficientnetlite0" not in plan.probes
+    assert plan.batchnorm_images == 1.5 * plan.train_images > 0  # fast's BatchNorm is re-estimated: priced
     assert plan.approach["chosen"] == "fast" and "at most 10 training images per class; here 24 per class (not probed)" \
         in plan.approach["rule"]  # 30 per class, 80% of them in the training split
     # a short budget cannot afford to measure both: fast stays

@@ -41,7 +41,7 @@ from cnnkit.errors import ConfigError
 from cnnkit.models.augment import final_tta
 from cnnkit.models.fast import MIN_EPOCHS
 from cnnkit.models.saving import as_float32
-from cnnkit.training.fitting import BATCHNORM_IMAGES, build_for_training, make_batches
+from cnnkit.training.fitting import BATCHNORM_IMAGES, build_for_training, make_batches, trainable_batchnorm
 from cnnkit.training.optim import make_loss, make_optimizer, onecycle_rate
 
 # Under a time budget, epochs are not planned: training stops when the budget is spent.
@@ -127,6 +127,7 @@ class BudgetPlan:
     train_images: int
     validation_images: int
     after_training_images: float  # inference-equivalent images after training
+    batchnorm_images: float = 0.0  # their BatchNorm re-estimation's share (none for a model without trainable BatchNorm)
     probes: dict[str, Throughput] = field(default_factory=dict)
     width: str | None = None
     reason: str = ""
@@ -136,6 +137,11 @@ class BudgetPlan:
     # The final model's inference speed over the training precision's: the work after training runs on
     # the float32 model (``as_float32``), slower than mixed bfloat16 on a CPU with bfloat16 (1.0 elsewhere).
     evaluation_speed: float = 1.0
+
+    def without_batchnorm(self) -> None:
+        """The model has no trainable BatchNorm (a frozen backbone's head): no re-estimation to price."""
+        self.after_training_images -= self.batchnorm_images
+        self.batchnorm_images = 0.0
 
     def reserve(self, predict_rate: float) -> float:
         """Seconds kept for the work after training, at ``predict_rate`` images per second (the training
@@ -161,12 +167,13 @@ class BudgetPlan:
 def _new_plan(cfg: RunConfig, data: LoadedData) -> BudgetPlan:
     views = TTA_VIEW_COUNT[final_tta(cfg.train.tta, cfg.train.augment)]
     sizes = {split: len(data.split_rows(split)[0]) for split in ("train", "validation", "test")}
-    after = ((sizes["validation"] + sizes["test"]) * views
-             + TRAINING_FORWARD_COST * min(BATCHNORM_IMAGES, sizes["train"]))
-    return BudgetPlan(cfg.train.time_budget, sizes["train"], sizes["validation"], after)
+    batchnorm = TRAINING_FORWARD_COST * min(BATCHNORM_IMAGES, sizes["train"])
+    after = (sizes["validation"] + sizes["test"]) * views + batchnorm
+    return BudgetPlan(cfg.train.time_budget, sizes["train"], sizes["validation"], after, batchnorm)
 
 
-def _probe(cfg: RunConfig, data: LoadedData, batches: ArrayBatches, policy: str) -> Throughput:
+def _probe(cfg: RunConfig, data: LoadedData, batches: ArrayBatches, policy: str, plan: BudgetPlan) -> Throughput:
+    """The measured speed of ``cfg``'s model here; ``plan`` learns whether it has BatchNorm to re-estimate."""
     started = time.monotonic()
     # Each probe is a new model, so TensorFlow traces its steps anew and warns of "excessive retracing"
     # after a few: expected here, and nothing for the user to fix.
@@ -175,6 +182,8 @@ def _probe(cfg: RunConfig, data: LoadedData, batches: ArrayBatches, policy: str)
     tf_logger.setLevel(max(level, logging.ERROR))
     try:
         model = build_for_training(cfg, len(data.class_names), policy)
+        if not trainable_batchnorm(model):
+            plan.without_batchnorm()
         rate = measure_throughput(model, batches, cfg, started)
         del model
     finally:
@@ -195,13 +204,14 @@ def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy
     plan = _new_plan(cfg, data)
     auto = cfg.model.name == "fast" and cfg.model.width == "auto"
     if not auto:
-        rate = plan.probes[cfg.model.name] = _probe(cfg, data, train_ds, policy)
+        rate = plan.probes[cfg.model.name] = _probe(cfg, data, train_ds, policy, plan)
         epochs = plan.epochs_affordable(rate, deadline - time.monotonic())
         plan.reason = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here"
         return choose_progressive(cfg, plan, epochs), plan
 
     def probe(width: str) -> Throughput:
-        return _probe(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width)), data, train_ds, policy)
+        return _probe(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width)), data, train_ds,
+                      policy, plan)
 
     width = choose_width(plan, probe, deadline)
     rate = plan.probes[width]
@@ -263,7 +273,7 @@ def choose_approach(fast: RunConfig, plan: BudgetPlan, transfer: RunConfig, data
         return None
     batches = make_batches(data, transfer)[0]
     transfer_plan = _new_plan(transfer, data)
-    rate = _probe(transfer, data, batches, policy)
+    rate = _probe(transfer, data, batches, policy, transfer_plan)
     plan.probes[transfer.model.name] = transfer_plan.probes[transfer.model.name] = rate
     epochs = transfer_plan.epochs_affordable(rate, deadline - time.monotonic())
     rule = (f"transfer when at most {TRANSFER_MAX_PER_CLASS:,} training images per class and at least 1 epoch "

@@ -227,6 +227,11 @@ class Fitter:
                 self.model.load_weights(path)
 
 
+def trainable_batchnorm(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """The BatchNorm layers ``reestimate_batchnorm`` recomputes (a frozen backbone's are not among them)."""
+    return [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+
+
 def reestimate_batchnorm(model: keras.Model, batches: ArrayBatches, max_images: int = BATCHNORM_IMAGES) -> int:
     """Recompute the moving statistics of the trainable BatchNorm layers on training batches.
 
@@ -235,8 +240,7 @@ def reestimate_batchnorm(model: keras.Model, batches: ArrayBatches, max_images: 
     on up to ``max_images`` images. Frozen BatchNorm layers (a pre-trained backbone's) are left as
     they are. Returns the number of images used (0 when the model has no trainable BatchNorm).
     """
-    norms = [layer for layer in all_layers(model)
-             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    norms = trainable_batchnorm(model)
     if not norms or not len(batches):
         return 0
     momenta = [layer.momentum for layer in norms]
