@@ -61,8 +61,8 @@ def timed(fn, repeat: int = 1) -> tuple[float, list[float]]:
 
 
 def write_result(name: str, data: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / f"{name}.json"  # a name may hold a folder: "gpu/backends"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
     os.replace(tmp, path)

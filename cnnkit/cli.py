@@ -53,7 +53,8 @@ class EngineName(str, Enum):
 
 
 _ENGINE_HELP = ("Inference engine: keras, or onnxruntime (the model's ONNX export on ONNX Runtime, exported once and "
-                "cached; same probabilities within 1e-4). Default: onnxruntime for an ONNX export folder, else keras.")
+                "cached; the same answers: probabilities within 1e-4 of Keras's, 1e-3 for --time-budget's "
+                "whitening stem). Default: onnxruntime for an ONNX export folder, else keras.")
 
 
 def _engine_value(engine: EngineName | None) -> str | None:

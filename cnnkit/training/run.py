@@ -158,6 +158,7 @@ def train(
         >>> result = cnnkit.train("dataset", out="runs/first", model="simple", epochs=10, overwrite=True)
         >>> accuracy = result.metrics["val_accuracy"]
     """
+    budget_started = time.monotonic() if budget_started is None else budget_started  # this call, folder scan included
     require_gradients("train")
     if resume is not None:
         resumed_cfg = resume_config(Path(resume), options)
