@@ -562,7 +562,10 @@ def predict(
     if out is None and output is PredictFormat.parquet:
         raise ConfigError("Parquet is written to a file: add --out predictions.parquet. Received: format='parquet', "
                           "out=None")
-    _predict_imports(run, _engine_value(engine), ray is not None)
+    if ray is not None:  # the Ray workers load the model in this process's environment
+        _import_keras_quietly()
+    else:
+        _import_keras_unless_ready(run, _engine_value(engine))
     if ray is not None:
         from cnnkit.predict_ray import predict_with_ray
 
@@ -605,16 +608,17 @@ def predict(
     _error_or_say(sum(1 for r in results if r.error), len(results), None)
 
 
-def _predict_imports(run: Path, engine: str | None, ray: bool) -> None:
-    """Keras, imported quietly, unless ONNX Runtime runs a ready export: then none (seconds of start-up saved)."""
+def _import_keras_unless_ready(source: str | Path, engine: str | None) -> None:
+    """Keras, imported quietly, unless ONNX Runtime runs a ready export (an export folder, or a run whose
+    export is cached): then none, seconds of start-up saved (``predict``, ``serve``)."""
     from cnnkit.engines import cached_onnx_export, engine_for
     from cnnkit.rundir import is_onnx_export
 
     try:
-        ready = not ray and engine_for(run, engine) == "onnxruntime" and (
-            is_onnx_export(run) or cached_onnx_export(run) is not None)
-    except (CnnkitError, OSError):  # a missing run or a wrong engine: Predictor names it
-        ready = True
+        ready = engine_for(source, engine) == "onnxruntime" and (
+            is_onnx_export(source) or cached_onnx_export(source) is not None)
+    except (CnnkitError, OSError):  # NAME@stage, a missing model: what loads it resolves it or says what is wrong
+        ready = engine == "onnxruntime"
     if not ready:
         _import_keras_quietly()
 
@@ -904,8 +908,8 @@ def serve(
     from cnnkit.engines import engine_for
 
     chosen = _engine_value(engine) or os.environ.get("CNNKIT_ENGINE") or None
-    if engine_for(source, chosen) == "keras":  # onnxruntime serves without importing Keras at all
-        _import_keras_quietly()
+    engine_for(source, chosen)  # an unknown engine fails before anything loads
+    _import_keras_unless_ready(source, chosen)  # onnxruntime serves a ready export without importing Keras
     import uvicorn
 
     from cnnkit.serve import create_app

@@ -17,6 +17,7 @@ Keras is imported only by the keras engine and by that export.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import asdict
@@ -208,6 +209,8 @@ def write_onnx_export(source: str | Path, out: str | Path, digest: str | None = 
     try:
         import keras
     except ImportError as exc:
+        if _installed("keras"):  # installed, but its backend fails to import: that error says why
+            raise
         raise ModelError(f"'{source}' is a Keras model, and this install has no Keras to export it to ONNX ({exc}); "
                          "the slim serving image runs ONNX export folders only. Export it where cnnkit is installed "
                          "in full ('cnnkit export RUN -f onnx') and serve that folder. "
@@ -231,6 +234,13 @@ def write_onnx_export(source: str | Path, out: str | Path, digest: str | None = 
         (work / META_MEMBER).write_text(json.dumps(asdict(meta), indent=2), encoding="utf-8")
         (work / SOURCE_SHA256).write_text(f"{digest}  {path.name}\n", encoding="utf-8")
     return out
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # an import hook that refuses it, or a module set to None
+        return False
 
 
 def write_onnx(model: Any, target: Path) -> None:

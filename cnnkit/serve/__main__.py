@@ -29,9 +29,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app = create_app(args.source)
-    except (CnnkitError, OSError) as exc:
+    except CnnkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a model folder this user may not read
+        where = f": '{exc.filename}'" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted.", file=sys.stderr)
+        return 130
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
 

@@ -12,7 +12,10 @@ Routes (``cnnkit.serve.routes``; ``{name}`` is the served model's name, ``{v}`` 
     GET  /healthz  /readyz  /metrics  /docs
     GET  /   /v1/models/{name}/card   /v1/models/{name}/reports/{report}   the web page (``cnnkit.serve.page``)
 
-The model is loaded and warmed in the lifespan (``/readyz`` answers 503 until then). Images are
+The model is loaded and warmed by ``create_app``, before a server opens its port, so a model that
+cannot load or run is one error there (``cnnkit serve`` and ``python -m cnnkit.serve`` print it and
+exit 2), not a traceback from the server's start-up; ``/readyz`` answers 503 while the model queue
+is not running (shutting down). Images are
 decoded on worker threads by ``Predictor.load`` (the training decode); every model call goes
 through one bounded queue on one thread (``MicroBatcher``: 429 when full, 504 past the deadline,
 503 while shutting down). Every bad request is a 4xx ``{"error": "..."}``, mapped here in one
@@ -29,11 +32,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cnnkit.errors import CnnkitError, ConfigError, DataError
-from cnnkit.registry import resolve_source
+from cnnkit.errors import CnnkitError, ConfigError, DataError, ModelError
+from cnnkit.registry import ModelSource, resolve_source
 from cnnkit.serve.inputs import RequestError
 from cnnkit.serve.page import router as page_router
 from cnnkit.serve.prometheus import MeasureRequests, Metrics
@@ -62,7 +64,7 @@ def create_app(
 
     Raises:
         ConfigError: no source given. RunNotFoundError / VersionNotFoundError: nothing there.
-        ModelError: the model cannot be loaded on the chosen engine (it loads here, before serving).
+        ModelError: the model cannot be loaded or run on the chosen engine (it loads and warms up here).
 
     Example:
         >>> app = create_app("runs/first", max_batch_size=16)   # then: uvicorn.run(app)
@@ -74,19 +76,16 @@ def create_app(
     settings = settings or ServeSettings.from_env(**setting_overrides)
     registry_url = registry_url or os.environ.get("CNNKIT_REGISTRY_URL")
     resolved = resolve_source(source, name or os.environ.get("CNNKIT_MODEL_NAME"), registry_url)
-    # Loaded here, not at start-up: a model that cannot load (a damaged file, an engine not installed)
-    # is then one clear error from whoever builds the app ('cnnkit serve', uvicorn's --factory), not
-    # a traceback from the server's start-up.
-    served = Served(resolved, settings)
+    served = _load(resolved, settings)
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(served.warm_up)
         await served.start(on_batch=metrics.batch_size.observe)
         app.state.served, served.ready = served, True
         yield
         await served.stop()  # answers what is queued (up to shutdown_timeout_s), refuses the rest with 503
+        app.state.served, served.ready = None, False
 
     app = FastAPI(title=f"cnnkit: {resolved.name}", version=resolved.version, lifespan=lifespan,
                   description="TensorFlow-Serving-compatible REST API for a cnnkit image classifier.")
@@ -98,6 +97,24 @@ def create_app(
     app.include_router(router)
     app.include_router(page_router)
     return app
+
+
+def _load(resolved: ModelSource, settings: ServeSettings) -> Served:
+    """The model, loaded and warmed (one image and a full batch) before any server starts.
+
+    Raises:
+        ModelError: it cannot load (a damaged file, an engine not installed) or cannot run.
+    """
+    served = Served(resolved, settings)
+    try:
+        served.warm_up()
+    except CnnkitError:
+        raise
+    except Exception as exc:  # the engines raise their own types for a model that loads but cannot run
+        raise ModelError(f"The model '{resolved.path}' loaded but cannot run on the {served.engine} engine "
+                         f"({type(exc).__name__}: {exc}). Export or train it again, or serve it with the other "
+                         f"--engine. Received: engine={served.engine!r}") from exc
+    return served
 
 
 def _error(status: int, message: str) -> JSONResponse:
