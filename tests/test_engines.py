@@ -160,13 +160,18 @@ def test_serve_settings_engine(monkeypatch):
         ServeSettings.from_env()
 
 
-SERVE_WITHOUT_KERAS = r"""
-import base64, json, sys
+# Run first in a subprocess: importing keras, tensorflow, jax or torch raises.
+WITHOUT_KERAS = r"""
+import sys
 class Blocked:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("keras", "tensorflow", "jax", "torch"):
             raise ImportError("blocked in this test: " + name)
 sys.meta_path.insert(0, Blocked())
+"""
+
+SERVE_WITHOUT_KERAS = WITHOUT_KERAS + r"""
+import base64, json
 from fastapi.testclient import TestClient
 from cnnkit.serve import create_app
 folder, image = sys.argv[1], sys.argv[2]
@@ -181,13 +186,8 @@ print(json.dumps({"predict": [predicted.status_code, predicted.json()], "engine"
 """
 
 
-PREDICT_WITHOUT_KERAS = r"""
-import json, sys
-class Blocked:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("keras", "tensorflow", "jax", "torch"):
-            raise ImportError("blocked in this test: " + name)
-sys.meta_path.insert(0, Blocked())
+PREDICT_WITHOUT_KERAS = WITHOUT_KERAS + r"""
+import json
 from typer.testing import CliRunner
 from cnnkit.cli import app
 result = CliRunner().invoke(app, ["predict", *sys.argv[1:], "--format", "json"])
