@@ -160,7 +160,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            if fn.__name__ in ("train", "evaluate", "demo", "lr_find", "review"):  # predict: _predict_imports
+            if fn.__name__ in ("train", "evaluate", "demo", "lr_find", "review"):  # predict: _import_keras_unless_ready
                 _import_keras_quietly(seeds_tensorflow=fn.__name__ in ("train", "demo", "lr_find", "review"))
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):

@@ -10,8 +10,8 @@ With ``engine="onnxruntime"`` the image is slim: the model is its ONNX export (`
 + ``cnnkit.json`` + ``run.json``) and the requirements are ONNX Runtime, numpy, Pillow, FastAPI,
 uvicorn, python-multipart and prometheus-client (cnnkit itself installed without its dependencies;
 no pip, no CLI: ``python -m cnnkit.serve`` runs ``create_app``; a model mounted at run time must be
-an ONNX export folder, ``cnnkit export RUN -f onnx``): no TensorFlow, no Keras. It answers like ``cnnkit predict`` (within 1e-4);
-``:explain`` answers 501. ``build_image`` runs ``docker build`` when a daemon answers, else
+an ONNX export folder, ``cnnkit export RUN -f onnx``): no TensorFlow, no Keras. It answers like
+``cnnkit predict`` (within 1e-4); ``:explain`` answers 501. ``build_image`` runs ``docker build`` when a daemon answers, else
 returns the command to run.
 """
 
@@ -76,8 +76,9 @@ CMD {cmd}
 _CMD = '["cnnkit", "--quiet", "serve", "/model", "--host", "0.0.0.0", "--port", "{port}"]'
 # The slim image has no CLI (Typer, Rich and Pygments are 25 MB): `python -m cnnkit.serve` calls
 # create_app(), which reads CNNKIT_MODEL and CNNKIT_ENGINE, and says in one line why a model cannot be
-# served (an ONNX export folder is needed: no Keras inside); pip and setuptools leave the image once cnnkit is installed, and
-# so do numpy's test suites and ONNX Runtime's model-conversion tools (26 MB that serving never imports).
+# served (an ONNX export folder is needed: no Keras inside); pip and setuptools leave the image once
+# cnnkit is installed, and so do numpy's test suites and ONNX Runtime's model-conversion tools (26 MB
+# that serving never imports).
 _SLIM_CMD = '["python3", "-m", "cnnkit.serve", "--host", "0.0.0.0", "--port", "{port}"]'
 _SLIM_TRIM = (" \\\n    && pip uninstall -y -q pip setuptools \\\n"
               "    && cd /opt/venv/lib/python3*/site-packages \\\n"

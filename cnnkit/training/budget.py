@@ -127,7 +127,7 @@ class BudgetPlan:
     train_images: int
     validation_images: int
     after_training_images: float  # inference-equivalent images after training
-    batchnorm_images: float = 0.0  # their BatchNorm re-estimation's share (none for a model without trainable BatchNorm)
+    batchnorm_images: float = 0.0  # their BatchNorm re-estimation's share (0: no trainable BatchNorm)
     probes: dict[str, Throughput] = field(default_factory=dict)
     width: str | None = None
     reason: str = ""
