@@ -14,7 +14,6 @@ _PROCESS_STARTED = time.monotonic()  # the cnnkit script's start, near enough: i
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before any import of it
 
-import errno
 import functools
 import inspect
 import json
@@ -30,7 +29,7 @@ from typer.core import TyperCommand
 
 from cnnkit import _progress
 from cnnkit._version import __version__
-from cnnkit.errors import CnnkitError, ConfigError
+from cnnkit.errors import CnnkitError, ConfigError, describe_os_error
 
 app = typer.Typer(
     help="cnnkit: a folder of images in; a trained, evaluated CNN classifier out.",
@@ -115,27 +114,6 @@ def _quiet_import(module: str) -> None:
             for line in captured.read().decode(errors="replace").splitlines():
                 if line.strip() and not any(noise in line for noise in _BACKEND_NOISE):
                     sys.stderr.write(line + "\n")
-
-
-def describe_os_error(exc: OSError) -> str:
-    """A file-system error in one line: what, where, and what to do."""
-    where = f"'{exc.filename}'" if exc.filename else "a file"
-    if exc.filename2:
-        where += f" -> '{exc.filename2}'"
-    advice = {
-        errno.ENOSPC: f"No space left on the device while writing {where}. Free some space, or write elsewhere "
-                      "(--out, CNNKIT_HOME for the decode cache); an interrupted training run continues with --resume.",
-        errno.EDQUOT: f"Disk quota exceeded while writing {where}. Free some space or write elsewhere (--out, CNNKIT_HOME).",
-        errno.EACCES: f"Permission denied: {where}. Choose a folder you can write to (--out, CNNKIT_HOME) or fix the "
-                      "permissions of that one.",
-        errno.EPERM: f"Operation not permitted: {where}. Choose a folder you can write to, or fix its permissions.",
-        errno.EROFS: f"{where} is on a read-only file system. Write elsewhere (--out, CNNKIT_HOME).",
-        errno.ENOENT: f"No such file or folder: {where}.",
-        errno.ENOTDIR: f"{where}: part of this path is a file, not a folder. Choose another path.",
-        errno.EISDIR: f"{where} is a folder where a file was expected.",
-        errno.ENAMETOOLONG: f"The path {where} is too long for the file system. Choose a shorter one.",
-    }
-    return advice.get(exc.errno, f"{exc.strerror or exc}: {where}.")
 
 
 def _failure_message(exc: BaseException) -> tuple[str, int] | None:

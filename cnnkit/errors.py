@@ -7,6 +7,8 @@ exits with code 2; tracebacks only with ``--debug``.
 
 from __future__ import annotations
 
+import errno
+
 
 class CnnkitError(Exception):
     """Base of every error cnnkit raises on purpose."""
@@ -42,3 +44,24 @@ class RegistryError(CnnkitError):
 
 class VersionNotFoundError(RegistryError, LookupError):
     """No registered model has that name, version or stage."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A file-system error in one line: what, where, and what to do."""
+    where = f"'{exc.filename}'" if exc.filename else "a file"
+    if exc.filename2:
+        where += f" -> '{exc.filename2}'"
+    advice = {
+        errno.ENOSPC: f"No space left on the device while writing {where}. Free some space, or write elsewhere "
+                      "(--out, CNNKIT_HOME for the decode cache); an interrupted training run continues with --resume.",
+        errno.EDQUOT: f"Disk quota exceeded while writing {where}. Free some space or write elsewhere (--out, CNNKIT_HOME).",
+        errno.EACCES: f"Permission denied: {where}. Choose a folder you can write to (--out, CNNKIT_HOME) or fix the "
+                      "permissions of that one.",
+        errno.EPERM: f"Operation not permitted: {where}. Choose a folder you can write to, or fix its permissions.",
+        errno.EROFS: f"{where} is on a read-only file system. Write elsewhere (--out, CNNKIT_HOME).",
+        errno.ENOENT: f"No such file or folder: {where}.",
+        errno.ENOTDIR: f"{where}: part of this path is a file, not a folder. Choose another path.",
+        errno.EISDIR: f"{where} is a folder where a file was expected.",
+        errno.ENAMETOOLONG: f"The path {where} is too long for the file system. Choose a shorter one.",
+    }
+    return advice.get(exc.errno, f"{exc.strerror or exc}: {where}.")

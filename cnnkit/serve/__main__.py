@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cnnkit.errors import CnnkitError
+from cnnkit.errors import CnnkitError, describe_os_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. a model folder this user may not read
-        where = f": '{exc.filename}'" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted.", file=sys.stderr)
