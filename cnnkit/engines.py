@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from cnnkit.config import cnnkit_home
-from cnnkit.errors import ConfigError, ModelError
+from cnnkit.errors import CnnkitError, ConfigError, ModelError
 from cnnkit.rundir import (
     META_MEMBER,
     ONNX_MODEL,
@@ -45,9 +46,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ENGINES = ("keras", "onnxruntime")
 # Measured with bench/predict.py (README, "Inference engines"): on idle 2-core EPYCs ONNX Runtime runs
-# `fast` 1.13x Keras end to end, but its first use of a model costs an ONNX export (3.7 s), repaid only
-# after ~80,000 images, and it needs cnnkit[export]; so Keras stays the default, onnxruntime a choice.
+# `fast` 1.06-1.13x Keras end to end, but its first use of a model costs an ONNX export (3.7 s), repaid
+# only after ~80,000 images, and it needs cnnkit[export]; so Keras is the default of a first use.
 DEFAULT_ENGINE = "keras"
+# "auto" (cnnkit predict's default): onnxruntime once a model's export is ready (cached, and it matched
+# Keras within PARITY_TOLERANCE when written), else keras. With the export paid for, ONNX Runtime wins
+# every time: no TensorFlow start-up (one image from the shell in 0.6 s instead of 8 s) and faster batches.
+AUTO = "auto"
+PARITY_TOLERANCE = 1e-4  # the bar for an engine to answer in Keras's place (the issue's "same answers")
+PARITY = "parity.json"  # in an export folder: how far ONNX Runtime was from Keras on probe images
 
 
 class Engine(Protocol):
@@ -127,14 +134,15 @@ class OnnxEngine:
 
 
 def check_engine(engine: str | None) -> None:
-    """Raises ConfigError unless ``engine`` is None (automatic) or one of ``ENGINES``."""
-    if engine is not None and engine not in ENGINES:
-        raise ConfigError(f"Unknown inference engine '{engine}'. Engines: {', '.join(ENGINES)} "
+    """Raises ConfigError unless ``engine`` is None (the default), ``AUTO`` or one of ``ENGINES``."""
+    if engine is not None and engine not in (*ENGINES, AUTO):
+        raise ConfigError(f"Unknown inference engine '{engine}'. Engines: {', '.join(ENGINES)}, or {AUTO} "
                           f"(default {DEFAULT_ENGINE}). Received: engine={engine!r}")
 
 
 def engine_for(source: str | Path, engine: str | None = None) -> str:
-    """The engine that will run ``source``: ``engine`` if given, onnxruntime for an ONNX export, else the default.
+    """The engine that will run ``source``: onnxruntime for an ONNX export folder; else ``engine`` if given,
+    where ``AUTO`` means onnxruntime when ``ready_onnx_export(source)`` has one and keras otherwise; else the default.
 
     Raises:
         ConfigError: an unknown engine, or keras asked to run an ONNX export (it has no ``.keras``).
@@ -144,7 +152,36 @@ def engine_for(source: str | Path, engine: str | None = None) -> str:
     if engine == "keras" and onnx:
         raise ConfigError(f"'{source}' is an ONNX export: the keras engine needs a run directory or .keras file. "
                           "Use --engine onnxruntime, or pass the run. Received: engine='keras'")
-    return engine or ("onnxruntime" if onnx else DEFAULT_ENGINE)
+    if onnx:
+        return "onnxruntime"
+    if engine == AUTO:
+        return "onnxruntime" if ready_onnx_export(source) is not None else "keras"
+    return engine or DEFAULT_ENGINE
+
+
+def ready_onnx_export(source: str | Path, cache: str | Path | None = None) -> Path | None:
+    """The cached ONNX export of ``source`` if ONNX Runtime may answer in Keras's place, else None.
+
+    Ready means: ONNX Runtime is installed, the export is complete, and its ``parity.json`` (written with
+    it) found ONNX Runtime's probabilities within ``PARITY_TOLERANCE`` of Keras's. A source that cannot
+    be read is not ready: the keras engine's loader then says what is wrong with it.
+    """
+    if not _installed("onnxruntime"):
+        return None
+    try:
+        folder = cached_onnx_export(source, cache)
+    except (CnnkitError, OSError):
+        return None
+    return folder if folder is not None and parity_holds(folder) else None
+
+
+def parity_holds(folder: str | Path) -> bool:
+    """True when the export folder's ``parity.json`` records ONNX Runtime within ``PARITY_TOLERANCE`` of Keras."""
+    try:
+        diff = json.loads((Path(folder) / PARITY).read_text(encoding="utf-8"))["max_abs_prob_diff"]
+    except (OSError, ValueError, KeyError, TypeError):  # none (an older export, no onnxruntime then) or damaged
+        return False
+    return isinstance(diff, (int, float)) and 0 <= diff <= PARITY_TOLERANCE
 
 
 def open_engine(source: str | Path, engine: str | None = None, threads: int | None = None) -> Engine:
@@ -227,13 +264,39 @@ def write_onnx_export(source: str | Path, out: str | Path, digest: str | None = 
                            what="Exporting to ONNX", received=f"model={str(path)!r}")
         return Path(out)
     model, meta = load_model(path)
-    model = as_float32(model)
     out = Path(out)
     with atomic_directory(out) as work:
-        write_onnx(model, work / ONNX_MODEL)
+        write_onnx(as_float32(model), work / ONNX_MODEL)
         (work / META_MEMBER).write_text(json.dumps(asdict(meta), indent=2), encoding="utf-8")
         (work / SOURCE_SHA256).write_text(f"{digest}  {path.name}\n", encoding="utf-8")
+        if _installed("onnxruntime"):  # what lets --engine auto choose it (an export for elsewhere needs none)
+            try:
+                parity = measure_parity(KerasEngine(model, meta), OnnxEngine(work))
+            except ModelError as exc:  # ONNX Runtime cannot run it: the export stands, auto keeps Keras
+                parity = {"error": str(exc)}
+            (work / PARITY).write_text(json.dumps(parity, indent=2), encoding="utf-8")
     return out
+
+
+def probe_images(shape: tuple[int, int, int], count: int = 16, seed: int = 0) -> np.ndarray:
+    """Images that exercise a whole network: uniform noise, smooth colour ramps and flat colours (uint8)."""
+    rng = np.random.default_rng(seed)
+    height, width, channels = shape
+    noise = rng.integers(0, 256, (count // 2, *shape), dtype=np.uint8)
+    ramp = np.linspace(0.0, 1.0, height * width).reshape(1, height, width, 1)
+    low, high = rng.uniform(0, 255, (2, count // 4, 1, 1, channels))
+    ramps = (low + (high - low) * ramp).astype(np.uint8)
+    flats = np.broadcast_to(rng.integers(0, 256, (count - len(noise) - len(ramps), 1, 1, channels), dtype=np.uint8),
+                            (count - len(noise) - len(ramps), *shape))
+    return np.concatenate([noise, ramps, flats])
+
+
+def measure_parity(reference: Engine, candidate: Engine) -> dict:
+    """How far ``candidate``'s probabilities are from ``reference``'s on ``probe_images`` (what ``parity.json`` holds)."""
+    images = probe_images((*reference.meta.image_size, 3 if reference.meta.color_mode == "rgb" else 1))
+    diff = np.abs(candidate.predict_proba(images) - reference.predict_proba(images))
+    return {"max_abs_prob_diff": float(diff.max()), "tolerance": PARITY_TOLERANCE, "images": len(images),
+            "probe": "noise, colour ramps, flat colours", "reference": reference.name, "candidate": candidate.name}
 
 
 def _installed(module: str) -> bool:
@@ -248,7 +311,9 @@ def write_onnx(model: Any, target: Path) -> None:
     shape = tuple(1 if d is None else int(d) for d in model.inputs[0].shape)
     model(np.zeros(shape, "float32"), training=False)  # Keras' ONNX exporter needs a model that has been called
     try:
-        model.export(str(target), format="onnx", verbose=False)
+        with warnings.catch_warnings():  # Keras' tf2onnx shim probes np.object: a FutureWarning on every export
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"keras\.src\.export")
+            model.export(str(target), format="onnx", verbose=False)
     except ImportError as exc:
         raise ModelError(f"ONNX export needs extra packages ({exc}). Install them with 'pip install tf2onnx onnx' "
                          "(TensorFlow backend) or 'pip install onnxscript' (torch), or use --engine keras. "

@@ -94,9 +94,10 @@ class Predictor:
         source: a run directory (``model.keras`` inside), a ``.keras`` file, or an ONNX export folder.
         batch_size: images per model call (default: ``default_batch_size`` of the model's image size).
         workers: decode threads (default: every core).
-        engine: "keras" or "onnxruntime" (``cnnkit.engines``; default: onnxruntime for an ONNX
-            export folder, else ``DEFAULT_ENGINE``). With onnxruntime, a ``.keras`` source is exported
-            to ONNX once (cached by its SHA-256).
+        engine: "keras", "onnxruntime", or "auto" (onnxruntime when the model's export is cached and
+            matched Keras, else keras; ``cnnkit.engines``). Default: onnxruntime for an ONNX export
+            folder, else ``DEFAULT_ENGINE``. With onnxruntime, a ``.keras`` source is exported to ONNX
+            once (cached by its SHA-256).
 
     Example:
         >>> predictor = cnnkit.Predictor("runs/first")

@@ -16,7 +16,17 @@ from typer.testing import CliRunner
 
 import cnnkit
 from cnnkit.demo import extract_demo_data
-from cnnkit.engines import DEFAULT_ENGINE, ENGINES, KerasEngine, OnnxEngine, engine_for, onnx_export
+from cnnkit.engines import (
+    AUTO,
+    DEFAULT_ENGINE,
+    ENGINES,
+    PARITY,
+    KerasEngine,
+    OnnxEngine,
+    engine_for,
+    measure_parity,
+    onnx_export,
+)
 from cnnkit.errors import ConfigError, ModelError
 from cnnkit.registry import resolve_source
 from cnnkit.rundir import ONNX_MODEL, SOURCE_SHA256, is_onnx_export
@@ -84,6 +94,32 @@ def test_predictor_uses_the_default_engine(digits):
     assert cnnkit.Predictor(run).engine.name == DEFAULT_ENGINE
 
 
+def test_auto_runs_onnxruntime_once_the_export_is_ready(digits):
+    """--engine auto (cnnkit predict's default): Keras until the export is cached and matched Keras when written."""
+    run, test = digits
+    assert engine_for(run, AUTO) == "keras"  # nothing exported yet in this test's CNNKIT_HOME
+    folder = onnx_export(run)
+    parity = json.loads((folder / PARITY).read_text())
+    assert parity["images"] >= 16 and 0 <= parity["max_abs_prob_diff"] <= TOLERANCE, parity
+    assert engine_for(run, AUTO) == "onnxruntime" and cnnkit.Predictor(run, engine=AUTO).engine.name == "onnxruntime"
+    assert cnnkit.Predictor(run).engine.name == DEFAULT_ENGINE == "keras"  # evaluate, calibrate, Grad-CAM: Keras
+    # an export that did not match Keras, or one written before parity was measured, does not answer for it
+    (folder / PARITY).write_text(json.dumps({**parity, "max_abs_prob_diff": 2 * TOLERANCE}))
+    assert engine_for(run, AUTO) == "keras"
+    (folder / PARITY).unlink()
+    assert engine_for(run, AUTO) == "keras"
+    assert engine_for(run / "missing.keras", AUTO) == "keras"  # the keras loader then says what is missing
+
+
+def test_parity_measures_a_different_model_as_different(digits):
+    run, _ = digits
+    reference = KerasEngine.load(run)
+    same = measure_parity(reference, OnnxEngine(onnx_export(run)))
+    assert same["max_abs_prob_diff"] <= TOLERANCE
+    other = KerasEngine(keras.models.clone_model(reference.model), reference.meta)  # same layers, fresh weights
+    assert measure_parity(reference, other)["max_abs_prob_diff"] > 100 * TOLERANCE
+
+
 def test_export_is_cached_by_the_model_file_hash(digits, monkeypatch):
     run, test = digits
     folder = onnx_export(run)
@@ -125,7 +161,7 @@ def test_an_onnx_export_folder_is_a_source(digits):
     assert predictor.engine.name == "onnxruntime" and predictor.class_names == cnnkit.Predictor(run).class_names
     with pytest.raises(ConfigError, match="is an ONNX export"):
         cnnkit.Predictor(folder, engine="keras")
-    with pytest.raises(ConfigError, match="Engines: keras, onnxruntime"):
+    with pytest.raises(ConfigError, match="Engines: keras, onnxruntime, or auto"):
         cnnkit.Predictor(run, engine="tensorrt")
     with pytest.raises(ModelError, match="engine='keras'"):
         predictor.model  # noqa: B018  (Grad-CAM needs the Keras model)
@@ -203,7 +239,8 @@ def test_cli_predict_on_onnxruntime_imports_no_keras(digits, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "CNNKIT_HOME": str(tmp_path / "home")}
     onnx_export(run, tmp_path / "home" / "onnx")  # what a first --engine onnxruntime run leaves in the cache
     folder = cnnkit.export(run, "onnx", tmp_path / "export").out_dir
-    for args in ([str(folder), str(image)], [str(run), str(image), "--engine", "onnxruntime"]):
+    for args in ([str(folder), str(image)], [str(run), str(image), "--engine", "onnxruntime"],
+                 [str(run), str(image)]):  # the default, auto: the cached export matched Keras
         done = subprocess.run([sys.executable, "-c", PREDICT_WITHOUT_KERAS, *args], capture_output=True, text=True,
                               env=env, cwd=REPO, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

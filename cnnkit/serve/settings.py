@@ -31,7 +31,7 @@ class ServeSettings:
             the model gets 504 (``CNNKIT_REQUEST_TIMEOUT_S``).
         shutdown_timeout_s: on shutdown, how long queued requests are still answered; the rest get
             503 (``CNNKIT_SHUTDOWN_TIMEOUT_S``).
-        engine: what runs the model: "keras" or "onnxruntime" (``CNNKIT_ENGINE``; default:
+        engine: what runs the model: "keras", "onnxruntime" or "auto" (``CNNKIT_ENGINE``; default:
             onnxruntime for an ONNX export folder, else ``cnnkit.engines.DEFAULT_ENGINE``). On
             onnxruntime the server imports no Keras, and ``:explain`` answers 501.
     """
