@@ -292,7 +292,7 @@ def probe_images(shape: tuple[int, int, int], count: int = 16, seed: int = 0) ->
 
 
 def measure_parity(reference: Engine, candidate: Engine) -> dict:
-    """How far ``candidate``'s probabilities are from ``reference``'s on ``probe_images`` (what ``parity.json`` holds)."""
+    """How far ``candidate``'s probabilities are from ``reference``'s on ``probe_images`` (``parity.json``)."""
     images = probe_images((*reference.meta.image_size, 3 if reference.meta.color_mode == "rgb" else 1))
     diff = np.abs(candidate.predict_proba(images) - reference.predict_proba(images))
     return {"max_abs_prob_diff": float(diff.max()), "tolerance": PARITY_TOLERANCE, "images": len(images),
