@@ -62,7 +62,8 @@ class RunEngine(str, Enum):
 _ENGINE_HELP = ("Inference engine: keras; onnxruntime (the model's ONNX export on ONNX Runtime, exported once and "
                 "cached; the same answers: probabilities within 1e-4 of Keras's, 1e-3 for --time-budget's "
                 "whitening stem); or auto: onnxruntime once the model's export is cached and matched Keras within "
-                "1e-4 (no TensorFlow start-up, faster batches), else keras. An ONNX export folder runs on onnxruntime.")
+                "1e-4 on the run's test images (no TensorFlow start-up), else keras. An ONNX export folder runs on "
+                "onnxruntime.")
 
 
 def _engine_value(engine: EngineName | RunEngine | None) -> str | None:
@@ -572,8 +573,8 @@ def predict(
 
         predictor = Predictor(run, batch_size=batch_size, engine=_engine_value(engine))
         if engine is RunEngine.auto and predictor.engine.name == "onnxruntime" and not is_onnx_export(run):
-            _progress.say("engine: onnxruntime, on this model's cached ONNX export (it matched Keras within 1e-4); "
-                          "--engine keras runs Keras")
+            _progress.say("engine: onnxruntime, on this model's cached ONNX export (it matched Keras within 1e-4 on "
+                          "the run's test images); --engine keras runs Keras")
         results = predictor.predict(paths, top_k=top_k)
         if out is not None:
             write_predictions(results, out, fmt)
@@ -603,12 +604,12 @@ def predict(
 def _import_keras_unless_ready(source: str | Path, engine: str | None) -> None:
     """Keras, imported quietly, unless ONNX Runtime runs a ready export (an export folder, or a run whose
     export is cached): then none, seconds of start-up saved (``predict``, ``serve``)."""
-    from cnnkit.engines import cached_onnx_export, engine_for
+    from cnnkit.engines import AUTO, cached_onnx_export, engine_for
     from cnnkit.rundir import is_onnx_export
 
-    try:
+    try:  # auto picks onnxruntime only for a ready export
         ready = engine_for(source, engine) == "onnxruntime" and (
-            is_onnx_export(source) or cached_onnx_export(source) is not None)
+            engine == AUTO or is_onnx_export(source) or cached_onnx_export(source) is not None)
     except (CnnkitError, OSError):  # NAME@stage, a missing model: what loads it resolves it or says what is wrong
         ready = engine == "onnxruntime"
     if not ready:

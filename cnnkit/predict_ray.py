@@ -87,7 +87,8 @@ def predict_with_ray(
         batch_size: images per ``map_batches`` batch and per model call (default: the Predictor's,
             ``cnnkit.predict.default_batch_size`` of the model's image size).
         top_k: classes listed per image.
-        engine: the inference engine of every worker's Predictor (keras, onnxruntime; None: the default).
+        engine: the inference engine of every worker's Predictor (keras, onnxruntime, or auto, which
+            the driver settles once for all workers; None: the default).
 
     Returns:
         A RayPrediction.
@@ -110,7 +111,8 @@ def predict_with_ray(
     source = Path(source).resolve()  # the workers may start in another folder (or on another node)
     # Fail here, in one line, on a bad model or engine rather than in a worker (this also makes the
     # ONNX export the onnxruntime engine needs, once, in the cache the workers on this machine share).
-    batch_size = Predictor(source, batch_size=batch_size, engine=engine).batch_size
+    driver = Predictor(source, batch_size=batch_size, engine=engine)
+    batch_size, engine = driver.batch_size, driver.engine.name  # auto settled once, here: every worker runs it
     paths, errors = list_inputs(inputs)
     out = None if out is None else Path(out)
     if out is not None:

@@ -24,6 +24,7 @@ from cnnkit.engines import (
     KerasEngine,
     OnnxEngine,
     engine_for,
+    evaluation_images,
     measure_parity,
     onnx_export,
 )
@@ -95,29 +96,55 @@ def test_predictor_uses_the_default_engine(digits):
 
 
 def test_auto_runs_onnxruntime_once_the_export_is_ready(digits):
-    """--engine auto (cnnkit predict's default): Keras until the export is cached and matched Keras when written."""
+    """--engine auto (cnnkit predict's default): Keras until the export is cached and matched Keras, when it was
+    written, on the run's own test images."""
     run, test = digits
     assert engine_for(run, AUTO) == "keras"  # nothing exported yet in this test's CNNKIT_HOME
     folder = onnx_export(run)
     parity = json.loads((folder / PARITY).read_text())
-    assert parity["images"] >= 16 and 0 <= parity["max_abs_prob_diff"] <= TOLERANCE, parity
+    assert parity["split"] == "test" and parity["images"] == min(512, len(list(test.rglob("*.png")))) > 300
+    assert 0 <= parity["max_abs_prob_diff"] <= TOLERANCE and parity["within"], parity
     assert engine_for(run, AUTO) == "onnxruntime" and cnnkit.Predictor(run, engine=AUTO).engine.name == "onnxruntime"
     assert cnnkit.Predictor(run).engine.name == DEFAULT_ENGINE == "keras"  # evaluate, calibrate, Grad-CAM: Keras
-    # an export that did not match Keras, or one written before parity was measured, does not answer for it
+    # an export that did not match Keras is not used in its place
     (folder / PARITY).write_text(json.dumps({**parity, "max_abs_prob_diff": 2 * TOLERANCE}))
     assert engine_for(run, AUTO) == "keras"
+    assert engine_for(run / "missing.keras", AUTO) == "keras"  # the keras loader then says what is missing
+    # an export from before parity.json gets one the next time it is used
     (folder / PARITY).unlink()
     assert engine_for(run, AUTO) == "keras"
-    assert engine_for(run / "missing.keras", AUTO) == "keras"  # the keras loader then says what is missing
+    assert onnx_export(run) == folder and json.loads((folder / PARITY).read_text())["within"]
+    assert engine_for(run, AUTO) == "onnxruntime"
 
 
-def test_parity_measures_a_different_model_as_different(digits):
+def test_parity_is_measured_on_the_runs_images_and_catches_a_small_change(digits):
+    """The comparison sees what a user would: a model whose weights moved by 0.3% is not the same model."""
     run, _ = digits
     reference = KerasEngine.load(run)
-    same = measure_parity(reference, OnnxEngine(onnx_export(run)))
-    assert same["max_abs_prob_diff"] <= TOLERANCE
-    other = KerasEngine(keras.models.clone_model(reference.model), reference.meta)  # same layers, fresh weights
-    assert measure_parity(reference, other)["max_abs_prob_diff"] > 100 * TOLERANCE
+    images, split = evaluation_images(run, reference.meta)
+    assert split == "test" and len(images) > 300 and images.dtype == np.uint8
+    assert measure_parity(reference, OnnxEngine(onnx_export(run)), images)["within"]
+    nudged = keras.models.clone_model(reference.model)
+    rng = np.random.default_rng(0)
+    nudged.set_weights([w * (1 + 3e-3 * rng.standard_normal(w.shape)) for w in reference.model.get_weights()])
+    parity = measure_parity(reference, KerasEngine(nudged, reference.meta), images)
+    assert parity["max_abs_prob_diff"] > TOLERANCE and not parity["within"], parity
+
+
+def test_auto_keeps_keras_for_a_model_moved_alone_and_when_the_export_cannot_run(digits, tmp_path):
+    run, test = digits
+    alone = tmp_path / "moved.keras"  # no split.csv beside it: nothing to compare on
+    alone.write_bytes((run / "model.keras").read_bytes())
+    parity = json.loads((onnx_export(alone) / PARITY).read_text())
+    assert parity["max_abs_prob_diff"] is None and "split.csv" in parity["reason"]
+    assert engine_for(alone, AUTO) == "keras"
+    folder = onnx_export(run)
+    (folder / ONNX_MODEL).write_bytes(b"damaged")  # ready by its files, but ONNX Runtime cannot load it
+    predictor = cnnkit.Predictor(run, engine=AUTO)
+    assert predictor.engine.name == "keras"
+    assert predictor.predict([sorted(test.rglob("*.png"))[0]])[0].error is None
+    with pytest.raises(ModelError, match="cannot load"):
+        cnnkit.Predictor(run, engine="onnxruntime")  # asked for by name: the error, not a quiet fallback
 
 
 def test_export_is_cached_by_the_model_file_hash(digits, monkeypatch):
@@ -194,6 +221,21 @@ def test_serve_settings_engine(monkeypatch):
     monkeypatch.setenv("CNNKIT_ENGINE", "tflite")
     with pytest.raises(ConfigError, match="Received: engine='tflite'"):
         ServeSettings.from_env()
+
+
+def test_serve_keeps_keras_unless_told(digits, monkeypatch):
+    """A cached export does not move the server off Keras (its :explain needs Keras); CNNKIT_ENGINE=auto does."""
+    from fastapi.testclient import TestClient
+
+    from cnnkit.serve import create_app
+
+    run, _ = digits
+    onnx_export(run)
+    for setting, expected in ((None, "keras"), ("auto", "onnxruntime")):
+        if setting:
+            monkeypatch.setenv("CNNKIT_ENGINE", setting)
+        with TestClient(create_app(run)) as client:
+            assert client.get("/v1/models/digits/metadata").json()["cnnkit"]["engine"] == expected
 
 
 # Run first in a subprocess: importing keras, tensorflow, jax or torch raises.
