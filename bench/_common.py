@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -47,7 +48,20 @@ def machine() -> dict[str, Any]:
         info["family_model"] = f"{fields['cpu family']}/{fields['model']}"
     except (OSError, KeyError):
         pass
+    gpus = _nvidia_gpus()
+    if gpus:
+        info["gpus"] = gpus
     return info
+
+
+def _nvidia_gpus() -> list[str]:
+    """The NVIDIA GPUs' names and memory, as nvidia-smi gives them ([] without one)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
 
 
 def timed(fn, repeat: int = 1) -> tuple[float, list[float]]:

@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per cell; the first includes compilation")
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--models", default="fast,simple,vgg")
+    parser.add_argument("--name", default="backends", help="results file bench/results/NAME.json (gpu/backends)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the subset folder, in a backend's subprocess
     args = parser.parse_args()
     models = args.models.split(",")
@@ -118,7 +119,7 @@ def main() -> None:
                   r["full_epoch_s_extrapolated"], r["first_epoch_s"]) for r in ok],
                 ("backend", "model", "precision", "policy", f"s/epoch ({images})", "img/s", "s/epoch (50k, extrap.)",
                  "first epoch s"))
-    path = write_result("backends", {"images": images, "epochs": args.epochs, "image_size": [32, 32],
+    path = write_result(args.name, {"images": images, "epochs": args.epochs, "image_size": [32, 32],
                                      "extrapolated_to": FULL_EPOCH, "seconds": round(time.perf_counter() - started, 1),
                                      "rows": rows})
     print(f"\nwrote {path}")

@@ -148,7 +148,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="~2.5 minutes: a 90 s cnnkit budget, 1 tutorial epoch")
     parser.add_argument("--budgets", default=None, help="cnnkit's --time-budget per run (default 2m,10m; quick 90s)")
     parser.add_argument("--tutorial-minutes", type=float, default=None,
-                        help="stop the tutorial after the epoch that passes this (default 3; quick 0.5)")
+                        help="stop the tutorial after the epoch that passes this (default 3; quick 0.5; 0: no "
+                             "tutorial, which needs TensorFlow's tf.data, e.g. on a GPU machine without it)")
     parser.add_argument("--name", default="time_to_accuracy", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     from cnnkit.cli import _parse_duration
@@ -162,14 +163,16 @@ def main() -> None:
     for budget in budgets:
         print(f"cnnkit fast, --time-budget {budget:.0f}s:", flush=True)
         runs.append(run_cnnkit(folder, budget, probe))
-    print(f"tutorial recipe, {minutes} min:", flush=True)
-    tutorial = run_tutorial(folder, minutes, test)
+    tutorial = None
+    if minutes > 0:
+        print(f"tutorial recipe, {minutes} min:", flush=True)
+        tutorial = run_tutorial(folder, minutes, test)
 
     # Every logged point of every budget counts: a run's final score is reachable in that many seconds.
     fast_points = sorted([(e["seconds"], e["test_accuracy_sample"]) for run in runs for e in run["epochs"]]
                          + [(run["final"]["seconds"], run["final"]["test_accuracy"]) for run in runs])
     tta_points = sorted((run["final"]["seconds"], run["final"]["test_accuracy_tta"]) for run in runs)
-    tutorial_points = [(e["seconds"], e["test_accuracy"]) for e in tutorial["epochs"]]
+    tutorial_points = [(e["seconds"], e["test_accuracy"]) for e in tutorial["epochs"]] if tutorial else []
     rows = []
     reach = {}
     for threshold in THRESHOLDS:
@@ -178,25 +181,27 @@ def main() -> None:
         b = first_reaching(tta_points, threshold)
         reach[f"{threshold:.0%}"] = {"cnnkit": a, "cnnkit_tta": b, "tutorial": t}
         rows.append((f"{threshold:.0%}", f"{a:.0f}s" if a else "-", f"{b:.0f}s" if b else "-",
-                     f"{t:.0f}s" if t else f"> {tutorial_points[-1][0]:.0f}s"))
+                     f"{t:.0f}s" if t else f"> {tutorial_points[-1][0]:.0f}s" if tutorial_points else "not run"))
     print()
     finals = [(f"{run['budget_seconds']:.0f}s budget", f"{run['final']['seconds']:.0f}s", run["final"]["epochs"],
                f"{run['final']['test_accuracy']:.2%}", f"{run['final']['test_accuracy_tta']:.2%}") for run in runs]
     print_table(finals, ("cnnkit fast run", "wall clock", "epochs", "test accuracy", "with flip TTA"))
     print()
     print_table(rows, ("test accuracy", "cnnkit fast", "cnnkit fast + flip TTA", "tutorial recipe"))
-    best_tutorial = max(a for _, a in tutorial_points)
-    tutorial_time = first_reaching(tutorial_points, best_tutorial)
-    ours = first_reaching(fast_points, best_tutorial)
+    best_tutorial = max((a for _, a in tutorial_points), default=None)
+    tutorial_time = first_reaching(tutorial_points, best_tutorial) if tutorial_points else None
+    ours = first_reaching(fast_points, best_tutorial) if tutorial_points else None
     ratio = tutorial_time / ours if ours else None
     path = write_result(args.name, {"cnnkit": runs, "tutorial": tutorial, "reach_seconds": reach,
-                                             "headline": {"tutorial_best": best_tutorial, "tutorial_seconds": tutorial_time,
-                                                          "cnnkit_seconds_to_tutorial_best": ours, "ratio": ratio}})
+                                    "headline": {"tutorial_best": best_tutorial, "tutorial_seconds": tutorial_time,
+                                                 "cnnkit_seconds_to_tutorial_best": ours, "ratio": ratio}})
     print(f"results: {path}")
     last = runs[-1]["final"]
+    versus = ("the tutorial recipe was not run" if not tutorial_points else
+              f"the tutorial recipe's best {best_tutorial:.2%} (at {tutorial_time:.0f}s) was reached "
+              + (f"in {ours:.0f}s: {ratio:.1f}x sooner" if ours else "not at all"))
     print(f"headline: cnnkit fast {last['test_accuracy']:.2%} ({last['test_accuracy_tta']:.2%} with flip TTA) in "
-          f"{last['seconds']:.0f}s; the tutorial recipe's best {best_tutorial:.2%} (at {tutorial_time:.0f}s) was reached "
-          + (f"in {ours:.0f}s: {ratio:.1f}x sooner" if ours else "not at all"))
+          f"{last['seconds']:.0f}s; {versus}")
 
 
 if __name__ == "__main__":
