@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from cnnkit._backends.devices import backend_name
 from cnnkit._progress import warn
 from cnnkit.config import cnnkit_home
 from cnnkit.data.decode import DecodeError, load_image
@@ -334,7 +335,7 @@ def measure_parity(reference: Engine, candidate: Engine, images: np.ndarray, spl
     expected = apply_temperature(reference.predict_proba(images), temperature)
     diff = float(np.abs(apply_temperature(candidate.predict_proba(images), temperature) - expected).max())
     return {"max_abs_prob_diff": diff, "tolerance": PARITY_TOLERANCE, "within": diff <= PARITY_TOLERANCE,
-            "images": len(images), "split": split, "reference": f"{reference.name} ({_backend_name()})",
+            "images": len(images), "split": split, "reference": f"{reference.name} ({backend_name()})",
             "candidate": candidate.name}
 
 
@@ -349,17 +350,11 @@ def write_parity(folder: Path, source: str | Path, model: Any, meta: ModelMeta) 
     else:
         try:
             parity = measure_parity(KerasEngine(model, meta), OnnxEngine(folder), *found)
-        except ModelError as exc:  # ONNX Runtime cannot run it: the export stands, auto keeps Keras
-            parity = {"max_abs_prob_diff": None, "within": False, "reason": str(exc)}
+        except Exception as exc:  # ONNX Runtime cannot load or run it (its own error types): the export stands
+            parity = {"max_abs_prob_diff": None, "within": False, "reason": f"{type(exc).__name__}: {exc}"}
     with atomic_path(folder / PARITY) as tmp:
         tmp.write_text(json.dumps(parity, indent=2), encoding="utf-8")
     return parity
-
-
-def _backend_name() -> str:
-    import keras
-
-    return keras.backend.backend()
 
 
 def _installed(module: str) -> bool:
