@@ -562,7 +562,8 @@ def predict(
                                 address=None if ray == "local" else ray, workers=ray_workers, batch_size=batch_size,
                                 top_k=top_k, engine=_engine_value(engine))
         where = f" -> {done.out}" if done.out is not None else ""
-        _progress.say(f"{done.count} predictions from {done.workers} Ray workers ({done.shards} shards merged){where}")
+        _progress.say(f"{done.count} predictions from {done.workers} Ray workers on {done.engine} "
+                      f"({done.shards} shards merged){where}")
         if out is not None:
             _error_or_say(done.failed, done.count, None)
             return

@@ -51,6 +51,8 @@ class RayPrediction:
         failed: inputs that could not be predicted (their ``error`` column says why).
         workers: Ray actors that loaded the model.
         shards: shard files merged.
+        predictions: every prediction, in input order.
+        engine: the inference engine every worker ran (auto settled by the driver).
     """
 
     out: Path | None
@@ -59,6 +61,7 @@ class RayPrediction:
     workers: int
     shards: int
     predictions: list[Prediction]
+    engine: str = "keras"
 
 
 def predict_with_ray(
@@ -142,7 +145,7 @@ def predict_with_ray(
         shutil.rmtree(shard_dir, ignore_errors=True)
         if started_here:
             ray.shutdown()
-    return RayPrediction(out, len(results), sum(1 for r in results if r.error), workers, len(shards), results)
+    return RayPrediction(out, len(results), sum(1 for r in results if r.error), workers, len(shards), results, engine)
 
 
 def _import_ray() -> Any:

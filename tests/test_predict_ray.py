@@ -156,6 +156,11 @@ def test_cli_ray_starts_its_own_local_ray_and_prints_what_one_process_prints(run
     assert not ray.is_initialized()  # the Ray it started was shut down
     assert with_ray.stdout == one.stdout and one.stdout.count("\n") == 38  # header, 36 images, broken.png
     assert "data/red/broken.png" in with_ray.stdout and str(run) not in with_ray.stdout  # the paths as typed
+    # auto (predict's default) is settled once, by the driver: the export the runs above cached matched Keras
+    from cnnkit.predict_ray import predict_with_ray
+
+    done = predict_with_ray("run", ["data"], None, "csv", workers=2, batch_size=8, engine="auto")
+    assert done.engine == "onnxruntime" and done.count == 37 and done.failed == 1
 
 
 def test_predict_out_writes_the_file_and_refuses_parquet_on_stdout(run, tmp_path):
