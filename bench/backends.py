@@ -102,7 +102,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         images = subset(cifar_folder() / "train", args.images, Path(tmp) / "train")
         for backend in args.backends.split(","):
-            env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
+            # the repo first, then whatever else the caller's path holds (bench/gpu.sh's staged wheels)
+            env = {**os.environ, "KERAS_BACKEND": backend,
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             proc = subprocess.run([sys.executable, __file__, "--child", str(Path(tmp) / "train"), "--images",
                                    str(images), "--epochs", str(args.epochs), "--models", args.models],
                                   env=env, capture_output=True, text=True)

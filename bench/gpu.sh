@@ -11,11 +11,12 @@
 #   (or "bash bench/gpu.sh tta" and "bash bench/gpu.sh backends", one part per call)
 #
 # On the device it runs, with the `fast` recipe's mixed precision (float16 on a GPU):
-#   1. bench/time_to_accuracy.py on JAX: --time-budget $GPU_BUDGETS (default 1m,3m), no tutorial
+#   1. bench/time_to_accuracy.py on JAX: --time-budget $GPU_BUDGETS (default 1m,2m), no tutorial
 #      (it needs TensorFlow's tf.data); the time to 90% is in its table;
-#   2. bench/backends.py on jax and torch: fast, simple, vgg, float32 and mixed, $GPU_IMAGES images;
-# each under its own timeout, and copies results and logs to $OUT (the device tool brings them back).
-# Locally (a CPU check of this script): GPU_PYTHON=python GPU_SKIP_WHEELS=1 GPU_BUDGETS=20s GPU_IMAGES=500
+#   2. bench/backends.py on jax and torch: fast, simple, vgg, float32 and mixed, $GPU_IMAGES (5000) images;
+# each under its own timeout (about 4.5 minutes in all), copying its results and log to $OUT as it
+# ends (the device tool brings them back; a part cut short keeps the other's).
+# Locally (a CPU check of this script): GPU_PYTHON=python GPU_SKIP_WHEELS=1 GPU_BUDGETS=90s GPU_IMAGES=500
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.gpu
@@ -37,7 +38,9 @@ if [[ "${1:-}" == "--prepare" ]]; then
     exit 0
 fi
 
-OUT=${OUT:-bench/results/gpu}
+which=${1:-all}
+case $which in all|tta|backends) ;; *) echo "error: unknown part '$which' (all, tta, backends)" >&2; exit 2;; esac
+OUT=${OUT:-/tmp/cnnkit-gpu-out}  # the device tool sets OUT; bench/results/gpu/ holds the JSON either way
 mkdir -p "$OUT" bench/results/gpu
 if [[ -z "${GPU_SKIP_WHEELS:-}" ]]; then
     ls "$STAGE"/*.whl > /dev/null 2>&1 || { echo "error: no wheels in $STAGE: run 'bash bench/gpu.sh --prepare' here first, then carry .gpu" >&2; exit 2; }
@@ -53,21 +56,21 @@ fi
 (nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv) 2>&1 | tee "$OUT/gpu.txt"
 
 started=$SECONDS
-part() {  # part NAME SECONDS COMMAND...: one bench under a timeout, its log in $OUT, its time printed
-    local name=$1 limit=$2 begin=$SECONDS
+part() {  # part NAME SECONDS COMMAND...: one bench under a timeout, its log and results copied to $OUT
+    local name=$1 limit=$2 begin=$SECONDS status
     shift 2
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    echo "=== gpu part $name: exit $?, $((SECONDS - begin)) s"
+    timeout -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    status=$?
+    echo "=== gpu part $name: exit $status$([[ $status == 124 ]] && echo ' (timed out)'), $((SECONDS - begin)) s"
     tail -n 25 "$OUT/$name.log"
+    cp bench/results/gpu/*.json bench/results/backends.partial.jsonl "$OUT"/ 2>/dev/null
 }
-which=${1:-all}
 if [[ $which == all || $which == tta ]]; then
-    part time_to_accuracy_jax 320 env KERAS_BACKEND=jax "$PYTHON" bench/time_to_accuracy.py \
-        --budgets "${GPU_BUDGETS:-1m,3m}" --tutorial-minutes 0 --name gpu/time_to_accuracy_jax
+    part time_to_accuracy_jax 240 env KERAS_BACKEND=jax "$PYTHON" bench/time_to_accuracy.py \
+        --budgets "${GPU_BUDGETS:-1m,2m}" --tutorial-minutes 0 --name gpu/time_to_accuracy_jax
 fi
 if [[ $which == all || $which == backends ]]; then
-    part backends 230 "$PYTHON" bench/backends.py --backends jax,torch --images "${GPU_IMAGES:-10000}" --epochs 3 \
+    part backends 180 "$PYTHON" bench/backends.py --backends jax,torch --images "${GPU_IMAGES:-5000}" --epochs 3 \
         --name gpu/backends
 fi
-cp bench/results/gpu/*.json "$OUT"/ 2>/dev/null
-echo "=== gpu: $((SECONDS - started)) s; results: $(ls bench/results/gpu/*.json 2>/dev/null | tr '\n' ' ')"
+echo "=== gpu: $((SECONDS - started)) s; in $OUT: $(ls "$OUT" | tr '\n' ' ')"

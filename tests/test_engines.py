@@ -131,6 +131,20 @@ def test_parity_is_measured_on_the_runs_images_and_catches_a_small_change(digits
     assert parity["max_abs_prob_diff"] > TOLERANCE and not parity["within"], parity
 
 
+def test_parity_images_fall_back_to_validation_then_training_images(digits, tmp_path):
+    run, _ = digits
+    meta = KerasEngine.load(run).meta
+    lines = (run / "split.csv").read_text().splitlines()
+    for kept, expected in ((("validation", "train"), "validation"), (("train",), "train")):
+        folder = tmp_path / expected
+        folder.mkdir()
+        (folder / "model.keras").write_bytes((run / "model.keras").read_bytes())
+        rows = [line for line in lines[1:] if line.split(",")[2] in kept]
+        (folder / "split.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+        images, split = evaluation_images(folder, meta)
+        assert split == expected and len(images) == min(512, sum(line.split(",")[2] == expected for line in rows))
+
+
 def test_auto_keeps_keras_for_a_model_moved_alone_and_when_the_export_cannot_run(digits, tmp_path):
     run, test = digits
     alone = tmp_path / "moved.keras"  # no split.csv beside it: nothing to compare on
