@@ -206,20 +206,19 @@ def open_engine(source: str | Path, engine: str | None = None, threads: int | No
     Raises:
         ConfigError: unknown engine. RunNotFoundError / ModelError: nothing usable there.
     """
+    if engine == AUTO and not is_onnx_export(source):
+        ready = ready_onnx_export(source)  # hashed once: the folder, not just the decision
+        if ready is not None:
+            try:
+                return OnnxEngine(ready, threads)
+            except ModelError as exc:  # asked for by name, the error would stand; under auto, Keras answers
+                warn(f"The cached ONNX export '{ready}' of this model cannot run ({exc}), so Keras answers instead; "
+                     "delete that folder and the next --engine onnxruntime exports it again.")
+        return KerasEngine.load(source)
     name = engine_for(source, engine)
     if name == "keras":
         return KerasEngine.load(source)
-    if is_onnx_export(source):
-        return OnnxEngine(source, threads)
-    folder = onnx_export(source)
-    try:
-        return OnnxEngine(folder, threads)
-    except ModelError as exc:
-        if engine != AUTO:
-            raise
-        warn(f"The cached ONNX export '{folder}' of this model cannot run ({exc}), so Keras answers instead; "
-             "delete that folder and the next --engine onnxruntime exports it again.")
-        return KerasEngine.load(source)
+    return OnnxEngine(Path(source) if is_onnx_export(source) else onnx_export(source), threads)
 
 
 def onnx_export(source: str | Path, cache: str | Path | None = None) -> Path:
