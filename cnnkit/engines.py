@@ -303,6 +303,11 @@ def write_onnx_export(source: str | Path, out: str | Path, digest: str | None = 
     return out
 
 
+def load_for(meta: ModelMeta, source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """Decode one image exactly as the model ``meta`` describes was trained on (uint8, its input shape)."""
+    return load_image(source, meta.image_size, meta.color_mode, meta.resize_mode, meta.max_pixels, name=name)
+
+
 def evaluation_images(source: str | Path, meta: ModelMeta) -> tuple[np.ndarray, str] | None:
     """Some of the run's own images, decoded as the model predicts them: its test split, else its
     validation split, else its training images (matching numbers needs no held-out images).
@@ -328,7 +333,7 @@ def evaluation_images(source: str | Path, meta: ModelMeta) -> tuple[np.ndarray, 
     for index in np.unique(np.linspace(0, len(chosen) - 1, min(limit, len(chosen))).round().astype(int)):
         row = chosen[index]
         try:
-            images.append(load_image(row.path, meta.image_size, meta.color_mode, meta.resize_mode, meta.max_pixels))
+            images.append(load_for(meta, row.path))
         except (DecodeError, OSError):  # moved or changed since training: the others still count
             continue
     return (np.stack(images), split) if len(images) >= min(8, len(chosen)) else None

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cnnkit._progress import progress_task
-from cnnkit.data.decode import DecodeError, load_image
+from cnnkit.data.decode import DecodeError
 from cnnkit.data.scan import IMAGE_EXTENSIONS, expand_inputs
-from cnnkit.engines import Engine, KerasEngine, open_engine
+from cnnkit.engines import Engine, KerasEngine, load_for, open_engine
 from cnnkit.errors import ConfigError, DataError, ModelError
 from cnnkit.metrics import apply_temperature
 from cnnkit.rundir import ModelMeta, atomic_path
@@ -158,8 +158,7 @@ class Predictor:
 
     def load(self, source: str | Path | bytes, name: str | None = None) -> np.ndarray:
         """Decode one image exactly as this model was trained on (uint8, ``input_shape``)."""
-        return load_image(source, self.meta.image_size, self.meta.color_mode, self.meta.resize_mode,
-                          self.meta.max_pixels, name=name)
+        return load_for(self.meta, source, name)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (N, num_classes) for raw 0-255 pixels (N, height, width, channels).
