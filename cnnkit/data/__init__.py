@@ -6,7 +6,8 @@ Out: ``ImageFolder`` (files, labels, splits, skipped files), ``load_image`` pixe
 ready for batching), ``ArrayBatches`` (``cnnkit.data.batches``) and ``DoctorReport``.
 
 Imports nothing above it. Nothing here imports a deep-learning backend except ``batches``
-(Keras's PyDataset), so decode workers start fast.
+(Keras's PyDataset) and, only when a built-in set is named, ``builtin`` (``keras.datasets``), so
+decode workers start fast.
 """
 
 from cnnkit.data.cache import ImageCache, build_cache

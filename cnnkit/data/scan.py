@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.data.builtin import builtin_names, data_folder
 from cnnkit.errors import DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -381,9 +382,10 @@ def scan_folder(
         DataError: the folder is missing, empty, nested one level too deep, has an empty class
             folder or a single class, or a validation/test folder names a class that train lacks.
     """
-    root = Path(root)
+    root = data_folder(root)  # a built-in set's name (cifar10): its folder, written on first use
     if not root.exists():
-        raise DataError(f"Data folder '{root}' does not exist. Pass a folder with one sub-folder per class.")
+        named = f" or a built-in dataset's name ({builtin_names()})" if os.sep not in str(root) else ""
+        raise DataError(f"Data folder '{root}' does not exist. Pass a folder with one sub-folder per class{named}.")
     if not root.is_dir():
         raise DataError(f"'{root}' is a file, not a folder. Pass a folder with one sub-folder per class.")
     walker = _Walker(root, follow_links, [])

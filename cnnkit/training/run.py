@@ -35,6 +35,7 @@ from cnnkit._progress import esc, progress_task, say, warn
 from cnnkit._version import __version__
 from cnnkit.config import PRETRAINED_DEFAULT, PRETRAINED_MODULE, RunConfig, photo_model_choice, resolve_config
 from cnnkit.data.batches import ArrayBatches, tta_views
+from cnnkit.data.builtin import data_folder
 from cnnkit.data.dataset import LoadedData, load_image_folder, split_rows, write_skipped_csv
 from cnnkit.data.scan import typical_image_size
 from cnnkit.errors import CnnkitError, ConfigError, DataError
@@ -171,7 +172,9 @@ def train(
                                    list(callbacks or []), _Devices(devices, scope.close), point)
     if data_dir is None:
         raise DataError("train() needs data_dir, the image folder (or resume=RUN to continue a run).")
-    cfg = _look_at_the_images(resolve_config(config, **options), Path(data_dir), config, options)
+    cfg = resolve_config(config, **options)
+    data_dir = data_folder(data_dir)  # a built-in set's name (cifar10): its folder, written on first use
+    cfg = _look_at_the_images(cfg, data_dir, config, options)
     choice = _model_choice(cfg)
     spec = get_spec(cfg.model.name)  # fail fast on a wrong name, before any decoding
     _check_plan(cfg, spec)
@@ -182,7 +185,7 @@ def train(
     with contextlib.ExitStack() as scope:
         devices = scope.enter_context(distributed(cfg.train.devices, cfg.train.batch_size))
         with RunDirectory(out, overwrite=overwrite) as run:
-            return _train_into(run, Path(data_dir), cfg, cache_root, list(callbacks or []),
+            return _train_into(run, data_dir, cfg, cache_root, list(callbacks or []),
                                _Devices(devices, scope.close), model_choice=choice, transfer=transfer,
                                budget_started=budget_started)
 

@@ -1,0 +1,148 @@
+"""Built-in datasets: ``cnnkit train cifar10`` trains on CIFAR-10 the way the tutorials' ``load_data()`` does.
+
+The tutorials start from ``keras.datasets.cifar10.load_data()``. Here the same name, given where a
+folder is expected, gets the same arrays from Keras (its one download, cached in
+``~/.keras/datasets``, or ``$KERAS_HOME``) and writes them once as lossless PNGs in the folder layout
+everything else reads: ``$CNNKIT_HOME/datasets/<name>/train|test/<class>/<index>.png``. ``<index>``
+is the image's row in Keras's array, so a file maps back to ``x_train[i]``. From there a built-in set
+is a folder like any other: the same decode cache, ``split.csv``, evaluation on its test split and
+Grad-CAM on its files. A folder of the same name in the working directory always wins.
+
+The folder is written beside its final place and renamed when complete, so a run killed while it
+writes leaves nothing that looks finished; the next call removes the remains and writes it again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit import _progress
+from cnnkit.config import cnnkit_home
+from cnnkit.errors import DataError
+from cnnkit.rundir import LOCK_FILE, hold_lock, new_directory, remove_unfinished, unfinished_runs
+
+
+@dataclass(frozen=True)
+class BuiltinSet:
+    """A dataset Keras can download: its ``keras.datasets`` module and class names (folder names, in label order)."""
+
+    title: str
+    module: str
+    classes: tuple[str, ...]
+
+
+_CIFAR100 = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
+    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
+    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
+    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
+    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
+    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
+    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+
+BUILTIN_SETS: dict[str, BuiltinSet] = {
+    "cifar10": BuiltinSet("CIFAR-10", "cifar10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                                   "horse", "ship", "truck")),
+    "cifar100": BuiltinSet("CIFAR-100 (fine labels)", "cifar100", tuple(_CIFAR100)),
+    "mnist": BuiltinSet("MNIST", "mnist", tuple(str(d) for d in range(10))),
+    "fashion_mnist": BuiltinSet("Fashion-MNIST", "fashion_mnist", ("T-shirt_top", "Trouser", "Pullover", "Dress",
+                                                                  "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                                                                  "Ankle_boot")),
+}
+
+
+def builtin_name(root: str | Path) -> str | None:
+    """The built-in set ``root`` names (``CIFAR10``, ``cifar-10``, ``fashion_mnist``...), or None.
+
+    Only a bare name that is not an existing path counts: ``./cifar10/`` or a folder called
+    ``cifar10`` here is a folder.
+    """
+    text = str(root)
+    if not text or os.sep in text or (os.altsep and os.altsep in text) or Path(text).exists():
+        return None
+    key = text.lower().replace("-", "").replace("_", "")
+    return next((name for name in BUILTIN_SETS if name.replace("_", "") == key), None)
+
+
+def builtin_names() -> str:
+    """The names a user can give, for messages."""
+    return ", ".join(BUILTIN_SETS)
+
+
+def data_folder(root: str | Path) -> Path:
+    """``root`` itself, or the folder of the built-in set it names (written on first use)."""
+    name = builtin_name(root)
+    return Path(root) if name is None else builtin_folder(name)
+
+
+def builtin_folder(name: str, home: Path | None = None) -> Path:
+    """The folder of the built-in set ``name``, getting it from Keras and writing it on first use.
+
+    Raises:
+        DataError: the name is unknown, or Keras could not get the arrays (offline, say).
+    """
+    if name not in BUILTIN_SETS:
+        raise DataError(f"No built-in dataset '{name}'. Built-in: {builtin_names()}; or pass a folder.")
+    spec = BUILTIN_SETS[name]
+    final = (home or cnnkit_home()) / "datasets" / name
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_unfinished(unfinished_runs(final))  # the remains of a process killed while writing it
+    _progress.say(f"'{name}' is not a folder here: getting the built-in {spec.title} from keras.datasets, to write "
+                  f"it once as PNGs in '{_progress.esc(final)}'")
+    (x_train, y_train), (x_test, y_test) = _load(name, spec)
+    partial = new_directory(final.parent, f".{name}.partial-")
+    lock = hold_lock(partial / LOCK_FILE)
+    try:
+        with _progress.progress_task(f"writing {spec.title}", len(x_train) + len(x_test)) as advance:
+            for split, images, labels in (("train", x_train, y_train), ("test", x_test, y_test)):
+                _write_split(partial / split, images, labels, spec.classes, advance)
+        (partial / LOCK_FILE).unlink()
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)  # another process finished it first: same arrays
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        lock.close()
+    return final
+
+
+def _load(name: str, spec: BuiltinSet) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    import importlib
+
+    module = importlib.import_module(f"keras.datasets.{spec.module}")
+    try:
+        return module.load_data()
+    except Exception as exc:  # Keras raises a bare Exception for a failed download
+        raise DataError(f"Could not get the built-in dataset '{name}' from keras.datasets: {exc}. Keras downloads it "
+                        "once into ~/.keras/datasets (or $KERAS_HOME/datasets); connect to the network once, or pass "
+                        "a folder of images (root/<class>/*.jpg).") from exc
+
+
+def _write_split(folder: Path, images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], advance) -> None:
+    from PIL import Image
+
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(images) or (len(labels) and (labels.min() < 0 or labels.max() >= len(classes))):
+        raise DataError(f"keras.datasets gave {len(images)} images and {len(labels)} labels in 0..{len(classes) - 1} "
+                        f"for '{folder.name}'; expected one label per image. Delete Keras's cached copy in "
+                        "~/.keras/datasets and try again.")
+    for name in classes:
+        (folder / name).mkdir(parents=True)
+    width = len(str(max(len(images) - 1, 0)))
+    for start in range(0, len(images), 1000):
+        for i in range(start, min(start + 1000, len(images))):
+            Image.fromarray(images[i]).save(folder / classes[labels[i]] / f"{i:0{width}d}.png", compress_level=1)
+        advance(min(1000, len(images) - start))

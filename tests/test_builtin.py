@@ -1,0 +1,153 @@
+"""Built-in datasets: ``cnnkit train cifar10`` gets Keras's arrays once and trains on them as a folder.
+
+Nothing downloads here: Keras's loader (``load_data``, or the ``get_file`` it downloads with) is
+replaced by one that returns small arrays or fails the way an offline machine does.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnnkit.cli import app
+from cnnkit.data.builtin import BUILTIN_SETS, builtin_name
+from cnnkit.data.scan import scan_folder
+
+runner = CliRunner()
+CIFAR10 = BUILTIN_SETS["cifar10"].classes
+
+
+def home() -> Path:
+    return Path(os.environ["CNNKIT_HOME"])
+
+
+def invoke(*args):
+    return runner.invoke(app, ["--quiet", *map(str, args)])
+
+
+def _arrays(per_class: int, seed: int):
+    """CIFAR-shaped arrays: class k is a noisy colour of its own, labels shaped (n, 1) as Keras returns them."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[(k * 97) % 256, (k * 53 + 80) % 256, (k * 31 + 160) % 256] for k in range(10)])
+    labels = np.repeat(np.arange(10), per_class)
+    rng.shuffle(labels)
+    noise = rng.integers(-30, 31, (len(labels), 32, 32, 3))
+    images = np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.uint8).reshape(-1, 1)
+
+
+@pytest.fixture
+def fake_cifar10(monkeypatch, tmp_path):
+    """keras.datasets.cifar10.load_data returning 10x8 training and 10x3 test images; counts its calls."""
+    calls = []
+    train, test = _arrays(8, 0), _arrays(3, 1)
+
+    def load_data():
+        calls.append(1)
+        return train, test
+
+    monkeypatch.setattr("keras.datasets.cifar10.load_data", load_data)
+    monkeypatch.chdir(tmp_path)
+    return calls, train, test
+
+
+def test_cnnkit_train_cifar10_trains_on_the_builtin_set_written_once_as_png_folders(fake_cifar10, tmp_path):
+    calls, (x_train, y_train), (x_test, y_test) = fake_cifar10
+    result = invoke("train", "CIFAR10", "--model", "simple", "--epochs", "1", "--image-size", "16",
+                    "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    folder = home() / "datasets" / "cifar10"
+    assert sorted(p.name for p in (folder / "train").iterdir()) == list(CIFAR10)
+    # Lossless, and file i is row i of Keras's array, in its label's folder.
+    for i in (0, 37, 79):
+        path = folder / "train" / CIFAR10[int(y_train[i, 0])] / f"{i:02d}.png"
+        assert np.array_equal(np.asarray(Image.open(path)), x_train[i])
+    assert sum(1 for _ in (folder / "test").rglob("*.png")) == len(x_test) == 30
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["data_dir"] == str(folder.resolve())
+    assert record["class_names"] == list(CIFAR10)
+    result = invoke("evaluate", tmp_path / "run", "--format", "json")  # the run's test split: the set's test/
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["num_images"] == 30
+    # A second use reads the folder; Keras is not asked again.
+    assert scan_folder("cifar-10").root == folder
+    assert len(calls) == 1
+
+
+def test_a_folder_with_the_name_is_a_folder(fake_cifar10, tmp_path):
+    calls, _, _ = fake_cifar10
+    for name in ("cat", "dog"):
+        (tmp_path / "cifar10" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "cifar10" / name / f"{i}.png")
+    folder = scan_folder("cifar10")
+    assert folder.class_names == ["cat", "dog"] and not calls
+
+
+def test_offline_the_builtin_set_fails_in_one_line_and_leaves_nothing(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):  # what keras.utils.get_file raises when the host cannot be reached
+        raise Exception("URL fetch failure on https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz: None -- "
+                        "[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("keras.src.datasets.cifar10.get_file", offline)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "cifar10", "--epochs", "1")
+    assert result.exit_code == 2
+    assert "built-in dataset 'cifar10'" in result.output and "URL fetch failure" in result.output
+    assert "pass a folder" in result.output and "Traceback" not in result.output
+    datasets = home() / "datasets"
+    assert not datasets.exists() or not any(datasets.iterdir())
+
+
+def test_a_write_cut_off_leaves_no_folder_that_looks_finished_and_the_next_call_completes(fake_cifar10, monkeypatch):
+    calls, (x_train, _), _ = fake_cifar10
+    save = Image.Image.save
+    written = []
+
+    def save_then_die(self, *args, **kwargs):
+        if len(written) == 20:
+            raise KeyboardInterrupt  # Ctrl-C, part way through the training images
+        written.append(1)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        scan_folder("cifar10")
+    datasets = home() / "datasets"
+    assert list(datasets.iterdir()) == []
+    # A process killed hard (kill -9) leaves its partial folder; the next call removes it.
+    (datasets / ".cifar10.partial-dead").mkdir()
+    (datasets / ".cifar10.partial-dead" / ".lock").touch()
+    monkeypatch.setattr(Image.Image, "save", save)
+    folder = scan_folder("cifar10")
+    assert len(folder.files) == len(x_train) + 30 and len(calls) == 2
+    assert sorted(p.name for p in datasets.iterdir()) == ["cifar10"]
+
+
+def test_an_unknown_name_lists_the_builtin_sets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "cifar", "--epochs", "1")
+    assert result.exit_code == 2
+    assert "Data folder 'cifar' does not exist" in result.output and "cifar10, cifar100, mnist" in result.output
+    result = invoke("train", tmp_path / "missing", "--epochs", "1")
+    assert result.exit_code == 2 and "built-in" not in result.output  # a path is a path
+
+
+@pytest.mark.parametrize("given, name", [("cifar10", "cifar10"), ("CIFAR-10", "cifar10"), ("Cifar_100", "cifar100"),
+                                         ("MNIST", "mnist"), ("fashion-mnist", "fashion_mnist"),
+                                         ("FashionMNIST", "fashion_mnist"), ("cifar", None), ("./cifar10", None),
+                                         ("data/mnist", None)])
+def test_builtin_names(given, name):
+    assert builtin_name(given) == name
+
+
+def test_class_folders_sort_in_label_order_where_keras_numbers_them_alphabetically():
+    # cnnkit orders classes by folder name: for these sets that is Keras's label order too.
+    for name in ("cifar10", "cifar100", "mnist"):
+        classes = BUILTIN_SETS[name].classes
+        assert list(classes) == sorted(classes) and len(set(classes)) == len(classes)
+    assert len(BUILTIN_SETS["cifar100"].classes) == 100
