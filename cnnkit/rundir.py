@@ -123,11 +123,14 @@ def replace_directory(src: Path, dst: Path) -> None:
 LOCK_FILE = ".lock"
 
 
-def hold_lock(path: Path):
-    """An exclusive lock on ``path`` held until the file object is closed or the process dies (even kill -9)."""
+def hold_lock(path: Path, wait: bool = False):
+    """An exclusive lock on ``path`` held until the file object is closed or the process dies (even kill -9).
+
+    ``wait``: block until another holder lets go, instead of raising ``OSError`` at once.
+    """
     handle = open(path, "a+")  # noqa: SIM115 - held for the life of the run
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
         raise

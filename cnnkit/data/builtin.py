@@ -14,8 +14,10 @@ writes leaves nothing that looks finished; the next call removes the remains and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +26,17 @@ import numpy as np
 from cnnkit import _progress
 from cnnkit.config import cnnkit_home
 from cnnkit.errors import DataError
-from cnnkit.rundir import LOCK_FILE, hold_lock, new_directory, remove_unfinished, unfinished_runs
+from cnnkit.rundir import hold_lock, new_directory
 
 
 @dataclass(frozen=True)
 class BuiltinSet:
-    """A dataset Keras can download: its ``keras.datasets`` module and class names (folder names, in label order)."""
+    """A dataset Keras can download: its ``keras.datasets`` module, and its class names in Keras's label order.
+
+    The names are the class folders'. cnnkit numbers classes by folder name (natural order): that is
+    Keras's numbering for CIFAR-10, CIFAR-100 and MNIST. Fashion-MNIST's names sort differently
+    (Ankle_boot is cnnkit's class 0 and Keras's 9); predictions are by name.
+    """
 
     title: str
     module: str
@@ -60,13 +67,14 @@ BUILTIN_SETS: dict[str, BuiltinSet] = {
 def builtin_name(root: str | Path) -> str | None:
     """The built-in set ``root`` names (``CIFAR10``, ``cifar-10``, ``fashion_mnist``...), or None.
 
-    Only a bare name that is not an existing path counts: ``./cifar10/`` or a folder called
-    ``cifar10`` here is a folder.
+    Only a single path component that does not exist counts (``cifar10``, ``./cifar10``, ``CIFAR10/``:
+    the shell and Typer make these one); a file or folder of that name here is what it is, and
+    ``data/cifar10`` is always a path.
     """
-    text = str(root)
-    if not text or os.sep in text or (os.altsep and os.altsep in text) or Path(text).exists():
+    path = Path(root)
+    if len(path.parts) != 1 or path.exists():
         return None
-    key = text.lower().replace("-", "").replace("_", "")
+    key = path.name.lower().replace("-", "").replace("_", "")
     return next((name for name in BUILTIN_SETS if name.replace("_", "") == key), None)
 
 
@@ -84,6 +92,10 @@ def data_folder(root: str | Path) -> Path:
 def builtin_folder(name: str, home: Path | None = None) -> Path:
     """The folder of the built-in set ``name``, getting it from Keras and writing it on first use.
 
+    One process at a time writes a set (a lock beside it, held until the folder is in place; a
+    second process waits, then reads the first one's folder). The lock holder removes what a
+    process killed while writing left behind.
+
     Raises:
         DataError: the name is unknown, or Keras could not get the arrays (offline, say).
     """
@@ -94,28 +106,23 @@ def builtin_folder(name: str, home: Path | None = None) -> Path:
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_unfinished(unfinished_runs(final))  # the remains of a process killed while writing it
-    _progress.say(f"'{name}' is not a folder here: getting the built-in {spec.title} from keras.datasets, to write "
-                  f"it once as PNGs in '{_progress.esc(final)}'")
-    (x_train, y_train), (x_test, y_test) = _load(name, spec)
-    partial = new_directory(final.parent, f".{name}.partial-")
-    lock = hold_lock(partial / LOCK_FILE)
-    try:
-        with _progress.progress_task(f"writing {spec.title}", len(x_train) + len(x_test)) as advance:
-            for split, images, labels in (("train", x_train, y_train), ("test", x_test, y_test)):
-                _write_split(partial / split, images, labels, spec.classes, advance)
-        (partial / LOCK_FILE).unlink()
+    with hold_lock(final.parent / f".{name}.lock", wait=True):  # let go when closed, or when this process dies
+        if final.is_dir():
+            return final  # another process wrote it while this one waited
+        for stale in final.parent.glob(f".{name}.partial-*"):  # no live writer: this process holds the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        _progress.say(f"'{name}' is not a folder here: getting the built-in {spec.title} from keras.datasets, to "
+                      f"write it once as PNGs in '{_progress.esc(final)}'")
+        (x_train, y_train), (x_test, y_test) = _load(name, spec)
+        partial = new_directory(final.parent, f".{name}.partial-")
         try:
+            with _progress.progress_task(f"writing {spec.title}", len(x_train) + len(x_test)) as advance:
+                for split, images, labels in (("train", x_train, y_train), ("test", x_test, y_test)):
+                    _write_split(partial / split, images, labels, spec.classes, advance)
             os.rename(partial, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            shutil.rmtree(partial, ignore_errors=True)  # another process finished it first: same arrays
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        lock.close()
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     return final
 
 
@@ -124,17 +131,22 @@ def _load(name: str, spec: BuiltinSet) -> tuple[tuple[np.ndarray, np.ndarray], t
 
     module = importlib.import_module(f"keras.datasets.{spec.module}")
     try:
-        return module.load_data()
+        with contextlib.redirect_stdout(sys.stderr):  # Keras's download messages: stdout stays JSON/CSV
+            return module.load_data()
     except Exception as exc:  # Keras raises a bare Exception for a failed download
         raise DataError(f"Could not get the built-in dataset '{name}' from keras.datasets: {exc}. Keras downloads it "
-                        "once into ~/.keras/datasets (or $KERAS_HOME/datasets); connect to the network once, or pass "
-                        "a folder of images (root/<class>/*.jpg).") from exc
+                        "once into ~/.keras/datasets (or $KERAS_HOME/datasets): connect to the network once, delete "
+                        "a damaged copy there, or pass a folder of images (root/<class>/*.jpg).") from exc
 
 
 def _write_split(folder: Path, images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], advance) -> None:
     from PIL import Image
 
     labels = np.asarray(labels).reshape(-1)
+    if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+        images = images.transpose(0, 2, 3, 1)  # Keras set to channels_first: images are files, channels last
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
     if len(labels) != len(images) or (len(labels) and (labels.min() < 0 or labels.max() >= len(classes))):
         raise DataError(f"keras.datasets gave {len(images)} images and {len(labels)} labels in 0..{len(classes) - 1} "
                         f"for '{folder.name}'; expected one label per image. Delete Keras's cached copy in "

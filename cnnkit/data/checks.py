@@ -122,7 +122,7 @@ def doctor(root: str | Path, workers: int | None = None, near_bits: int = NEAR_D
     class_of = {str(f.path): folder.class_names[f.label] for f in folder.files}
     good = [r for r in records if "error" not in r]
     report = DoctorReport(
-        root=Path(root), layout=folder.layout, class_names=folder.class_names, counts=_counts(folder, records),
+        root=folder.root, layout=folder.layout, class_names=folder.class_names, counts=_counts(folder, records),
         imbalance_ratio=None, sizes=_sizes(good), modes=dict(Counter(r["mode"] for r in good)),
         formats=dict(Counter(r["format"] for r in good)),
         unreadable=[{"path": r["path"], "reason": r["error"]} for r in records if "error" in r],

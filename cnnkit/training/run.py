@@ -168,8 +168,9 @@ def train(
             point = prepare_resume(Path(resume), options)  # inside the scope: the model loads onto the devices
             with RunDirectory(Path(out) if out is not None else Path(resume), overwrite=True, resuming=True) as run:
                 copy_checkpoints(point.source, run.path)
-                return _train_into(run, Path(data_dir or point.data_dir), point.config, cache_root,
-                                   list(callbacks or []), _Devices(devices, scope.close), point)
+                folder = data_folder(data_dir) if data_dir else Path(point.data_dir)
+                return _train_into(run, folder, point.config, cache_root, list(callbacks or []),
+                                   _Devices(devices, scope.close), point)
     if data_dir is None:
         raise DataError("train() needs data_dir, the image folder (or resume=RUN to continue a run).")
     cfg = resolve_config(config, **options)
