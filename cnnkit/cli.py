@@ -379,7 +379,7 @@ def _given(options: dict[str, Any]) -> dict[str, Any]:
 @_handle_errors
 @_with_train_options()
 def train(
-    data_dir: Annotated[Optional[Path], typer.Argument(help="root/<class>/*.jpg, or root/train/<class>/ (+ validation/, test/). Optional with --resume.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Argument(help="root/<class>/*.jpg, or root/train/<class>/ (+ validation/, test/), or a built-in set's name such as cifar10. Optional with --resume.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/<model>-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     config: Annotated[Optional[Path], typer.Option(help="TOML/JSON config (or a run's run.json); options override it.")] = None,

@@ -130,7 +130,8 @@ def train(
 
     Args:
         data_dir: ``root/<class>/*.jpg``, or ``root/train/<class>/`` with optional
-            ``validation/`` (``val/``) and ``test/``. With ``resume``, defaults to the run's own.
+            ``validation/`` (``val/``) and ``test/``; or a built-in set's name, ``"cifar10"``
+            (``cnnkit.data.builtin``). With ``resume``, defaults to the run's own.
         out: the run directory to write (default ``runs/<model>-<timestamp>``; with ``resume``,
             the resumed run itself, replaced when the continuation is written).
         config: a RunConfig (or nested dict); ``options`` override it.
