@@ -223,3 +223,14 @@ def test_keras_download_messages_keep_stdout_clean(fake_cifar10, monkeypatch):
     result = invoke("doctor", "cifar10", "--format", "json")
     assert json.loads(result.stdout)["class_names"] == list(CIFAR10)
     assert json.loads(result.stdout)["root"] == str(home() / "datasets" / "cifar10")
+
+
+def test_a_large_set_is_written_by_worker_processes_losslessly(monkeypatch, tmp_path):
+    (x, y), test = _arrays(210, 6), _arrays(1, 7)  # 2,100 images: three chunks, so the process pool writes them
+    monkeypatch.setattr("keras.datasets.cifar10.load_data", lambda: ((x, y), test))
+    monkeypatch.chdir(tmp_path)
+    folder = scan_folder("cifar10")
+    assert sum(f.split != "test" for f in folder.files) == 2100  # train and the validation split made from it
+    for i in (0, 999, 1000, 2099):
+        path = folder.root / "train" / CIFAR10[int(y[i, 0])] / f"{i:04d}.png"
+        assert np.array_equal(np.asarray(Image.open(path)), x[i])

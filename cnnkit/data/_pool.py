@@ -1,4 +1,4 @@
-"""Worker processes for decoding, shared by the cache and the doctor.
+"""Worker processes for decoding, shared by the cache and the doctor (and for writing the built-in sets' PNGs).
 
 On Linux the workers are forked: a forked child does not re-import the user's ``__main__``, so a
 tutorial-style script that calls ``cnnkit.train(...)`` at top level (no ``if __name__ ==

@@ -14,6 +14,7 @@ writes leaves nothing that looks finished; the next call removes the remains and
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -25,8 +26,11 @@ import numpy as np
 
 from cnnkit import _progress
 from cnnkit.config import cnnkit_home
+from cnnkit.data._pool import process_pool
 from cnnkit.errors import DataError
 from cnnkit.rundir import hold_lock, new_directory
+
+_CHUNK = 1000  # images a worker writes per task
 
 
 @dataclass(frozen=True)
@@ -140,8 +144,7 @@ def _load(name: str, spec: BuiltinSet) -> tuple[tuple[np.ndarray, np.ndarray], t
 
 
 def _write_split(folder: Path, images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], advance) -> None:
-    from PIL import Image
-
+    """Write one split's images as ``folder/<class>/<row>.png``, in worker processes when there are many."""
     labels = np.asarray(labels).reshape(-1)
     if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
         images = images.transpose(0, 2, 3, 1)  # Keras set to channels_first: images are files, channels last
@@ -154,7 +157,22 @@ def _write_split(folder: Path, images: np.ndarray, labels: np.ndarray, classes: 
     for name in classes:
         (folder / name).mkdir(parents=True)
     width = len(str(max(len(images) - 1, 0)))
-    for start in range(0, len(images), 1000):
-        for i in range(start, min(start + 1000, len(images))):
-            Image.fromarray(images[i]).save(folder / classes[labels[i]] / f"{i:0{width}d}.png", compress_level=1)
-        advance(min(1000, len(images) - start))
+    names = [str(folder / classes[label] / f"{i:0{width}d}.png") for i, label in enumerate(labels)]
+    chunks = [slice(s, s + _CHUNK) for s in range(0, len(images), _CHUNK)]
+    workers = os.cpu_count() or 1
+    if workers == 1 or len(chunks) < 2:
+        for part in chunks:
+            advance(_write_pngs(images[part], names[part]))
+        return
+    with process_pool(min(workers, len(chunks))) as pool:  # PNG encoding holds the GIL: processes, not threads
+        for future in concurrent.futures.as_completed([pool.submit(_write_pngs, images[part], names[part])
+                                                       for part in chunks]):
+            advance(future.result())
+
+
+def _write_pngs(images: np.ndarray, names: list[str]) -> int:
+    from PIL import Image
+
+    for image, name in zip(images, names):
+        Image.fromarray(image).save(name, compress_level=1)
+    return len(names)
