@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnnkit.cli import app
+from cnnkit.data import _pool, builtin
 from cnnkit.data.builtin import BUILTIN_SETS, builtin_name
 from cnnkit.data.decode import load_image
 from cnnkit.data.scan import natural_key, scan_folder
@@ -207,6 +208,7 @@ def test_a_second_process_waits_for_the_first_and_reads_its_folder(fake_cifar10)
     for name in CIFAR10:
         (datasets / "cifar10" / "train" / name).mkdir(parents=True)
         Image.new("RGB", (32, 32), (len(name) * 20, 0, 0)).save(datasets / "cifar10" / "train" / name / "0.png")
+    assert not list(datasets.glob(".cifar10.partial-*")) and not (datasets / "cifar10" / "test").exists()
     first.close()
     waiting.join(30)
     assert found == [datasets / "cifar10"] and not calls  # the first one's folder, Keras not asked
@@ -225,12 +227,42 @@ def test_keras_download_messages_keep_stdout_clean(fake_cifar10, monkeypatch):
     assert json.loads(result.stdout)["root"] == str(home() / "datasets" / "cifar10")
 
 
-def test_a_large_set_is_written_by_worker_processes_losslessly(monkeypatch, tmp_path):
+@pytest.fixture
+def two_workers(monkeypatch):
+    """The set's writer sees two usable CPUs, whatever this machine has; counts the pools it starts."""
+    pools = []
+
+    def counted(workers):
+        pools.append(workers)
+        return _pool.process_pool(workers)
+
+    monkeypatch.setattr(builtin, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(builtin, "process_pool", counted)
+    return pools
+
+
+def test_a_large_set_is_written_by_worker_processes_losslessly(monkeypatch, tmp_path, two_workers):
     (x, y), test = _arrays(210, 6), _arrays(1, 7)  # 2,100 images: three chunks, so the process pool writes them
     monkeypatch.setattr("keras.datasets.cifar10.load_data", lambda: ((x, y), test))
     monkeypatch.chdir(tmp_path)
     folder = scan_folder("cifar10")
+    assert two_workers == [2]  # the training images went through the pool (the 10 test images did not)
     assert sum(f.split != "test" for f in folder.files) == 2100  # train and the validation split made from it
     for i in (0, 999, 1000, 2099):
         path = folder.root / "train" / CIFAR10[int(y[i, 0])] / f"{i:04d}.png"
         assert np.array_equal(np.asarray(Image.open(path)), x[i])
+
+
+def test_a_worker_that_fails_stops_the_write_and_leaves_nothing(monkeypatch, tmp_path, two_workers):
+    (x, y), test = _arrays(210, 6), _arrays(1, 7)
+    monkeypatch.setattr("keras.datasets.cifar10.load_data", lambda: ((x, y), test))
+    monkeypatch.chdir(tmp_path)
+
+    def disk_full(self, *args, **kwargs):  # forked workers inherit the patch
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        scan_folder("cifar10")
+    assert two_workers == [2]
+    assert [p.name for p in (home() / "datasets").iterdir()] == [".cifar10.lock"]

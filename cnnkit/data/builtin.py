@@ -26,7 +26,7 @@ import numpy as np
 
 from cnnkit import _progress
 from cnnkit.config import cnnkit_home
-from cnnkit.data._pool import process_pool
+from cnnkit.data._pool import process_pool, usable_cpus
 from cnnkit.errors import DataError
 from cnnkit.rundir import hold_lock, new_directory
 
@@ -96,9 +96,9 @@ def data_folder(root: str | Path) -> Path:
 def builtin_folder(name: str, home: Path | None = None) -> Path:
     """The folder of the built-in set ``name``, getting it from Keras and writing it on first use.
 
-    One process at a time writes a set (a lock beside it, held until the folder is in place; a
-    second process waits, then reads the first one's folder). The lock holder removes what a
-    process killed while writing left behind.
+    One cnnkit process at a time writes a set, with its worker processes (a lock beside it, held
+    until the folder is in place; a second cnnkit process waits, then reads the first one's folder).
+    The lock holder removes what a process killed while writing left behind.
 
     Raises:
         DataError: the name is unknown, or Keras could not get the arrays (offline, say).
@@ -159,15 +159,19 @@ def _write_split(folder: Path, images: np.ndarray, labels: np.ndarray, classes: 
     width = len(str(max(len(images) - 1, 0)))
     names = [str(folder / classes[label] / f"{i:0{width}d}.png") for i, label in enumerate(labels)]
     chunks = [slice(s, s + _CHUNK) for s in range(0, len(images), _CHUNK)]
-    workers = os.cpu_count() or 1
-    if workers == 1 or len(chunks) < 2:
+    workers = min(usable_cpus(), len(chunks))
+    if workers < 2:
         for part in chunks:
             advance(_write_pngs(images[part], names[part]))
         return
-    with process_pool(min(workers, len(chunks))) as pool:  # PNG encoding holds the GIL: processes, not threads
-        for future in concurrent.futures.as_completed([pool.submit(_write_pngs, images[part], names[part])
-                                                       for part in chunks]):
-            advance(future.result())
+    with process_pool(workers) as pool:  # PNG encoding holds the GIL: processes, not threads
+        try:
+            for future in concurrent.futures.as_completed([pool.submit(_write_pngs, images[part], names[part])
+                                                           for part in chunks]):
+                advance(future.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # a failed chunk or Ctrl-C: write no more before cleanup
+            raise
 
 
 def _write_pngs(images: np.ndarray, names: list[str]) -> int:

@@ -33,7 +33,7 @@ import numpy as np
 
 from cnnkit._progress import progress_task
 from cnnkit.config import cnnkit_home
-from cnnkit.data._pool import process_pool
+from cnnkit.data._pool import process_pool, usable_cpus
 from cnnkit.data.decode import DECODER_VERSION, DecodeError, load_image
 from cnnkit.errors import CnnkitError
 from cnnkit.rundir import hold_lock, lock_is_held, new_directory
@@ -289,7 +289,7 @@ def _total_bytes(paths: list[str]) -> int:
 def _decode_all(
     images_file: str, paths: list[str], settings: tuple, workers: int | None,
 ) -> list[tuple[int, str, str | None]]:
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     chunks = [list(range(s, min(s + _CHUNK, len(paths)))) for s in range(0, len(paths), _CHUNK)]
     results: list[tuple[int, str, str | None]] = []
     with progress_task("Decoding images", len(paths)) as advance:

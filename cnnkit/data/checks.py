@@ -10,7 +10,6 @@ same image under two classes is a label conflict. It never modifies, moves or re
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cnnkit._progress import console, esc, progress_task
-from cnnkit.data._pool import process_pool
+from cnnkit.data._pool import process_pool, usable_cpus
 from cnnkit.data.decode import DecodeError, describe_image, load_image
 from cnnkit.data.rules import class_size_problems, imbalance_ratio
 from cnnkit.data.scan import LINK_KINDS, ImageFolder, scan_folder
@@ -140,7 +139,7 @@ def doctor(root: str | Path, workers: int | None = None, near_bits: int = NEAR_D
 
 
 def _inspect_all(paths: list[str], workers: int | None) -> list[dict[str, Any]]:
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]
     out: list[dict[str, Any]] = []
     with progress_task("Inspecting images", len(paths)) as advance:
