@@ -6,7 +6,7 @@ folder is expected, gets the same arrays from Keras (its one download, cached in
 everything else reads: ``$CNNKIT_HOME/datasets/<name>/train|test/<class>/<index>.png``. ``<index>``
 is the image's row in Keras's array, so a file maps back to ``x_train[i]``. From there a built-in set
 is a folder like any other: the same decode cache, ``split.csv``, evaluation on its test split and
-Grad-CAM on its files. A folder of the same name in the working directory always wins.
+Grad-CAM on its files. A file or folder of the same name in the working directory always wins.
 
 The folder is written beside its final place and renamed when complete, so a run killed while it
 writes leaves nothing that looks finished; the next call removes the remains and writes it again.
@@ -35,7 +35,8 @@ _CHUNK = 1000  # images a worker writes per task
 
 @dataclass(frozen=True)
 class BuiltinSet:
-    """A dataset Keras can download: its ``keras.datasets`` module, and its class names in Keras's label order.
+    """A dataset Keras can download (``keras.datasets.<its key in BUILTIN_SETS>``): its title, and its class names in
+    Keras's label order.
 
     The names are the class folders'. cnnkit numbers classes by folder name (natural order): that is
     Keras's numbering for CIFAR-10, CIFAR-100 and MNIST. Fashion-MNIST's names sort differently
@@ -43,7 +44,6 @@ class BuiltinSet:
     """
 
     title: str
-    module: str
     classes: tuple[str, ...]
 
 
@@ -57,14 +57,13 @@ _CIFAR100 = (
     "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
 ).split()
 
-BUILTIN_SETS: dict[str, BuiltinSet] = {
-    "cifar10": BuiltinSet("CIFAR-10", "cifar10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                                                   "horse", "ship", "truck")),
-    "cifar100": BuiltinSet("CIFAR-100 (fine labels)", "cifar100", tuple(_CIFAR100)),
-    "mnist": BuiltinSet("MNIST", "mnist", tuple(str(d) for d in range(10))),
-    "fashion_mnist": BuiltinSet("Fashion-MNIST", "fashion_mnist", ("T-shirt_top", "Trouser", "Pullover", "Dress",
-                                                                  "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                                                                  "Ankle_boot")),
+BUILTIN_SETS: dict[str, BuiltinSet] = {  # keyed by the keras.datasets module
+    "cifar10": BuiltinSet("CIFAR-10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                                       "truck")),
+    "cifar100": BuiltinSet("CIFAR-100 (fine labels)", tuple(_CIFAR100)),
+    "mnist": BuiltinSet("MNIST", tuple(str(d) for d in range(10))),
+    "fashion_mnist": BuiltinSet("Fashion-MNIST", ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                                  "Shirt", "Sneaker", "Bag", "Ankle_boot")),
 }
 
 
@@ -117,7 +116,7 @@ def builtin_folder(name: str, home: Path | None = None) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         _progress.say(f"'{name}' is not a folder here: getting the built-in {spec.title} from keras.datasets, to "
                       f"write it once as PNGs in '{_progress.esc(final)}'")
-        (x_train, y_train), (x_test, y_test) = _load(name, spec)
+        (x_train, y_train), (x_test, y_test) = _load(name)
         partial = new_directory(final.parent, f".{name}.partial-")
         try:
             with _progress.progress_task(f"writing {spec.title}", len(x_train) + len(x_test)) as advance:
@@ -130,10 +129,10 @@ def builtin_folder(name: str, home: Path | None = None) -> Path:
     return final
 
 
-def _load(name: str, spec: BuiltinSet) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def _load(name: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     import importlib
 
-    module = importlib.import_module(f"keras.datasets.{spec.module}")
+    module = importlib.import_module(f"keras.datasets.{name}")
     try:
         with contextlib.redirect_stdout(sys.stderr):  # Keras's download messages: stdout stays JSON/CSV
             return module.load_data()

@@ -384,7 +384,7 @@ def scan_folder(
     """
     root = data_folder(root)  # a built-in set's name (cifar10): its folder, written on first use
     if not root.exists():
-        named = f" or a built-in dataset's name ({builtin_names()})" if os.sep not in str(root) else ""
+        named = f" or a built-in dataset's name ({builtin_names()})" if len(root.parts) == 1 else ""
         raise DataError(f"Data folder '{root}' does not exist. Pass a folder with one sub-folder per class{named}.")
     if not root.is_dir():
         raise DataError(f"'{root}' is a file, not a folder. Pass a folder with one sub-folder per class.")
