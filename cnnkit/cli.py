@@ -699,7 +699,7 @@ def machine_info() -> dict[str, Any]:
         "devices": devices.devices(backend),
         "onednn": devices.onednn(backend),
         "mixed_precision": {**precision.as_dict(), "cpu_bfloat16": devices.cpu_has_bfloat16(flags)},
-        "cpu": {"model": devices.cpu_model(), "cores": os.cpu_count(),
+        "cpu": {"model": devices.cpu_model(), "cores": os.cpu_count(), "usable_cores": devices.usable_cpus(),
                 "vector_extensions": [flag for flag in devices.VECTOR_FLAGS if flag in flags],
                 "played_by": devices.PLAYED_FLAGS_ENV if os.environ.get(devices.PLAYED_FLAGS_ENV) is not None else None},
         "home": str(cnnkit_home()), "cache": str(default_cache_root()),
@@ -707,6 +707,13 @@ def machine_info() -> dict[str, Any]:
         "artifacts": default_artifact_root(registry),
         "extras": extras,
     }
+
+
+def _cores(cpu: dict) -> str:
+    """"2 cores", or "2 of 64 cores usable" when an affinity (a container, taskset) limits this process."""
+    if cpu["usable_cores"] == cpu["cores"]:
+        return f"{cpu['cores']} cores"
+    return f"{cpu['usable_cores']} of {cpu['cores']} cores usable (affinity: a container or taskset)"
 
 
 @app.command()
@@ -730,7 +737,7 @@ def info(
             *([("oneDNN", "on" if facts["onednn"] else "off (TF_ENABLE_ONEDNN_OPTS=1 turns it on)")]
               if facts["onednn"] is not None else []),
             ("mixed precision", f"{mixed['policy']}: {mixed['reason']}"),
-            ("cpu", f"{facts['cpu']['model']}, {facts['cpu']['cores']} cores"),
+            ("cpu", f"{facts['cpu']['model']}, {_cores(facts['cpu'])}"),
             ("vector extensions", (" ".join(facts["cpu"]["vector_extensions"]) or "unknown")
              + (f"  (played by {facts['cpu']['played_by']})" if facts["cpu"]["played_by"] else "")),
             ("home", facts["home"]), ("cache", facts["cache"]), ("registry", facts["registry"]),

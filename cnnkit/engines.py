@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from cnnkit._backends.devices import backend_name
+from cnnkit._backends.devices import backend_name, usable_cpus
 from cnnkit._progress import warn
 from cnnkit.config import cnnkit_home
 from cnnkit.data.decode import DecodeError, load_image
@@ -105,7 +104,7 @@ class OnnxEngine:
 
     Args:
         folder: holds ``model.onnx`` and ``cnnkit.json``.
-        threads: threads for one model call (default: every core).
+        threads: threads for one model call (default: every CPU this process may use, ``usable_cpus``).
 
     Example:
         >>> engine = OnnxEngine(onnx_export("runs/first"))   # or a folder from 'cnnkit export RUN -f onnx'
@@ -124,7 +123,7 @@ class OnnxEngine:
         self.folder = Path(folder)
         self.meta = read_export_meta(self.folder)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or usable_cpus()
         options.inter_op_num_threads = 1  # one model call at a time (the server's queue has one thread)
         # Idle threads sleep instead of spinning: Predictor's decode threads need those cores between calls.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cnnkit._backends.devices import usable_cpus
 from cnnkit._progress import progress_task
 from cnnkit.data.decode import DecodeError
 from cnnkit.data.scan import IMAGE_EXTENSIONS, expand_inputs
@@ -93,7 +93,7 @@ class Predictor:
     Args:
         source: a run directory (``model.keras`` inside), a ``.keras`` file, or an ONNX export folder.
         batch_size: images per model call (default: ``default_batch_size`` of the model's image size).
-        workers: decode threads (default: every core).
+        workers: decode threads (default: every CPU this process may use, ``usable_cpus``).
         engine: "keras", "onnxruntime", or "auto" (onnxruntime when the model's export is cached and
             matched Keras, else keras; ``cnnkit.engines``). Default: onnxruntime for an ONNX export
             folder, else ``DEFAULT_ENGINE``. With onnxruntime, a ``.keras`` source is exported to ONNX
@@ -127,7 +127,7 @@ class Predictor:
         self.engine, self.meta = engine, meta or engine.meta
         self.batch_size = default_batch_size(self.meta.image_size) if batch_size is None else batch_size
         _check_positive("batch_size", self.batch_size)
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or usable_cpus()
         self._use_calibration()
 
     @property

@@ -208,6 +208,27 @@ def test_an_onnx_export_folder_is_a_source(digits):
         predictor.model  # noqa: B018  (Grad-CAM needs the Keras model)
 
 
+
+AFFINITY_PROBE = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # as a container's cpuset or taskset does
+import cnnkit
+predictor = cnnkit.Predictor(sys.argv[1], engine="onnxruntime")
+print(predictor.workers, predictor.engine.session.get_session_options().intra_op_num_threads)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is a Linux notion")
+def test_prediction_threads_follow_the_cpus_this_process_may_use(digits):
+    """Pinned to one CPU of a bigger host, predict starts one decode thread and one ONNX Runtime thread, not
+    one per host core all fighting over that CPU."""
+    run, _ = digits
+    onnx_export(run)
+    probe = subprocess.run([sys.executable, "-c", AFFINITY_PROBE, str(run)], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split()[-2:] == ["1", "1"]
+
 def test_cli_predict_engine(digits):
     from cnnkit.cli import app
 

@@ -91,6 +91,20 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on, at least 1: its affinity, so a container's cpuset or
+    ``taskset`` counts (``os.cpu_count()`` is the whole host's). A CPU quota (``docker --cpus``) is
+    not an affinity and is not seen. Every pool and thread count in cnnkit is sized by this.
+
+    >>> 1 <= usable_cpus() <= (os.cpu_count() or 1)
+    True
+    """
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def cpu_has_bfloat16(flags: frozenset[str] | None = None) -> bool:
     """True when the CPU has bfloat16 arithmetic (AVX512-BF16 or AMX): elsewhere it is emulated, slower."""
     flags = cpu_flags() if flags is None else flags

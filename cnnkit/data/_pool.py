@@ -21,14 +21,6 @@ import warnings
 _PR_SET_PDEATHSIG = 1
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: a container's or ``taskset``'s limit), at least 1."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     with warnings.catch_warnings():

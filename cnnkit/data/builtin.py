@@ -26,7 +26,8 @@ import numpy as np
 
 from cnnkit import _progress
 from cnnkit.config import cnnkit_home
-from cnnkit.data._pool import process_pool, usable_cpus
+from cnnkit._backends.devices import usable_cpus
+from cnnkit.data._pool import process_pool
 from cnnkit.errors import DataError
 from cnnkit.rundir import hold_lock, new_directory
 

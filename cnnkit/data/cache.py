@@ -33,7 +33,8 @@ import numpy as np
 
 from cnnkit._progress import progress_task
 from cnnkit.config import cnnkit_home
-from cnnkit.data._pool import process_pool, usable_cpus
+from cnnkit._backends.devices import usable_cpus
+from cnnkit.data._pool import process_pool
 from cnnkit.data.decode import DECODER_VERSION, DecodeError, load_image
 from cnnkit.errors import CnnkitError
 from cnnkit.rundir import hold_lock, lock_is_held, new_directory

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from cnnkit._progress import console, esc, progress_task
-from cnnkit.data._pool import process_pool, usable_cpus
+from cnnkit._backends.devices import usable_cpus
+from cnnkit.data._pool import process_pool
 from cnnkit.data.decode import DecodeError, describe_image, load_image
 from cnnkit.data.rules import class_size_problems, imbalance_ratio
 from cnnkit.data.scan import LINK_KINDS, ImageFolder, scan_folder
