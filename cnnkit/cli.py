@@ -342,7 +342,7 @@ TRAIN_OPTIONS: tuple[TrainOption, ...] = (
     TrainOption("val_split", float, "Validation fraction per class, when there is no validation/ folder."),
     TrainOption("test_split", float, "Test fraction per class, when there is no test/ folder."),
     TrainOption("seed", int, "Seed of the split, shuffle and initialisation."),
-    TrainOption("workers", int, "Decode processes (default: every core)."),
+    TrainOption("workers", int, "Decode processes (default: one per CPU this process may use)."),
     TrainOption("max_pixels", int, "Images with more pixels are skipped as decompression bombs (default 80 M)."),
     TrainOption("follow_links", bool, "Also follow symbolic links that lead out of the data folder (links inside "
                                       "it are followed; loops never).", ("--follow-links/--no-follow-links",)),
@@ -637,7 +637,8 @@ def doctor(
     data_dir: Annotated[Path, typer.Argument(help="The image folder to check.")],
     strict: Annotated[bool, typer.Option(help="Exit 1 when any problem is found.")] = False,
     output: Annotated[ReportFormat, typer.Option("--format", help="table or json on stdout.")] = ReportFormat.table,
-    workers: Annotated[Optional[int], typer.Option(help="Processes reading images (default: every core).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Processes reading images (default: one per CPU this process may use).")] = None,
     follow_links: Annotated[bool, typer.Option("--follow-links", help="Also follow links that lead out of DATA_DIR, as 'train --follow-links' would.")] = False,
     runs: Annotated[Path, typer.Option(help="Folder of run directories whose unfinished (killed) runs to report.")] = Path("runs"),
 ) -> None:
@@ -699,7 +700,7 @@ def machine_info() -> dict[str, Any]:
         "devices": devices.devices(backend),
         "onednn": devices.onednn(backend),
         "mixed_precision": {**precision.as_dict(), "cpu_bfloat16": devices.cpu_has_bfloat16(flags)},
-        "cpu": {"model": devices.cpu_model(), "cores": os.cpu_count(), "usable_cores": devices.usable_cpus(),
+        "cpu": {"model": devices.cpu_model(), "cores": os.cpu_count(), "usable_cpus": devices.usable_cpus(),
                 "vector_extensions": [flag for flag in devices.VECTOR_FLAGS if flag in flags],
                 "played_by": devices.PLAYED_FLAGS_ENV if os.environ.get(devices.PLAYED_FLAGS_ENV) is not None else None},
         "home": str(cnnkit_home()), "cache": str(default_cache_root()),
@@ -710,10 +711,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def _cores(cpu: dict) -> str:
-    """"2 cores", or "2 of 64 cores usable" when an affinity (a container, taskset) limits this process."""
-    if cpu["usable_cores"] == cpu["cores"]:
-        return f"{cpu['cores']} cores"
-    return f"{cpu['usable_cores']} of {cpu['cores']} cores usable (affinity: a container or taskset)"
+    """"2 CPUs", or "2 of 64 CPUs usable (CPU affinity)" when this process may run on only some of them."""
+    count = f"{cpu['cores']} CPU{'s' if cpu['cores'] != 1 else ''}"
+    return count if cpu["usable_cpus"] == cpu["cores"] else f"{cpu['usable_cpus']} of {count} usable (CPU affinity)"
 
 
 @app.command()

@@ -84,7 +84,7 @@ class DataConfig:
             validation/ (or val/) folder; ``None`` (default): 20%, at most 5,000 images.
         test_split: fraction of each class held out for testing when the folder has no test/ folder.
         seed: seed of the split and of the per-epoch shuffle.
-        workers: decode processes; ``None`` uses every core.
+        workers: decode processes; ``None``: one per CPU this process may use.
         max_pixels: images with more pixels are skipped as decompression bombs.
         follow_links: also follow symbolic links that lead out of the data folder (links inside it
             are followed; loops and second paths to one file never are).

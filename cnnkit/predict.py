@@ -117,10 +117,11 @@ class Predictor:
         return cls.from_engine(KerasEngine(model, meta), batch_size=batch_size)
 
     @classmethod
-    def from_engine(cls, engine: Engine, meta: ModelMeta | None = None, batch_size: int | None = None) -> Predictor:
+    def from_engine(cls, engine: Engine, meta: ModelMeta | None = None, batch_size: int | None = None,
+                    workers: int | None = None) -> Predictor:
         """A Predictor over an open engine; ``meta`` replaces the engine's (e.g. a lower ``max_pixels``)."""
         self = cls.__new__(cls)
-        self._setup(engine, meta, batch_size, None)
+        self._setup(engine, meta, batch_size, workers)
         return self
 
     def _setup(self, engine: Engine, meta: ModelMeta | None, batch_size: int | None, workers: int | None) -> None:

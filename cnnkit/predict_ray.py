@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnkit.engines import check_engine
+from cnnkit._backends.devices import usable_cpus
+from cnnkit.engines import check_engine, open_engine
 from cnnkit.errors import ConfigError, DataError
 from cnnkit.predict import PREDICTION_FORMATS, Prediction, Predictor, list_inputs, write_predictions
 from cnnkit.rundir import new_directory
@@ -198,6 +199,14 @@ def _start_ray(ray: Any, address: str | None, workers: int) -> bool:
     return True
 
 
+def _actor_cpus() -> int:
+    """In a Ray actor: the CPUs Ray assigned to it (its ``num_cpus``, at least 1), else ``usable_cpus()``."""
+    import ray
+
+    cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    return max(1, round(cpus)) if cpus else usable_cpus()
+
+
 class _PredictBatches:
     """A Ray Data ``map_batches`` callable class: one Predictor per actor, loaded once."""
 
@@ -205,7 +214,11 @@ class _PredictBatches:
         from cnnkit import _progress
 
         _progress.set_progress(False)
-        self.predictor = Predictor(source, batch_size=batch_size, workers=2, engine=engine)
+        # Ray gives each actor a share of the node's CPUs (num_cpus) but no affinity, so usable_cpus() would be
+        # the whole node's: an engine sized by it would start that many threads in every actor.
+        cpus = _actor_cpus()
+        self.predictor = Predictor.from_engine(open_engine(source, engine, threads=cpus), batch_size=batch_size,
+                                               workers=max(2, cpus))
         self.top_k = top_k
 
     def __call__(self, batch: Any) -> Any:

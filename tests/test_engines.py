@@ -208,7 +208,6 @@ def test_an_onnx_export_folder_is_a_source(digits):
         predictor.model  # noqa: B018  (Grad-CAM needs the Keras model)
 
 
-
 AFFINITY_PROBE = """
 import os, sys
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # as a container's cpuset or taskset does
@@ -219,6 +218,8 @@ print(predictor.workers, predictor.engine.session.get_session_options().intra_op
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is a Linux notion")
+@pytest.mark.skipif(hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) < 2,
+                    reason="one CPU: the old and new thread counts are the same")
 def test_prediction_threads_follow_the_cpus_this_process_may_use(digits):
     """Pinned to one CPU of a bigger host, predict starts one decode thread and one ONNX Runtime thread, not
     one per host core all fighting over that CPU."""
@@ -228,6 +229,7 @@ def test_prediction_threads_follow_the_cpus_this_process_may_use(digits):
                            timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split()[-2:] == ["1", "1"]
+
 
 def test_cli_predict_engine(digits):
     from cnnkit.cli import app

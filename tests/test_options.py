@@ -178,15 +178,14 @@ def test_precision_reads_the_cpu_flags_from_cpuinfo(tmp_path):
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()  # not Linux: unknown, treated as absent
 
 
-
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is a Linux notion")
 def test_info_counts_the_cpus_this_process_may_use(monkeypatch):
     """A container's cpuset or taskset limits the CPUs: `cnnkit info` says how many of the host's are usable."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     facts = json.loads(CliRunner().invoke(app, ["info", "--format", "json"]).stdout)
-    assert facts["cpu"]["usable_cores"] == 1 and facts["cpu"]["cores"] == os.cpu_count()
+    assert facts["cpu"]["usable_cpus"] == 1 and facts["cpu"]["cores"] == os.cpu_count()
     table = CliRunner().invoke(app, ["info"]).stdout
-    assert ("1 of" in table and "usable" in table) if os.cpu_count() > 1 else "1 cores" in table
+    assert f"1 of {os.cpu_count()} CPUs usable (CPU affinity)" in table if os.cpu_count() > 1 else "1 CPU" in table
 
 ONEDNN_PROBE = """
 import json, os, sys

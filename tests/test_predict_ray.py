@@ -84,6 +84,12 @@ def test_ray_output_equals_single_process_output(run, tmp_path):
             assert _same_rows(ray_rows, one_rows), (ray_rows[:3], one_rows[:3])
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
             f"{kind}.{fmt}" for kind in ("one", "ray") for fmt in ("csv", "json", "parquet"))  # no shards left
+        # An actor sizes its engine's threads by its share of Ray's CPUs (num_cpus=1 here), not by the node's CPUs:
+        # Ray sets no affinity, so every actor would otherwise start a thread per CPU of the node.
+        from cnnkit.predict_ray import _actor_cpus
+
+        assert ray.get(ray.remote(num_cpus=1)(_actor_cpus).remote()) == 1
+        assert ray.get(ray.remote(num_cpus=2)(_actor_cpus).remote()) == 2
     finally:
         ray.shutdown()
 

@@ -92,9 +92,12 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on, at least 1: its affinity, so a container's cpuset or
-    ``taskset`` counts (``os.cpu_count()`` is the whole host's). A CPU quota (``docker --cpus``) is
-    not an affinity and is not seen. Every pool and thread count in cnnkit is sized by this.
+    """The CPUs this process may run on, at least 1: its affinity, so a container's cpuset,
+    ``taskset``, ``numactl`` or a batch scheduler's binding counts (``os.cpu_count()`` is the whole
+    host's). A CPU quota (``docker --cpus``) is not an affinity and is not seen. cnnkit sizes its
+    decode processes, the doctor's and the built-in sets' writers, ``Predictor``'s decode threads and
+    ONNX Runtime's threads by it (a Ray actor by its own share instead). The Keras backends size
+    their own thread pools.
 
     >>> 1 <= usable_cpus() <= (os.cpu_count() or 1)
     True

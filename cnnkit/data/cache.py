@@ -205,7 +205,7 @@ def build_cache(
         class_keys: each file's class name (part of the data hash; "" when unlabelled).
         image_size, color_mode, resize_mode, max_pixels: as ``load_image`` takes them.
         cache_root: where caches live (default ``$CNNKIT_HOME/cache``).
-        workers: decode processes (default: every core).
+        workers: decode processes (default: one per CPU this process may use).
 
     Returns:
         The cache; ``rows`` (``rows[i]`` is the cache row of ``paths[i]``); and each file's SHA-256.

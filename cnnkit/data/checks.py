@@ -105,7 +105,7 @@ def doctor(root: str | Path, workers: int | None = None, near_bits: int = NEAR_D
 
     Args:
         root: the data folder.
-        workers: processes reading images (default: every core).
+        workers: processes reading images (default: one per CPU this process may use).
         near_bits: dHash bits two near-duplicates may differ in.
         follow_links: follow symbolic links that lead out of ``root`` too, as ``train --follow-links`` would.
         runs: a folder of run directories whose unfinished (killed) runs to report; default ``runs``
