@@ -200,7 +200,8 @@ def _start_ray(ray: Any, address: str | None, workers: int) -> bool:
 
 
 def _actor_cpus() -> int:
-    """In a Ray actor: the CPUs Ray assigned to it (its ``num_cpus``, at least 1), else ``usable_cpus()``."""
+    """In a Ray actor (only there): the CPUs Ray assigned to it (its ``num_cpus``, at least 1); for an actor
+    given no CPU share, ``usable_cpus()``."""
     import ray
 
     cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
@@ -215,7 +216,8 @@ class _PredictBatches:
 
         _progress.set_progress(False)
         # Ray gives each actor a share of the node's CPUs (num_cpus) but no affinity, so usable_cpus() would be
-        # the whole node's: an engine sized by it would start that many threads in every actor.
+        # the whole node's: ONNX Runtime sized by it would start that many threads in every actor. (The keras
+        # engine's backends size their own thread pools, in an actor as anywhere.)
         cpus = _actor_cpus()
         self.predictor = Predictor.from_engine(open_engine(source, engine, threads=cpus), batch_size=batch_size,
                                                workers=max(2, cpus))

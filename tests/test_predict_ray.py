@@ -84,12 +84,32 @@ def test_ray_output_equals_single_process_output(run, tmp_path):
             assert _same_rows(ray_rows, one_rows), (ray_rows[:3], one_rows[:3])
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
             f"{kind}.{fmt}" for kind in ("one", "ray") for fmt in ("csv", "json", "parquet"))  # no shards left
-        # An actor sizes its engine's threads by its share of Ray's CPUs (num_cpus=1 here), not by the node's CPUs:
-        # Ray sets no affinity, so every actor would otherwise start a thread per CPU of the node.
-        from cnnkit.predict_ray import _actor_cpus
+    finally:
+        ray.shutdown()
 
-        assert ray.get(ray.remote(num_cpus=1)(_actor_cpus).remote()) == 1
-        assert ray.get(ray.remote(num_cpus=2)(_actor_cpus).remote()) == 2
+
+def test_a_ray_actor_sizes_onnx_runtime_by_its_share_of_the_cpus(run):
+    """Ray sets no CPU affinity: an actor sized by the CPUs it may use would start one ONNX Runtime thread per CPU
+    of the node in every actor. Each actor gets its num_cpus share (1 here, on a 3-CPU Ray)."""
+    for module in ("ray", "onnxruntime", "tf2onnx"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f'{module} is not installed (pip install "cnnkit[ray,export]")')
+    import keras
+    import ray
+
+    from cnnkit._backends.devices import usable_cpus
+    from cnnkit.engines import onnx_export
+    from cnnkit.predict_ray import _PredictBatches
+
+    if keras.backend.backend() != "tensorflow" or usable_cpus() < 2:
+        pytest.skip("the ONNX export runs on TensorFlow here, and one CPU gives one thread either way")
+    onnx_export(run / "run")  # as predict_with_ray does on the driver: the actors find it cached
+    ray.init(num_cpus=3, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = ray.remote(num_cpus=1)(_PredictBatches).remote(str(run / "run"), 8, 1, "onnxruntime")
+        threads = ray.get(actor.__ray_call__.remote(
+            lambda self: self.predictor.engine.session.get_session_options().intra_op_num_threads))
+        assert threads == 1
     finally:
         ray.shutdown()
 
