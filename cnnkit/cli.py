@@ -692,6 +692,7 @@ def machine_info() -> dict[str, Any]:
     flags = devices.cpu_flags()
     precision = devices.choose_precision(True)
     registry = default_url()
+    usable = devices.usable_cpus()
     extras = {name: all(importlib.util.find_spec(module) is not None for module in modules)
               for name, modules in {**EXTRAS, "pretrained": (PRETRAINED_MODULE,)}.items()}
     return {
@@ -700,8 +701,7 @@ def machine_info() -> dict[str, Any]:
         "devices": devices.devices(backend),
         "onednn": devices.onednn(backend),
         "mixed_precision": {**precision.as_dict(), "cpu_bfloat16": devices.cpu_has_bfloat16(flags)},
-        "cpu": {"model": devices.cpu_model(), "cores": os.cpu_count() or devices.usable_cpus(),
-                "usable_cpus": devices.usable_cpus(),
+        "cpu": {"model": devices.cpu_model(), "cores": os.cpu_count() or usable, "usable_cpus": usable,
                 "vector_extensions": [flag for flag in devices.VECTOR_FLAGS if flag in flags],
                 "played_by": devices.PLAYED_FLAGS_ENV if os.environ.get(devices.PLAYED_FLAGS_ENV) is not None else None},
         "home": str(cnnkit_home()), "cache": str(default_cache_root()),

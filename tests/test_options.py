@@ -187,6 +187,7 @@ def test_info_counts_the_cpus_this_process_may_use(monkeypatch):
     table = CliRunner().invoke(app, ["info"]).stdout
     assert f"1 of {os.cpu_count()} CPUs usable (CPU affinity)" in table if os.cpu_count() > 1 else "1 CPU" in table
 
+
 ONEDNN_PROBE = """
 import json, os, sys
 import cnnkit
