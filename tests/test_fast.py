@@ -264,6 +264,39 @@ def test_the_width_follows_the_speed_measured_here(train_small, seconds, width, 
         assert plan.why_not_wider == ""
 
 
+def test_no_garbage_collection_lands_inside_the_timed_probe_steps():
+    """A full collection takes a fifth of a second in a process that holds a backend and a big file
+    list, as long as a fifth of a probe's timed steps. The probe collects first and times with the
+    collector off (the step below makes cyclic garbage, which would trigger it)."""
+    import gc
+
+    from cnnkit.data.batches import ArrayBatches
+    from cnnkit.training.budget import _images_per_second
+
+    images = np.zeros((32, 8, 8, 3), np.uint8)
+    batches = ArrayBatches(images, np.arange(32), np.zeros(32), 8)
+    calls, collected_during = [], []
+
+    def watch(phase, info):
+        if phase == "start" and len(calls) > 1:  # a timed step is running (the first call compiles)
+            collected_during.append(info["generation"])
+
+    def step(x, y):
+        calls.append(len(x))
+        for _ in range(20_000):  # cyclic garbage: enough to trigger generation-0 collections
+            a = []
+            a.append(a)
+
+    gc.callbacks.append(watch)
+    try:
+        rate = _images_per_second(step, batches, steps=3)
+    finally:
+        gc.callbacks.remove(watch)
+    assert calls == [8, 8, 8, 8]  # the compiling step and three timed ones
+    assert rate > 0 and collected_during == []
+    assert gc.isenabled()  # the collector is back on afterwards
+
+
 def test_measuring_takes_a_small_share_of_a_short_budget():
     plan = BudgetPlan(60, train_images=500, validation_images=100, after_training_images=600)  # tiny data
     slow_to_compile = {w: Throughput(2000, 6000, 4.0) for w in MIN_EPOCHS}  # 4 s per probe: 8% of 60 s is 4.8 s
