@@ -275,17 +275,19 @@ def test_no_garbage_collection_lands_inside_the_timed_probe_steps():
 
     images = np.zeros((32, 8, 8, 3), np.uint8)
     batches = ArrayBatches(images, np.arange(32), np.zeros(32), 8)
-    calls, collected_during = [], []
+    calls, collected_during, timing = [], [], [False]
 
     def watch(phase, info):
-        if phase == "start" and len(calls) > 1:  # a timed step is running (the first call compiles)
+        if phase == "start" and timing[0]:
             collected_during.append(info["generation"])
 
     def step(x, y):
         calls.append(len(x))
+        timing[0] = len(calls) > 1  # a timed step (the first call compiles)
         for _ in range(20_000):  # cyclic garbage: enough to trigger generation-0 collections
             a = []
             a.append(a)
+        timing[0] = False
 
     gc.callbacks.append(watch)
     try:

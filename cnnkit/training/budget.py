@@ -112,8 +112,8 @@ def _images_per_second(step: Callable[[Any, Any], Any], batches: ArrayBatches, s
 
     Python's garbage collector runs first and stays off while the steps are timed: a full collection
     walks every object the process holds (the backend's, the file list's), which took 0.17-0.27 s
-    after loading the 60,000 CIFAR-10 JPEGs on a 2-core Xeon, a fifth of `small`'s two timed steps
-    there. Training meets one every 20 s or so, so it belongs in an epoch's time, not in a probe's.
+    after loading the 60,000 CIFAR-10 JPEGs on a 2-core Xeon, up to a fifth of ``small``'s two timed
+    steps there. Training meets one every 20 s or so, so it belongs in an epoch's time, not in a probe's.
     """
     step(*batches[0])  # compiles
     gc.collect()
