@@ -266,8 +266,8 @@ def test_the_width_follows_the_speed_measured_here(train_small, seconds, width, 
 
 def test_no_garbage_collection_lands_inside_the_timed_probe_steps():
     """A full collection takes a fifth of a second in a process that holds a backend and a big file
-    list, as long as a fifth of a probe's timed steps. The probe collects first and times with the
-    collector off (the step below makes cyclic garbage, which would trigger it)."""
+    list, as long as a fifth of a probe's timed steps. The probe times with the collector off (the
+    step below makes cyclic garbage, which would trigger it)."""
     import gc
 
     from cnnkit.data.batches import ArrayBatches

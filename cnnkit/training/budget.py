@@ -110,13 +110,14 @@ def _inference(model: keras.Model) -> Callable[[Any, Any], Any]:
 def _images_per_second(step: Callable[[Any, Any], Any], batches: ArrayBatches, steps: int) -> float:
     """Images per second of ``step(images, labels)`` over ``steps`` real batches, after one that compiles.
 
-    Python's garbage collector runs first and stays off while the steps are timed: a full collection
-    walks every object the process holds (the backend's, the file list's), which took 0.17-0.27 s
-    after loading the 60,000 CIFAR-10 JPEGs on a 2-core Xeon, up to a fifth of ``small``'s two timed
-    steps there. Training meets one every 20 s or so, so it belongs in an epoch's time, not in a probe's.
+    Python's garbage collector stays off while the steps are timed: a full collection walks every
+    object the process holds (the backend's, the file list's), which took 0.17-0.27 s after loading
+    the 60,000 CIFAR-10 JPEGs on a 2-core Xeon, up to a fifth of ``small``'s two timed steps there.
+    Training meets one every 20 s or so, so it belongs in an epoch's time, not in a probe's. (No
+    collection is forced first: off is enough to keep one out, and a forced one would cost the budget
+    as much, twice per probe.)
     """
     step(*batches[0])  # compiles
-    gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
