@@ -131,6 +131,9 @@ def test_a_time_budget_turns_progressive_resizing_on_when_it_affords_enough_epoc
     assert plan.progressive["start"] == BUDGET_PROGRESSIVE and "here 10.0" in plan.progressive["rule"]
     assert choose_progressive(budget, plan, 3.0).train.progressive == 1.0  # a short run: all epochs at full size
     assert plan.to_dict()["progressive"]["start"] == 1.0
+    # just short of the rule: off, and the run says so without rounding up to the number it needed
+    assert choose_progressive(budget, plan, PROGRESSIVE_MIN_EPOCHS - 0.02).train.progressive == 1.0
+    assert f"here {PROGRESSIVE_MIN_EPOCHS - 0.1:.1f}" in plan.progressive["rule"]
     told = load_config(None, {"train.time_budget": 60, "train.progressive": 1.0})
     assert choose_progressive(told, plan, 50.0).train.progressive == 1.0  # what the user says stands
     assert load_config(None, {"model.name": "fast"}).train.progressive == 1.0  # without a budget: off

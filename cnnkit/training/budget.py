@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -133,6 +134,12 @@ def _images_per_second(step: Callable[[Any, Any], Any], batches: ArrayBatches, s
             gc.enable()
 
 
+def _epochs(epochs: float) -> str:
+    """Affordable epochs as the run says them: rounded down, so 7.96 reads 7.9 and never "8.0" beside a
+    rule that needs 8 and was not met."""
+    return f"{math.floor(epochs * 10) / 10:.1f}"
+
+
 @dataclass
 class BudgetPlan:
     """What a time budget measured and decided; recorded in run.json as ``time_budget``."""
@@ -220,7 +227,7 @@ def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy
     if not auto:
         rate = plan.probes[cfg.model.name] = _probe(cfg, data, train_ds, policy, plan)
         epochs = plan.epochs_affordable(rate, deadline - time.monotonic())
-        plan.reason = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here"
+        plan.reason = f"{_epochs(epochs)} epochs affordable at {rate.train:,.0f} training images/s measured here"
         return choose_progressive(cfg, plan, epochs), plan
 
     def probe(width: str) -> Throughput:
@@ -230,7 +237,7 @@ def plan_budget(cfg: RunConfig, data: LoadedData, train_ds: ArrayBatches, policy
     width = choose_width(plan, probe, deadline)
     rate = plan.probes[width]
     epochs = plan.epochs_affordable(rate, deadline - time.monotonic())
-    why = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here" + (
+    why = f"{_epochs(epochs)} epochs affordable at {rate.train:,.0f} training images/s measured here" + (
         f"; {plan.why_not_wider}" if plan.why_not_wider else "")
     plan.width, plan.reason = width, f"width {width}: {why}"
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width))
@@ -261,7 +268,7 @@ def choose_progressive(cfg: RunConfig, plan: BudgetPlan, epochs: float) -> RunCo
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progressive=1.0))
     on = epochs >= PROGRESSIVE_MIN_EPOCHS
     start = BUDGET_PROGRESSIVE if on else 1.0
-    rule = (f"on from {PROGRESSIVE_MIN_EPOCHS:g} epochs affordable at full size; here {epochs:.1f}")
+    rule = (f"on from {PROGRESSIVE_MIN_EPOCHS:g} epochs affordable at full size; here {_epochs(epochs)}")
     plan.progressive = {"start": start, "rule": rule}
     say(f"progressive resizing: {'on' if on else 'off'} ({rule}; --progressive "
         f"{'1 turns it off' if on else f'{BUDGET_PROGRESSIVE:g} forces it'})")
@@ -291,14 +298,14 @@ def choose_approach(fast: RunConfig, plan: BudgetPlan, transfer: RunConfig, data
     plan.probes[transfer.model.name] = transfer_plan.probes[transfer.model.name] = rate
     epochs = transfer_plan.epochs_affordable(rate, deadline - time.monotonic())
     rule = (f"transfer when at most {TRANSFER_MAX_PER_CLASS:,} training images per class and at least 1 epoch "
-            f"affordable; here {per_class:,} per class, {epochs:.1f} epochs of {transfer.model.name} at "
+            f"affordable; here {per_class:,} per class, {_epochs(epochs)} epochs of {transfer.model.name} at "
             f"{rate.train:,.0f} images/s")
     if per_class > TRANSFER_MAX_PER_CLASS or epochs < 1:
         _keep_fast(plan, rule)
         return None
     transfer_plan.probes.update(plan.probes)
     transfer_plan.approach = {"chosen": transfer.model.name, "rule": rule}
-    transfer_plan.reason = f"{epochs:.1f} epochs affordable at {rate.train:,.0f} training images/s measured here"
+    transfer_plan.reason = f"{_epochs(epochs)} epochs affordable at {rate.train:,.0f} training images/s measured here"
     say(f"approach for this budget: [bold]transfer learning from {transfer.model.name}[/] ({rule}; --model to choose)")
     return transfer, transfer_plan
 
@@ -323,7 +330,7 @@ def choose_width(plan: BudgetPlan, probe: Callable[[str], Throughput], deadline:
         if chosen is not None:
             narrower = plan.epochs_affordable(plan.probes[chosen], deadline - time.monotonic())
             if narrower < MIN_EPOCHS[width]:  # a wider model is slower: it cannot buy its epochs either
-                plan.why_not_wider = f"{need}, and even {chosen} affords only {narrower:.1f} (not measured)"
+                plan.why_not_wider = f"{need}, and even {chosen} affords only {_epochs(narrower)} (not measured)"
                 break
         spent = sum(rate.seconds for rate in plan.probes.values())
         if chosen is not None and spent + PROBE_GROWTH * plan.probes[chosen].seconds > PROBE_SHARE * plan.seconds:
@@ -334,7 +341,7 @@ def choose_width(plan: BudgetPlan, probe: Callable[[str], Throughput], deadline:
         if chosen is not None:
             affordable = plan.epochs_affordable(plan.probes[width], deadline - time.monotonic())
             if affordable < MIN_EPOCHS[width]:
-                plan.why_not_wider = (f"{need}; measured here it affords {affordable:.1f} at "
+                plan.why_not_wider = (f"{need}; measured here it affords {_epochs(affordable)} at "
                                       f"{plan.probes[width].train:,.0f} images/s")
                 break
         chosen = width
