@@ -865,12 +865,21 @@ def registry_delete(
     registry_url: _RegistryUrl = None,
 ) -> None:
     """Remove a version from the registry (never the production one); its copy goes with the last version using it."""
+    from cnnkit.registry.artifacts import artifact_sha256
+
     name, number = _name_at_version(ref)
     with _open_registry(registry_url) as registry:
         version = registry.delete(name, number)
-        kept = not version.artifact_stored or any(v.artifact_path == version.artifact_path for v in registry.list())
-    typer.echo(f"deleted {version.ref} from the registry; " + (
-        f"its artifact is kept: {version.artifact_path}" if kept else f"removed its copy {version.artifact_path}"))
+        in_use = version.artifact_stored and any(v.artifact_path == version.artifact_path for v in registry.list())
+    if not version.artifact_stored:
+        kept = f"its model file is the run's own, kept: {version.artifact_path}"
+    elif in_use:
+        kept = f"its copy is kept for the other versions using it: {version.artifact_path}"
+    elif artifact_sha256(version.artifact_path) is not None:
+        kept = f"its copy is kept for another registry sharing the store: {version.artifact_path}"
+    else:
+        kept = ""
+    typer.echo(f"deleted {version.ref} from the registry; " + (kept or f"removed its copy {version.artifact_path}"))
 
 
 @registry_app.command("verify")

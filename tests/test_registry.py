@@ -206,6 +206,31 @@ def test_a_copy_is_stored_once_and_removed_with_its_last_version(registry, run_d
     assert registry.add(run_dir, "a").artifact_path == a1.artifact_path  # stored again when added again
 
 
+def test_a_copy_shared_by_two_registries_stays_until_neither_uses_it(registry_url, run_dir, tmp_path):
+    """Two databases on one store (every non-SQLite registry's default is $CNNKIT_HOME/artifacts): a
+    delete in the one never removes the copy the other's production version serves."""
+    from cnnkit.registry import resolve_source
+
+    root, other_url = tmp_path / "shared-store", f"sqlite:///{tmp_path / 'other.db'}"
+    with Registry(registry_url, artifact_root=root) as mine, Registry(other_url, artifact_root=root) as other:
+        served = mine.add(run_dir, "m", stage="production")
+        assert other.add(run_dir, "n").artifact_path == served.artifact_path  # one copy, two registries
+        result = _cli("registry", "delete", "n@1", "--registry-url", other_url)
+        assert result.exit_code == 0 and "kept for another registry" in result.output, result.output
+        assert [r.status for r in mine.verify()] == ["ok"]
+        assert resolve_source("m@production", registry_url=registry_url).path.read_bytes() == (
+            run_dir / "model.keras").read_bytes()
+        mine.promote("m", 1, "archived")
+        mine.delete("m", 1)  # the last user of the copy, in any registry
+        assert not Path(served.artifact_path).parent.exists()
+        # a copy from before the users list: who uses it is unknown, so deleting never removes it
+        legacy = other.add(run_dir, "n")
+        shutil.rmtree(Path(legacy.artifact_path).parent / "users")
+        other.delete("n", legacy.version)
+        assert Path(legacy.artifact_path).is_file()
+        assert (Path(mine.add(run_dir, "m").artifact_path).parent / "users" / "unknown").is_file()  # added again: kept
+
+
 def test_artifact_root_can_be_any_folder_or_url(registry_url, run_dir, tmp_path):
     with Registry(registry_url, artifact_root=tmp_path / "elsewhere") as reg:
         v = reg.add(run_dir, "m")
@@ -381,7 +406,7 @@ def test_cli_registry_commands(registry_url, run_dir, tmp_path):
     result = _cli("registry", "delete", "colours@2", *url)
     assert result.exit_code == 2 and "refusing to delete" in result.output
     result = _cli("registry", "delete", "colours@1", *url)
-    assert result.exit_code == 0 and "its artifact is kept" in result.output  # colours@2 uses the same copy
+    assert result.exit_code == 0 and "kept for the other versions" in result.output  # colours@2 uses the copy
     assert _cli("registry", "verify", *url).exit_code == 0
     result = _cli("registry", "show", "colours@1", *url)
     assert result.exit_code == 2 and "has no version '1'" in result.output

@@ -3,7 +3,11 @@
 ``Registry.add`` copies a run's ``model.keras`` to ``<root>/<sha256>/model.keras`` and the version
 points only at that copy, so retraining, ``cnnkit calibrate`` or ``--resume`` on the run afterwards
 changes nothing that is served. The same file registered twice is stored once; deleting the last
-version that uses a copy removes it.
+version that uses a copy removes it, unless another registry uses it too: several databases may share
+one store (``$CNNKIT_HOME/artifacts`` is every non-SQLite registry's default), and each copy lists the
+registries using it in ``<sha256>/users/`` (one file per database, added under the store's lock when a
+version is registered, removed when that database's last version of the copy goes). A copy with no
+``users/`` folder comes from before this list: who uses it is unknown, so it is never removed.
 
 The root is a local folder (default: ``artifacts/`` beside a SQLite registry file, else
 ``$CNNKIT_HOME/artifacts``), a ``file://`` URL, or any fsspec URL (``s3://bucket/models``: install
@@ -28,6 +32,8 @@ from cnnkit.config import cnnkit_home
 from cnnkit.errors import RegistryError
 
 ARTIFACT_FILE = "model.keras"
+USERS = "users"  # <sha256>/users/<registry key>: the registries using a copy
+_UNKNOWN_USERS = "registered before cnnkit recorded which registries use a copy\n"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BLOCK = 1 << 20
 
@@ -42,6 +48,11 @@ def default_artifact_root(registry_url: str) -> str:
         if path and path != ":memory:":
             return str(Path(path).resolve().parent / "artifacts")
     return str(cnnkit_home() / "artifacts")
+
+
+def registry_key(registry_url: str) -> str:
+    """A registry's name in a copy's ``users/`` folder: a hash of its database URL (no password shown)."""
+    return hashlib.sha256(registry_url.encode()).hexdigest()[:16]
 
 
 def is_url(location: str) -> bool:
@@ -141,13 +152,33 @@ class ArtifactStore:
             if artifact_sha256(f"{self.root}/{digest}/{ARTIFACT_FILE}") != digest:
                 fs.makedirs(f"{path}/{digest}", exist_ok=True)
                 fs.put_file(str(staged), target)
+            elif not fs.exists(f"{path}/{digest}/{USERS}"):  # from before the users list: keep it for them
+                fs.pipe_file(f"{path}/{digest}/{USERS}/unknown", _UNKNOWN_USERS.encode())
             return f"{self.root}/{digest}/{ARTIFACT_FILE}"
         final = Path(self.root) / digest
         if artifact_sha256(str(final / ARTIFACT_FILE)) != digest:  # absent, or damaged: replace it
+            if (final / USERS).is_dir():  # a damaged copy's users still use the repaired one
+                os.replace(final / USERS, staged.parent / USERS)
             shutil.rmtree(final, ignore_errors=True)
             os.chmod(staged, 0o444)  # read-only: a registered model is never edited in place
             os.replace(staged.parent, final)  # the staging folder becomes <sha256>/ in one rename
+        elif not (final / USERS).is_dir():  # a copy from before the users list: keep it for its unknown users
+            (final / USERS).mkdir()
+            (final / USERS / "unknown").write_text(_UNKNOWN_USERS)
         return str(final / ARTIFACT_FILE)
+
+    def add_user(self, location: str, registry_url: str, where: str) -> None:
+        """Record that the registry at ``registry_url`` (shown as ``where``) uses the copy at ``location``.
+
+        Call it under :meth:`lock`, after :meth:`publish`.
+        """
+        marker = f"{location.rsplit('/', 1)[0]}/{USERS}/{registry_key(registry_url)}"
+        if self.remote:
+            fs, path = _filesystem(marker)
+            fs.pipe_file(path, f"{where}\n".encode())
+            return
+        _local(marker).parent.mkdir(exist_ok=True)
+        _local(marker).write_text(f"{where}\n")
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -174,19 +205,37 @@ def store_of(location: str) -> ArtifactStore:
     return ArtifactStore(location.rsplit("/", 2)[0] if is_url(location) else str(_local(location).parent.parent))
 
 
-def remove_artifact(location: str) -> None:
-    """Delete the stored copy at ``location`` and its ``<sha256>`` folder (nothing outside a store's layout)."""
+def remove_artifact(location: str, registry_url: str) -> bool:
+    """The registry at ``registry_url`` no longer uses the copy at ``location``: its name leaves the copy's
+    ``users/``, and the copy and its ``<sha256>`` folder go when no registry is left (nothing outside a
+    store's layout is touched). True when the copy was removed.
+
+    Call it under the store's lock.
+    """
+    folder, _, name = location.rpartition("/")
+    if name != ARTIFACT_FILE or not _SHA256.fullmatch(folder.rpartition("/")[2]):
+        return False
+    mine = registry_key(registry_url)
     if is_url(location):
-        folder, _, name = location.rpartition("/")
-        if name != ARTIFACT_FILE or not _SHA256.fullmatch(folder.rpartition("/")[2]):
-            return
         fs, path = _filesystem(folder)
+        try:  # an object store has no empty folders: a name listed is the only sign of a user
+            users = {entry.rstrip("/").rpartition("/")[2] for entry in fs.ls(f"{path}/{USERS}", detail=False)}
+        except FileNotFoundError:
+            users = set()
+        if mine in users:
+            fs.rm(f"{path}/{USERS}/{mine}")
+        if not users or users - {mine}:  # from before the users list, or used by another registry
+            return False
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path, recursive=True)
-        return
-    path = _local(location)
-    if path.name == ARTIFACT_FILE and _SHA256.fullmatch(path.parent.name):
-        shutil.rmtree(path.parent, ignore_errors=True)
+        return True
+    users_folder = _local(folder) / USERS
+    users = {entry.name for entry in users_folder.iterdir()} if users_folder.is_dir() else set()
+    (users_folder / mine).unlink(missing_ok=True)
+    if not users or users - {mine}:
+        return False
+    shutil.rmtree(_local(folder), ignore_errors=True)
+    return True
 
 
 def local_artifact(location: str, sha256: str) -> Path:

@@ -215,6 +215,7 @@ class Registry:
             # this copy cannot remove it between the two.
             with store.lock():
                 location = store.publish(staged, digest)
+                store.add_user(location, self.url, self._where())
                 record.update(artifact_path=location, sha256=digest, artifact_stored=True)
                 version = self._insert(name, record, notes, "none" if stage == "production" else stage)
         if stage == "production":
@@ -267,7 +268,8 @@ class Registry:
         return self.get(f"{name}@{version}")
 
     def delete(self, name: str, version: int, force: bool = False) -> ModelVersion:
-        """Remove ``name@version`` from the registry, and its stored copy when no other version uses it.
+        """Remove ``name@version`` from the registry, and its stored copy when no other version uses it,
+        in this registry or another sharing the store (``cnnkit.registry.artifacts``).
 
         A version registered before the artifact store (``artifact_stored`` False) never has its file
         removed: that file is in the run folder.
@@ -290,7 +292,7 @@ class Registry:
                 users = conn.execute(select(func.count()).where(
                     (t.c.artifact_path == target.artifact_path) & t.c.artifact_stored)).scalar()
             if store and not users:
-                remove_artifact(target.artifact_path)
+                remove_artifact(target.artifact_path, self.url)
         return target
 
     # -- reading ---------------------------------------------------------------------------------
