@@ -926,18 +926,19 @@ def serve(
 
     chosen = _engine_value(engine) or os.environ.get("CNNKIT_ENGINE") or None
     engine_for(source, chosen)  # an unknown engine fails before anything loads
-    _import_keras_unless_ready(source, chosen)  # onnxruntime serves a ready export without importing Keras
-    import uvicorn
+    from cnnkit.serve import listen
 
+    sock = listen.bind(host, port)  # before the model loads: a bad --host/--port or a port in use fails at once
+    _import_keras_unless_ready(source, chosen)  # onnxruntime serves a ready export without importing Keras
     from cnnkit.serve import create_app
 
     api = create_app(source, name=name, registry_url=registry_url, max_batch_size=max_batch_size,
                      max_wait_ms=max_wait_ms, batching=batching, max_body_bytes=max_body_bytes, max_queue=max_queue,
                      request_timeout_s=request_timeout_s, engine=chosen)
     served = api.state.source
-    _progress.say(f"serving [bold]{served.path}[/] as http://{host}:{port}/v1/models/{served.name} "
+    _progress.say(f"serving [bold]{served.path}[/] as {listen.url(host, sock)}v1/models/{served.name} "
                   f"(version {served.version})")
-    uvicorn.run(api, host=host, port=port, log_level=log_level)
+    listen.run(api, sock, log_level=log_level)
 
 
 @app.command()
@@ -949,18 +950,21 @@ def ui(
     registry_url: _RegistryUrl = None,
 ) -> None:
     """Open the web page for a model: drop images, see predictions, Grad-CAM and the model card (Ctrl-C stops)."""
-    _import_keras_quietly()
     import webbrowser
 
-    from cnnkit.serve import create_app
-    from cnnkit.serve.page import serve_locally
+    from cnnkit.serve import listen
 
-    def ready(url: str) -> None:
+    sock = listen.bind("127.0.0.1", port)  # before the model loads: a port in use fails at once
+    url = listen.url("127.0.0.1", sock)
+    _import_keras_quietly()
+    from cnnkit.serve import create_app
+
+    def ready() -> None:
         typer.echo(url)
         if browser and not webbrowser.open(url):
             _error(f"no web browser found; open {url} yourself.")
 
-    serve_locally(create_app(source, registry_url=registry_url), port=port, on_ready=ready)
+    listen.run(create_app(source, registry_url=registry_url), sock, log_level="warning", on_ready=ready)
 
 
 # -- export -----------------------------------------------------------------------------------------

@@ -551,5 +551,33 @@ def test_cli_serve_reports_a_missing_model(tmp_path):
 
     from cnnkit.cli import app
 
-    result = CliRunner().invoke(app, ["serve", str(tmp_path / "nothing")])
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "nothing"), "--port", "0"])
     assert result.exit_code == 2 and "No run directory or model file" in result.output
+
+
+@pytest.mark.parametrize("command", [["serve", "--host", "127.0.0.1"], ["ui", "--no-browser"]])
+def test_a_bad_or_busy_address_is_one_line_before_the_model_loads(tmp_path, command):
+    """A port out of range, a host that is no address, or a port in use: exit 2 naming the option, the
+    model never read (the source does not even exist), where uvicorn reported them late, with exit 3."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+    from cnnkit.serve.__main__ import main
+
+    missing = str(tmp_path / "no-model-here")
+    verb, *options = command
+    result = CliRunner().invoke(app, [verb, missing, *options, "--port", "99999"])
+    assert result.exit_code == 2 and "--port must be between 0 and 65535" in result.output, result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = CliRunner().invoke(app, [verb, missing, *options, "--port", port])
+        assert result.exit_code == 2 and f"Cannot listen on 127.0.0.1:{port}" in result.output, result.output
+        assert "pick another --port" in result.output and "Traceback" not in result.output
+        assert main([missing, "--port", port]) == 2  # the slim image's entry point
+    if verb == "serve":
+        result = CliRunner().invoke(app, [verb, missing, "--host", "256.1.1.1", "--port", "0"])
+        assert result.exit_code == 2 and "Cannot listen on host '256.1.1.1'" in result.output, result.output

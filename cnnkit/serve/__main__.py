@@ -23,11 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8501, help="TCP port (TF Serving's REST port is 8501)")
     args = parser.parse_args(argv)
-    import uvicorn
-
+    from cnnkit.serve import listen
     from cnnkit.serve.app import create_app
 
     try:
+        sock = listen.bind(args.host, args.port)  # before the model loads: a port in use fails at once
         app = create_app(args.source)
     except CnnkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted.", file=sys.stderr)
         return 130
-    uvicorn.run(app, host=args.host, port=args.port)
+    listen.run(app, sock)
     return 0
 
 

@@ -13,15 +13,11 @@ and JavaScript shipped in the package: no build step, nothing fetched from anoth
 The page itself calls only the routes every client uses (``/readyz``, ``/predict``, ``:explain``,
 ``/metadata``, ``/card``), so it obeys the same limits. The card comes from the registry when the
 model is served as ``NAME@stage`` (its stage read live), else from the run's ``run.json``.
-``serve_locally`` runs an app on a free 127.0.0.1 port for ``cnnkit ui``.
+``cnnkit ui`` runs the app on a free 127.0.0.1 port (``cnnkit.serve.listen``).
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +25,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from cnnkit.errors import ConfigError, RegistryError
+from cnnkit.errors import RegistryError
 from cnnkit.registry import ModelSource, Registry
 from cnnkit.rundir import read_json, read_run_json
 from cnnkit.serve.inputs import RequestError
@@ -152,36 +148,3 @@ def _eval_headlines(run_dir: Path | None) -> dict[str, Any]:
             data = read_json(path)
             headlines[name] = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {"eval": headlines} if headlines else {}
-
-
-# -- cnnkit ui -----------------------------------------------------------------------------------------
-
-
-def serve_locally(app: Any, port: int = 0, on_ready: Callable[[str], None] | None = None,
-                  log_level: str = "warning") -> None:
-    """Run ``app`` with uvicorn on 127.0.0.1 (``port`` 0: a free port) until Ctrl-C.
-
-    The socket is bound before uvicorn starts, so the port cannot be taken in between; ``on_ready``
-    gets the page's URL once the model is loaded and the server accepts connections.
-    """
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"Cannot listen on 127.0.0.1:{port} ({exc.strerror}); pick another --port, or 0 for "
-                          f"a free one. Received: port={port}") from None
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
-
-    def announce() -> None:
-        while not server.started and not server.should_exit:
-            time.sleep(0.05)
-        if server.started and on_ready is not None:
-            on_ready(url)
-
-    threading.Thread(target=announce, daemon=True).start()
-    server.run(sockets=[sock])
