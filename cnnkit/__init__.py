@@ -30,6 +30,7 @@ from cnnkit.errors import (
     DataError,
     ModelError,
     RegistryError,
+    RegistryNotFoundError,
     RunExistsError,
     RunNotFoundError,
     VersionNotFoundError,
@@ -70,7 +71,7 @@ _LAZY = {
 __all__ = [
     "CalibrationResult", "CnnkitError", "Comparison", "ConfigError", "DataConfig", "DataError", "DoctorReport",
     "EvalReport", "ExportResult", "Heatmap", "LRFindResult", "ModelConfig", "ModelError", "ModelVersion",
-    "Prediction", "Predictor", "Registry", "RegistryError", "ReviewQueue", "RunConfig", "RunExistsError",
+    "Prediction", "Predictor", "Registry", "RegistryError", "RegistryNotFoundError", "ReviewQueue", "RunConfig", "RunExistsError",
     "RunNotFoundError", "TrainConfig", "TrainResult", "VersionNotFoundError", "__version__", "available_models",
     "build_model", "calibrate", "compare", "doctor", "evaluate", "explain", "export", "load_config", "load_image",
     "load_image_folder", "load_model", "lr_find", "review", "scan_folder", "train",

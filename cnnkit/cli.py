@@ -29,7 +29,7 @@ from typer.core import TyperCommand
 
 from cnnkit import _progress
 from cnnkit._version import __version__
-from cnnkit.errors import CnnkitError, ConfigError, describe_os_error
+from cnnkit.errors import CnnkitError, ConfigError, RegistryError, describe_os_error
 
 app = typer.Typer(
     help="cnnkit: a folder of images in; a trained, evaluated CNN classifier out.",
@@ -393,6 +393,12 @@ def train(
     from cnnkit.config import read_config
     from cnnkit.training import train as run_training
 
+    if register:  # before training: a bad name or an unreachable registry is said now, not after the run
+        from cnnkit.registry import Registry
+        from cnnkit.registry.store import check_name
+
+        check_name(register)
+        Registry(registry_url).close()
     try:
         if resume is not None:
             if config is not None:
@@ -420,10 +426,12 @@ def train(
     if result.status != "completed":
         raise typer.Exit(130)
     if register:
-        from cnnkit.registry import Registry
-
-        with Registry(registry_url) as registry:
-            version = registry.add(result.run_dir, register)
+        try:
+            with Registry(registry_url) as registry:
+                version = registry.add(result.run_dir, register)
+        except RegistryError as exc:  # e.g. the database went away during training: the run itself is safe
+            raise RegistryError(f"{exc} The run is written at {result.run_dir}; register it once that is fixed: "
+                                f"cnnkit registry add {result.run_dir} --name {register}") from exc
         _progress.say(f"registered [bold]{version.ref}[/] in {registry.location}")
 
 
@@ -758,10 +766,11 @@ _RegistryUrl = Annotated[Optional[str], typer.Option("--registry-url", envvar="C
                                                      help=_REGISTRY_URL_HELP)]
 
 
-def _open_registry(url: str | None, artifact_root: str | None = None):
+def _open_registry(url: str | None, artifact_root: str | None = None, create: bool = False):
+    """The registry at ``url``; only ``create`` (registering) makes a SQLite file that is not there yet."""
     from cnnkit.registry import Registry
 
-    return Registry(url, artifact_root=artifact_root)
+    return Registry(url, artifact_root=artifact_root, create=create)
 
 
 def _name_at_version(ref: str) -> tuple[str, int]:
@@ -802,7 +811,7 @@ def registry_add(
         "else $CNNKIT_HOME/artifacts)."))] = None,
 ) -> None:
     """Register RUN as a new version of NAME (its model is copied; later changes to RUN are not served)."""
-    with _open_registry(registry_url, artifact_root) as registry:
+    with _open_registry(registry_url, artifact_root, create=True) as registry:
         version = registry.add(run, name, notes=notes, stage=stage)
     typer.echo(f"registered {version.ref} (stage {version.stage}, sha256 {version.sha256[:12]}) -> {version.artifact_path}")
 
@@ -815,8 +824,15 @@ def registry_list(
     registry_url: _RegistryUrl = None,
 ) -> None:
     """List registered versions."""
-    with _open_registry(registry_url) as registry:
-        versions = registry.list(name)
+    from cnnkit.errors import RegistryNotFoundError
+
+    try:
+        with _open_registry(registry_url) as registry:
+            versions = registry.list(name)
+    except RegistryNotFoundError:
+        if registry_url is not None or name is not None:  # a URL given (or a model asked for): say what is missing
+            raise
+        versions = []  # the default registry, before anything was registered: empty, and nothing written
     if output is OutputFormat.json:
         typer.echo(json.dumps([v.to_dict() for v in versions], indent=2))
     elif not versions:

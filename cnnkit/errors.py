@@ -46,6 +46,10 @@ class VersionNotFoundError(RegistryError, LookupError):
     """No registered model has that name, version or stage."""
 
 
+class RegistryNotFoundError(RegistryError, LookupError):
+    """No registry database where one was to be read: a SQLite file that does not exist (a mistyped path)."""
+
+
 def describe_os_error(exc: OSError) -> str:
     """A file-system error in one line: what, where, and what to do."""
     where = f"'{exc.filename}'" if exc.filename else "a file"

@@ -439,3 +439,34 @@ def test_train_register(registry_url, tmp_path):
         v = reg.get("trained@1")
     assert v.source_path == str((tmp_path / "run" / "model.keras").resolve())
     assert Path(v.artifact_path).read_bytes() == (tmp_path / "run" / "model.keras").read_bytes()
+
+
+def test_reading_a_registry_at_a_mistyped_path_writes_nothing(run_dir, tmp_path, monkeypatch):
+    """list, show, verify, promote, delete and serve NAME@stage only read: a SQLite path with a typo is
+    an error naming it, not a new empty registry (and folders) written there; only add creates one."""
+    typo = tmp_path / "typo" / "sub" / "registry.db"
+    url = ["--registry-url", f"sqlite:///{typo}"]
+    for command in (["list"], ["show", "m@1"], ["verify"], ["promote", "m@1"], ["delete", "m@1"]):
+        result = _cli("registry", *command, *url)
+        assert result.exit_code == 2 and f"No model registry at {typo}" in result.output, (command, result.output)
+    result = _cli("serve", "m@production", "--port", "0", *url)
+    assert result.exit_code == 2 and "No model registry at" in result.output, result.output
+    assert not (tmp_path / "typo").exists()
+    monkeypatch.setenv("CNNKIT_HOME", str(tmp_path / "home"))  # the default registry, never used yet: empty
+    monkeypatch.delenv("CNNKIT_REGISTRY_URL", raising=False)
+    result = _cli("registry", "list")
+    assert result.exit_code == 0 and "The registry is empty" in result.output
+    assert not (tmp_path / "home" / "registry.db").exists()
+    assert _cli("registry", "add", str(run_dir), "--name", "m", *url).exit_code == 0  # add creates it
+    assert _cli("registry", "show", "m@1", *url).exit_code == 0
+
+
+def test_train_register_checks_the_registry_before_training(tmp_path):
+    data = write_class_folder(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    result = _cli("train", str(data), "--epochs", "1", "--image-size", "16", "--out", str(out),
+                  "--register", "trained", "--registry-url", "postgresql://127.0.0.1:1/test")
+    assert result.exit_code == 2 and "Cannot open the model registry" in result.output, result.output
+    assert not out.exists()  # said before training, not after it
+    result = _cli("train", str(data), "--epochs", "1", "--out", str(out), "--register", "a/b")
+    assert result.exit_code == 2 and "A model name is" in result.output and not out.exists()

@@ -39,7 +39,7 @@ def resolve_source(source: str | Path, name: str | None = None, registry_url: st
     """
     text = str(source)
     if "@" in text and not Path(text).exists():
-        with Registry(registry_url) as registry:
+        with Registry(registry_url, create=False) as registry:
             version = registry.get(text)
         path = local_artifact(version.artifact_path, version.sha256)  # a URL is fetched into the cache
         if not path.is_file() or sha256_file(path) != version.sha256:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.config import cnnkit_home
-from cnnkit.errors import CnnkitError, RegistryError, RunNotFoundError, VersionNotFoundError
+from cnnkit.errors import CnnkitError, RegistryError, RegistryNotFoundError, RunNotFoundError, VersionNotFoundError
 from cnnkit.registry.artifacts import ArtifactStore, artifact_sha256, default_artifact_root, remove_artifact, store_of
 from cnnkit.rundir import MODEL_FILE, RUN_JSON, read_json, read_model_metadata, sha256_file
 
@@ -144,9 +144,12 @@ class Registry:
         url: a SQLAlchemy URL; default ``CNNKIT_REGISTRY_URL`` or ``sqlite:///$CNNKIT_HOME/registry.db``.
         artifact_root: where ``add`` stores the immutable copies: a folder or URL (default
             ``CNNKIT_ARTIFACT_ROOT``, else ``artifacts/`` beside a SQLite file, else ``$CNNKIT_HOME/artifacts``).
+        create: make a SQLite file (and its folders) that does not exist yet; False for reading, so a
+            mistyped path is an error, not a new empty registry written there.
 
     Raises:
         RegistryError: the database cannot be opened or migrated (the URL is in the message).
+        RegistryNotFoundError: ``create`` is False and the SQLite file does not exist.
 
     Example:
         >>> registry = cnnkit.Registry()
@@ -155,9 +158,14 @@ class Registry:
         >>> path = registry.get("flowers@production").artifact_path
     """
 
-    def __init__(self, url: str | None = None, artifact_root: str | Path | None = None) -> None:
+    def __init__(self, url: str | None = None, artifact_root: str | Path | None = None, create: bool = True) -> None:
         self.url = normalize_url(url or default_url())
         self.artifact_root = str(artifact_root or default_artifact_root(self.url))
+        missing = None if create else _missing_sqlite_file(self.url)
+        if missing is not None:
+            raise RegistryNotFoundError(
+                f"No model registry at {missing}: the file does not exist, so nothing was registered there. Check "
+                "--registry-url / CNNKIT_REGISTRY_URL, or register a run first ('cnnkit registry add RUN --name NAME').")
         self._engine = _create_engine(self.url)
         self._migrate()
         self._table = _table()
@@ -205,7 +213,7 @@ class Registry:
             RunNotFoundError: no model at ``run``.
             RegistryError: a bad name or stage.
         """
-        _check_name(name)
+        check_name(name)
         _check_stage(stage)
         artifact, run_json = _run_files(Path(run))
         store = ArtifactStore(self.artifact_root)
@@ -389,6 +397,22 @@ class Registry:
                                 "--registry-url / CNNKIT_REGISTRY_URL and that the database server is running.") from exc
 
 
+def _missing_sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL when it does not exist; None for other databases and existing files."""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        path = make_url(url).database or ""
+    except ArgumentError:
+        return None  # _create_engine reports a malformed URL
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return None if Path(path).exists() else Path(path).absolute()
+
+
 def _create_engine(url: str):
     from sqlalchemy import create_engine, event
     from sqlalchemy.engine import make_url
@@ -446,7 +470,8 @@ def _to_version(row: dict[str, Any]) -> ModelVersion:
     return ModelVersion(**row)
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """Raise RegistryError unless ``name`` can name a registered model."""
     if not name or "@" in name or "/" in name or len(name) > 200 or name != name.strip():
         raise RegistryError("A model name is 1-200 characters without '@', '/' or surrounding spaces, e.g. "
                             f"'flowers'. Received: name={name!r}")

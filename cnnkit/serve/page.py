@@ -115,7 +115,7 @@ def build_card(source: ModelSource, served: Served, settings: ServeSettings, reg
 
 def _registry_fields(source: ModelSource, registry_url: str | None) -> dict[str, Any]:
     """The served version's registry row (found by artifact hash and version, whatever URL name it got)."""
-    with Registry(registry_url) as registry:
+    with Registry(registry_url, create=False) as registry:
         found = [v for v in registry.list() if v.sha256 == source.sha256 and str(v.version) == source.version]
     if not found:
         raise RegistryError(f"The registry no longer lists the served model (version {source.version}, sha256 "
