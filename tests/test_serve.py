@@ -111,6 +111,10 @@ def test_served_prediction_equals_cnnkit_predict(client, run_dir, images):
     urlsafe = {"b64": base64.urlsafe_b64encode(images[3].read_bytes()).decode()}
     got = client.post("/v1/models/colours:predict", json={"instances": [urlsafe]}).json()
     np.testing.assert_allclose(got["predictions"][0], expected[3], rtol=1e-5, atol=1e-6)
+    for signature in ("serving_default", ""):  # the signature the metadata lists, and TF Serving's "" for it
+        got = client.post("/v1/models/colours:predict", json={"instances": [b64(images[0])],
+                                                              "signature_name": signature}).json()
+        np.testing.assert_allclose(got["predictions"][0], expected[0], rtol=1e-5, atol=1e-6)
 
 
 def test_pixel_arrays_and_the_scale_guard(client, run_dir):
@@ -163,6 +167,8 @@ BAD_REQUESTS = [
     ("out of range", json.dumps({"instances": [np.full((16, 16, 3), 300).tolist()]}).encode(), "application/json",
      400, "0-255"),
     ("bad scale", b'{"instances": [[0]], "input_scale": "0-100"}', "application/json", 400, "input_scale"),
+    ("unknown signature", b'{"instances": [[0]], "signature_name": "bogus"}', "application/json", 400,
+     "'bogus' not found in signature def"),
     ("too many", json.dumps({"instances": [[0]] * 300}).encode(), "application/json", 400, "Too many instances"),
     ("content type", b'{"instances": [[0]]}', "image/jpeg", 415, "not accepted"),
     ("nested 5000 deep", b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400,

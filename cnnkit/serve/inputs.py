@@ -36,6 +36,7 @@ _BRACKETS_ONLY = bytes(c for c in range(256) if c not in b"[]{}")
 _DEPTH_STEP = np.zeros(256, np.int8)
 _DEPTH_STEP[list(b"[{")], _DEPTH_STEP[list(b"]}")] = 1, -1
 _KEYS = {"instances", "inputs", "signature_name", "input_scale", "top_k"}
+SIGNATURE = "serving_default"  # the one signature the metadata lists ("" or no signature_name: this one)
 _EXAMPLE = '{"instances": [{"b64": "<base64 JPEG/PNG bytes>"}]}'
 
 
@@ -79,6 +80,10 @@ def parse_body(body: bytes, max_instances: int) -> PredictRequest:
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         raise RequestError(400, f"Unknown field(s) {unknown} in the request. Allowed: {sorted(_KEYS)}.")
+    signature = data.get("signature_name", SIGNATURE)
+    if signature not in ("", SIGNATURE):  # as TF Serving: a signature the model lacks is the client's error
+        raise RequestError(400, f"Serving signature name: {signature!r} not found in signature def: this model "
+                                f"has one, '{SIGNATURE}' (or leave signature_name out).")
     if ("instances" in data) == ("inputs" in data):
         raise RequestError(400, f"Send exactly one of 'instances' (row format) or 'inputs' (columnar), e.g. {_EXAMPLE}.")
     columnar = "inputs" in data

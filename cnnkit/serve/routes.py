@@ -19,6 +19,7 @@ from cnnkit.plots import overlay, png_base64
 from cnnkit.predict import UNKNOWN_LABEL
 from cnnkit.registry import ModelSource
 from cnnkit.serve.inputs import (
+    SIGNATURE,
     RequestError,
     check_content_type,
     decode_all,
@@ -234,7 +235,7 @@ def _metadata(source: ModelSource, served: Served) -> dict[str, Any]:
     }
     return {
         "model_spec": {"name": source.name, "signature_name": "", "version": source.version},
-        "metadata": {"signature_def": {"signature_def": {"serving_default": signature}}},
+        "metadata": {"signature_def": {"signature_def": {SIGNATURE: signature}}},
         "cnnkit": {"class_names": meta.class_names, "image_size": list(meta.image_size),
                    "color_mode": meta.color_mode, "resize_mode": meta.resize_mode,
                    "input_scale": meta.input_scale, "architecture": meta.architecture,
