@@ -108,6 +108,20 @@ def test_resume_continues_epochs_history_and_optimizer_step(tmp_path):
         cnnkit.train(resume=tmp_path / "run")
 
 
+def test_more_epochs_after_a_finished_decaying_schedule_get_a_schedule_of_their_own(tmp_path):
+    """The onecycle rate is 0 at a run's last step: --epochs N more must not go on at 0 (they learned
+    nothing, and momentum alone moved the weights), but follow a new cycle from the run's peak."""
+    data = write_class_folder(tmp_path / "data", per_class=12)
+    cnnkit.train(data, tmp_path / "run", model="simple", image_size=16, epochs=2, batch_size=8, schedule="onecycle",
+                 learning_rate=0.01)
+    resumed = cnnkit.train(resume=tmp_path / "run", epochs=3)
+    rates = resumed.history["learning_rate"]
+    assert rates[1] == pytest.approx(0.0, abs=1e-9)  # where the run's own cycle ended
+    assert max(rates[2:]) == pytest.approx(0.01, rel=0.35) and rates[-1] == pytest.approx(0.0, abs=1e-9)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["phases"][-1]["learning_rate"] == pytest.approx(0.01)
+
+
 def test_resume_an_interrupted_run_finishes_its_epochs(tmp_path):
     data = write_class_folder(tmp_path / "data", per_class=12)
 

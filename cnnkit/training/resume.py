@@ -24,7 +24,7 @@ from cnnkit.config import RESUMABLE_OPTIONS, RunConfig, config_from_dict
 from cnnkit.errors import ConfigError, ModelError, RunNotFoundError
 from cnnkit.rundir import HISTORY_CSV, RUN_JSON, read_history, read_json, unfinished_runs
 from cnnkit.training.callbacks import checkpoint_history
-from cnnkit.training.fitting import Phase
+from cnnkit.training.fitting import DECAYING_SCHEDULES, Phase
 
 CHECKPOINTS = ("best.weights.h5", "last.keras")
 
@@ -96,7 +96,7 @@ def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
                              "it cannot be resumed. Start a new run instead.")
         history = read_history(source / HISTORY_CSV)
     unfinished = record.get("status") in ("interrupted", "running")
-    plan, phase = _remaining_phases(cfg, history, unfinished, given.get("epochs"))
+    plan, phase = _remaining_phases(cfg, history, unfinished, given.get("epochs"), record.get("phases") or [])
     if not plan:
         raise ConfigError(f"Run '{run_dir}' completed its {len(history.get('loss', []))} epochs; pass --epochs N to "
                           "train N more. Received: epochs=None")
@@ -140,13 +140,25 @@ def _checkpoint_folder(run_dir: Path) -> Path:
 
 
 def _remaining_phases(cfg: RunConfig, history: dict[str, list[float]], interrupted: bool,
-                      more: int | None) -> tuple[list[Phase], int]:
-    """The phases left: the rest of the current phase (or ``more`` epochs of it), then fine-tuning if planned."""
+                      more: int | None, phases: list[dict[str, Any]]) -> tuple[list[Phase], int]:
+    """The phases left: the rest of the current phase (or ``more`` epochs of it), then fine-tuning if planned.
+
+    ``more`` epochs after a completed cosine or onecycle phase get a schedule of their own, from the
+    phase's peak rate (``phases``: run.json's record of each fit): the run's schedule ended at rate 0,
+    so continuing it would train at 0 (and momentum alone would move the weights).
+    """
     phase = int(history["phase"][-1]) if history.get("phase") else 1
     done = sum(1 for p in history.get("phase", [1] * len(history.get("loss", []))) if int(p) == phase)
     planned = cfg.train.epochs if phase == 1 else cfg.train.fine_tune_epochs
+    rate = None
+    if more and not interrupted and cfg.train.schedule in DECAYING_SCHEDULES:
+        rates = [p["learning_rate"] for p in phases if p.get("phase") == phase and p.get("learning_rate")]
+        rate = float(rates[-1]) if rates else None
+        if rate is not None:
+            say(f"the run's {cfg.train.schedule} schedule ended at rate 0 with its last epoch, so the {more} more "
+                f"epoch{'s get' if more != 1 else ' gets'} a new {cfg.train.schedule} schedule, peak {rate:g}")
     more = more or (planned - done if interrupted else 0)
-    plan = [Phase(phase, more, None)] if more > 0 else []
+    plan = [Phase(phase, more, rate)] if more > 0 else []
     if phase == 1 and interrupted and cfg.train.fine_tune_epochs:
         plan.append(Phase(2, cfg.train.fine_tune_epochs, cfg.train.phase2_learning_rate))
     return plan, phase
