@@ -239,6 +239,10 @@ def test_cli_evaluate_with_tta_prints_both(run):
     assert proc.exit_code == 0, proc.output
     assert "with TTA (flip, 2 views)" in proc.output and "ECE" in proc.output
     assert (result.run_dir / "eval" / "cli" / "report.html").exists()
+    for escape in ("../../escape", str(base / "abs"), ".."):  # a report stays under RUN/eval/
+        proc = runner.invoke(app, ["evaluate", str(result.run_dir), str(base / "data" / "test"), "--name", escape])
+        assert proc.exit_code == 2 and "--name is the report's folder name" in proc.output, proc.output
+    assert not (result.run_dir.parent / "escape").exists() and not (base / "abs").exists()
 
 
 # --- calibration end to end ---------------------------------------------------------------------

@@ -132,6 +132,9 @@ def evaluate(
     run = Path(run)
     if not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"top_k must be a whole number >= 1. Received: top_k={top_k!r}")
+    if name is not None and (name.strip() in ("", ".", "..") or "/" in name or "\\" in name):
+        raise ConfigError("--name is the report's folder name under RUN/eval/: a plain name such as 'holdout', "
+                          f"without '/' or '..' (from Python, out= writes a report elsewhere). Received: name={name!r}")
     predictor = Predictor(run, batch_size=batch_size)
     temperature = predictor.temperature
     if data_dir is None:
