@@ -243,6 +243,13 @@ def test_cli_evaluate_with_tta_prints_both(run):
         proc = runner.invoke(app, ["evaluate", str(result.run_dir), str(base / "data" / "test"), "--name", escape])
         assert proc.exit_code == 2 and "--name is the report's folder name" in proc.output, proc.output
     assert not (result.run_dir.parent / "escape").exists() and not (base / "abs").exists()
+    # one class's images: a trained model's recall on them, not "a classifier needs 2 classes"
+    first = sorted(p for p in (base / "data" / "test").iterdir() if p.is_dir())[0]
+    shutil.copytree(first, base / "one" / first.name)
+    proc = runner.invoke(app, ["evaluate", str(result.run_dir), str(base / "one"), "--format", "json"])
+    assert proc.exit_code == 0, proc.output
+    scored = json.loads(proc.stdout)
+    assert scored["num_images"] == len(list(first.iterdir())) and scored["per_class"][first.name]["support"] > 0
 
 
 # --- calibration end to end ---------------------------------------------------------------------

@@ -315,7 +315,7 @@ def _find_split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
-def _check_classes(per_class: dict[str, list[Path]], folder: Path) -> None:
+def _check_classes(per_class: dict[str, list[Path]], folder: Path, min_classes: int = 2) -> None:
     empty = [name for name, paths in per_class.items() if not paths]
     if empty:
         where = ", ".join(f"'{folder / name}'" for name in empty)
@@ -323,7 +323,7 @@ def _check_classes(per_class: dict[str, list[Path]], folder: Path) -> None:
             f"Class folder {where} has no images. Add images (supported: {', '.join(IMAGE_EXTENSIONS)}) "
             "or remove the folder."
         )
-    if len(per_class) < 2:
+    if len(per_class) < min_classes:
         only = next(iter(per_class), "")
         raise DataError(
             f"Found a single class ('{only}') in '{folder}': a classifier needs at least 2 classes. "
@@ -359,7 +359,7 @@ def stratified_split(
 
 def scan_folder(
     root: str | Path, *, val_split: float | None = None, test_split: float = 0.0, seed: int = 1337,
-    strict: bool = True, follow_links: bool = False,
+    strict: bool = True, follow_links: bool = False, min_classes: int = 2,
 ) -> ImageFolder:
     """Find the images, classes and splits of ``root``.
 
@@ -370,6 +370,8 @@ def scan_folder(
             ``None``: 20%, but at most ``AUTO_VAL_MAX_IMAGES`` images in all.
         test_split: fraction of each class held out for testing when there is no test folder.
         seed: seed of the stratified split.
+        min_classes: fewer class folders is an error under ``strict`` (1 to score a trained model on
+            one class's images, as ``cnnkit evaluate`` does).
         strict: raise on an empty class folder, a single class or a nested layout (``cnnkit doctor``
             reports them instead).
         follow_links: also follow symbolic links that leave ``root`` (links inside it are always
@@ -408,7 +410,7 @@ def scan_folder(
         per_split.setdefault(split, {})[name] = paths
     class_names = list(per_split["train"])
     if strict:
-        _check_classes(per_split["train"], sources["train"])
+        _check_classes(per_split["train"], sources["train"], min_classes)
     problems = [nested] if nested else []
     for split, per_class in per_split.items():
         extra = sorted(set(per_class) - set(class_names))

@@ -77,7 +77,7 @@ def folder_files(data_dir: Path, class_names: list[str], split: str | None = "te
     Raises:
         DataError: no such split folder, or classes the model does not know.
     """
-    folder = scan_folder(data_dir, val_split=0.0, test_split=0.0)
+    folder = scan_folder(data_dir, val_split=0.0, test_split=0.0, min_classes=1)  # one class: its recall
     files = folder.files
     if folder.layout == "splits" and split is not None:
         files = folder.split(split)

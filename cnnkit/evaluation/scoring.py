@@ -183,6 +183,14 @@ def _tta_mode(tta: bool | str | None) -> str | None:
 
 
 
+def _balanced_accuracy(confusion: np.ndarray) -> float:
+    """The mean recall over the classes present (scikit-learn's ``balanced_accuracy_score``, from the
+    confusion matrix): a folder of some classes (or one) scores only those, without its warnings."""
+    support = confusion.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(confusion)[present] / support[present])) if present.any() else 0.0
+
+
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str], top_k: int = 5) -> EvalReport:
     """Every metric of an EvalReport from true labels (N,) and probabilities (N, C), with scikit-learn.
 
@@ -199,16 +207,17 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str
     report = skm.classification_report(labels, predicted, labels=all_labels, target_names=class_names,
                                        output_dict=True, zero_division=0)
     per_class = {name: {key: float(v) for key, v in report[name].items()} for name in class_names}
+    confusion = skm.confusion_matrix(labels, predicted, labels=all_labels)
     clipped = np.clip(probs, 1e-7, 1.0)
     return EvalReport(
         accuracy=float(skm.accuracy_score(labels, predicted)),
         loss=float(skm.log_loss(labels, clipped / clipped.sum(axis=1, keepdims=True), labels=all_labels)),
         top_k_accuracy=float(skm.top_k_accuracy_score(labels, probs, k=k, labels=all_labels)) if n > 2
         else float(skm.accuracy_score(labels, predicted)),
-        balanced_accuracy=float(skm.balanced_accuracy_score(labels, predicted)),
+        balanced_accuracy=_balanced_accuracy(confusion),
         k=k,
         per_class=per_class,
-        confusion_matrix=skm.confusion_matrix(labels, predicted, labels=all_labels),
+        confusion_matrix=confusion,
         class_names=class_names,
         num_images=len(labels),
         macro_avg={k2: float(v) for k2, v in report["macro avg"].items()},
