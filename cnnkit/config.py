@@ -493,8 +493,16 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
         values["image_size"] = (int(size), int(size)) if isinstance(size, int) else tuple(size)
     try:
         return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"[{name}] {exc}") from exc
+    except TypeError as exc:  # a value of the wrong type met a comparison in the section's checks
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        wrong = [f"{key}={value!r} (a {type(value).__name__}; it takes a number, e.g. {key} = {defaults[key]!r})"
+                 for key, value in values.items() if isinstance(defaults.get(key), (int, float))
+                 and not isinstance(defaults.get(key), bool) and isinstance(value, str) and value != "auto"]
+        if wrong:
+            raise ConfigError(f"[{name}] {'; '.join(wrong)}: write numbers without quotes in a config file. "
+                              f"Received: {', '.join(w.split(' (')[0] for w in wrong)}") from exc
+        raise ConfigError(f"[{name}] a value has the wrong type ({exc}); check the section's values in the config "
+                          "file or options.") from exc
 
 
 def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -17,6 +17,9 @@ def test_toml_file_and_unknown_key_suggestion(tmp_path):
     path.write_text("[train]\nepoch = 2\n")
     with pytest.raises(ConfigError, match="Did you mean 'epochs'"):
         load_config(path)
+    path.write_text('[train]\nepochs = "two"\nbatch_size = 8\n')  # a quoted number: named, with the fix
+    with pytest.raises(ConfigError, match=r"\[train\] epochs='two' .*without quotes.*Received: epochs='two'$"):
+        load_config(path)
 
 
 @pytest.mark.parametrize("kwargs, field", [({"epochs": 0}, "epochs"), ({"augment": "heavy"}, "augment"),
