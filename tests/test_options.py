@@ -286,6 +286,11 @@ def test_lr_find_suggests_a_rate_and_plots(colours, tmp_path):
     saved = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
     assert 1e-7 <= saved["suggested"] <= saved["minimum"] / 10 * (1 + 1e-9)
     assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 0
+    for steps in ("3", "0", "-5"):  # too few to suggest from: the option is named, before any work
+        result = CliRunner().invoke(app, ["lr-find", str(colours), "--steps", steps, "--out", str(tmp_path / "few")])
+        assert result.exit_code == 2 and f"at least 5 steps (--steps; default 200). Received: steps={steps}" in \
+            result.output, result.output
+    assert not (tmp_path / "few").exists()
 
 
 def test_lr_find_suggestion_on_a_synthetic_curve():

@@ -21,9 +21,11 @@ import numpy as np
 
 from cnnkit._backends import fit_input
 from cnnkit.config import TrainConfig
+from cnnkit.errors import ConfigError
 from cnnkit.training.optim import make_loss, make_optimizer
 
 SMOOTHING = 0.98
+MIN_STEPS = 5  # fewer losses cannot show a descent to suggest a rate from
 DIVERGE_FACTOR = 4.0
 
 
@@ -90,6 +92,7 @@ def find_learning_rate(model: keras.Model, train_ds: keras.utils.PyDataset, trai
         steps: the most steps to take (fewer when the loss diverges first).
         start_lr, end_lr: the range of rates, covered exponentially.
     """
+    _check_steps(steps)
     constant = dataclasses.replace(train_cfg, schedule="plateau", learning_rate=start_lr)
     model.compile(optimizer=make_optimizer(constant, start_lr, steps), loss=make_loss(train_cfg.label_smoothing),
                   metrics=["accuracy"])
@@ -100,13 +103,19 @@ def find_learning_rate(model: keras.Model, train_ds: keras.utils.PyDataset, trai
     return _suggest(test.rates, test.losses)
 
 
+def _check_steps(steps: int) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < MIN_STEPS:
+        raise ConfigError(f"The learning-rate range test takes at least {MIN_STEPS} steps (--steps; default 200). "
+                          f"Received: steps={steps!r}")
+
+
 def _suggest(rates: list[float], losses: list[float]) -> LRFindResult:
     n = len(losses)
-    if n < 5:
+    if n < MIN_STEPS:
         from cnnkit.errors import DataError
 
-        raise DataError(f"The learning-rate range test needs at least 5 steps; it ran {n}. Use more images or a "
-                        "smaller --batch-size.")
+        raise DataError(f"The learning-rate range test needs at least {MIN_STEPS} steps; it ran {n}. Use more images "
+                        "or a smaller --batch-size.")
     losses_arr = np.array(losses)
     finite = np.isfinite(losses_arr)
     low = int(np.nanargmin(np.where(finite, losses_arr, np.inf)))
@@ -134,6 +143,7 @@ def lr_find(data_dir: str | Path, out: str | Path | None = None, config: Any = N
     Example:
         >>> rate = cnnkit.lr_find("dataset", out="runs/lr", model="simple", steps=20).suggested
     """
+    _check_steps(steps)
     from cnnkit.config import resolve_config
     from cnnkit.data.dataset import load_image_folder
     from cnnkit.models import get_spec
