@@ -67,3 +67,14 @@ def test_near_duplicates_are_grouped_not_listed_pair_by_pair(image_folder):
     groups = [g for g in report.near_duplicates if any("same_" in p for p in g["paths"])]
     assert len(groups) == 1 and len(groups[0]["paths"]) >= 4
     assert "label conflict" in groups[0]["kind"]  # red_004 is in red, the copies in blue
+
+
+def test_the_imbalance_advice_does_not_suggest_what_the_run_already_does():
+    from cnnkit.data.rules import class_size_problems
+
+    counts = {"big": 120, "small": 6, "mid": 30}
+    plain, weighted = class_size_problems(counts), class_size_problems(counts, class_weighted=True)
+    assert any("or train with --class-weight auto" in p for p in plain)
+    imbalance = [p for p in weighted if "imbalanced 20:1" in p]
+    assert imbalance and "the loss is weighted by class (--class-weight auto)" in imbalance[0]
+    assert not any("or train with --class-weight auto" in p for p in weighted)

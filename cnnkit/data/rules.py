@@ -19,11 +19,13 @@ def imbalance_ratio(counts: dict[str, int]) -> float | None:
     return round(max(nonzero) / min(nonzero), 2) if nonzero else None
 
 
-def class_size_problems(counts: dict[str, int]) -> list[str]:
+def class_size_problems(counts: dict[str, int], class_weighted: bool = False) -> list[str]:
     """What is wrong with the training split's class sizes, in words (empty list: nothing).
 
     Args:
         counts: class name -> number of usable training images.
+        class_weighted: the loss is already weighted by class (``--class-weight auto``): the advice
+            for an imbalance leaves that out.
     """
     problems = [f"Class '{name}' has no readable training image: add images or remove the folder."
                 for name, n in counts.items() if n == 0]
@@ -35,8 +37,10 @@ def class_size_problems(counts: dict[str, int]) -> list[str]:
     ratio = imbalance_ratio(counts)
     if ratio is not None and ratio > IMBALANCE_RATIO:
         nonzero = [n for n in counts.values() if n]
+        fix = ("the loss is weighted by class (--class-weight auto), but add images of the small classes if you can"
+               if class_weighted else "add images of the small classes or train with --class-weight auto")
         problems.append(
             f"Classes are imbalanced {ratio:g}:1 ({max(nonzero)} vs {min(nonzero)} training images): accuracy will "
-            "favour the large classes. Add images of the small classes or train with --class-weight auto, and judge "
-            "the model by per-class recall ('cnnkit evaluate').")
+            f"favour the large classes. {fix[0].upper()}{fix[1:]}, and judge the model by per-class recall "
+            "('cnnkit evaluate').")
     return problems

@@ -17,9 +17,10 @@ from cnnkit.data.dataset import LoadedData
 from cnnkit.data.rules import class_size_problems
 
 
-def data_warnings(data: LoadedData) -> list[str]:
-    """What is wrong with the training data, in words (empty list: nothing)."""
-    warnings = class_size_problems(data.class_counts("train"))
+def data_warnings(data: LoadedData, class_weighted: bool = False) -> list[str]:
+    """What is wrong with the training data, in words (empty list: nothing); ``class_weighted``: the
+    loss is weighted by class already, so the imbalance advice does not suggest it."""
+    warnings = class_size_problems(data.class_counts("train"), class_weighted)
     leak = _cross_split_copies(data)
     if leak:
         example = leak[0]

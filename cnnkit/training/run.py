@@ -275,7 +275,7 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     write_skipped_csv(data.skipped, run.path / SKIPPED_CSV)
     write_split_csv(run.path / SPLIT_CSV, split_rows(data))
     _describe_data(data, run.final)
-    warnings = [_warn(message) for message in data_warnings(data)]
+    warnings = [_warn(message) for message in data_warnings(data, cfg.train.class_weight == "auto")]
     train_ds, val_ds = make_batches(data, cfg, devices.devices.count)
     precision = choose_precision(cfg.train.mixed_precision)
     budget_plan: BudgetPlan | None = None
