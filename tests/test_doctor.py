@@ -76,5 +76,5 @@ def test_the_imbalance_advice_does_not_suggest_what_the_run_already_does():
     plain, weighted = class_size_problems(counts), class_size_problems(counts, class_weighted=True)
     assert any("or train with --class-weight auto" in p for p in plain)
     imbalance = [p for p in weighted if "imbalanced 20:1" in p]
-    assert imbalance and "the loss is weighted by class (--class-weight auto)" in imbalance[0]
+    assert imbalance and "The loss is weighted by class (--class-weight auto)" in imbalance[0]
     assert not any("or train with --class-weight auto" in p for p in weighted)
