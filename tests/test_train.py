@@ -237,8 +237,12 @@ def test_test_images_copied_into_train_are_flagged(split_folder, tmp_path):
     for i in range(3):
         src = split_folder / "test" / "red" / f"red_00{i}.png"
         (split_folder / "train" / "red" / f"copy_{i}.png").write_bytes(src.read_bytes())
-    result = cnnkit.train(split_folder, tmp_path / "run", epochs=1, image_size=16, val_split=0)
+    result = cnnkit.train(split_folder, tmp_path / "run", epochs=1, image_size=16, val_split=0, test_split=0.2)
     assert any("3 validation/test images are byte-identical" in w for w in result.warnings), result.warnings
+    # test_split with a test/ folder on disk does nothing: said, with the folder named
+    assert any(w.startswith(f"--test-split 0.2 has no effect: '{split_folder}' has its own test folder")
+               for w in result.warnings), result.warnings
+    assert not any("--val-split" in w for w in result.warnings)  # 0, and no validation folder: nothing to say
     report = cnnkit.evaluate(tmp_path / "run", split_folder / "test")
     assert len(report.leaked) == 3
     assert json.loads((report.out_dir / "metrics.json").read_text())["in_training_data"] == 3

@@ -275,7 +275,8 @@ def _train_into(run: RunDirectory, data_dir: Path, cfg: RunConfig, cache_root: P
     write_skipped_csv(data.skipped, run.path / SKIPPED_CSV)
     write_split_csv(run.path / SPLIT_CSV, split_rows(data))
     _describe_data(data, run.final)
-    warnings = [_warn(message) for message in data_warnings(data, cfg.train.class_weight == "auto")]
+    warnings = [_warn(message) for message in data_warnings(data, cfg.train.class_weight == "auto")
+                + _split_options_unused(cfg, data)]
     train_ds, val_ds = make_batches(data, cfg, devices.devices.count)
     precision = choose_precision(cfg.train.mixed_precision)
     budget_plan: BudgetPlan | None = None
@@ -424,6 +425,18 @@ def _plain_train_batches(data: LoadedData, cfg: RunConfig) -> ArrayBatches:
 def _warn(message: str) -> str:
     warn(message)
     return message
+
+
+def _split_options_unused(cfg: RunConfig, data: LoadedData) -> list[str]:
+    """--val-split / --test-split given for a split the folder already has: said, not silently ignored."""
+    unused = []
+    for split, option, fraction in (("validation", "val-split", cfg.data.val_split),
+                                    ("test", "test-split", cfg.data.test_split)):
+        if fraction and data.folder.split_source.get(split) == "folder":
+            unused.append(f"--{option} {fraction:g} has no effect: '{data.folder.root}' has its own {split} folder, "
+                          f"which is the {split} set. Drop the option, or move that folder away to split train/ "
+                          "instead.")
+    return unused
 
 
 def _describe_data(data: LoadedData, run_dir: Path) -> None:
