@@ -293,7 +293,7 @@ def write_onnx_export(source: str | Path, out: str | Path, digest: str | None = 
         return Path(out)
     model, meta = load_model(path)
     out = Path(out)
-    with atomic_directory(out) as work:
+    with atomic_directory(out, (META_MEMBER,), "cnnkit ONNX export") as work:
         write_onnx(as_float32(model), work / ONNX_MODEL)
         (work / META_MEMBER).write_text(json.dumps(asdict(meta), indent=2), encoding="utf-8")
         (work / SOURCE_SHA256).write_text(f"{digest}  {path.name}\n", encoding="utf-8")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit._version import __version__
-from cnnkit.errors import ModelError, RunDamagedError, RunExistsError, RunNotFoundError
+from cnnkit.errors import ConfigError, ModelError, RunDamagedError, RunExistsError, RunNotFoundError
 
 MODEL_FILE = "model.keras"
 RUN_JSON = "run.json"
@@ -316,10 +316,35 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """A hidden temporary sibling folder to fill; it replaces ``path`` if the block succeeds, else is removed."""
+def check_replaceable(path: str | Path, replaces: tuple[str, ...], what: str) -> None:
+    """Refuse to replace ``path`` unless it is absent, an empty folder, or an earlier ``what`` (a folder
+    holding one of the files named in ``replaces``): an output folder given as ``--out`` is replaced
+    whole, and a user's folder or file there must never be.
+
+    Raises:
+        ConfigError: ``path`` is a file, or a folder of something else, named with the fix.
+    """
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"'{path}' is a file; a {what} is written as a folder and would replace it. Choose another "
+                          "--out.")
+    if any((path / name).exists() for name in replaces) or not any(path.iterdir()):
+        return
+    raise ConfigError(f"'{path}' exists and is not a {what} (no {' or '.join(replaces)} in it); refusing to replace "
+                      "it and what it holds. Choose another --out (a new or empty folder).")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, replaces: tuple[str, ...], what: str) -> Iterator[Path]:
+    """A hidden temporary sibling folder to fill; it replaces ``path`` if the block succeeds, else is removed.
+
+    ``path`` may already hold only an earlier output of the same kind, one with a file named in
+    ``replaces`` (``what`` names that kind in the refusal): see ``check_replaceable``.
+    """
+    path = Path(path)
+    check_replaceable(path, replaces, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_directory(path.parent, f".{path.name}.partial-")
     try:

@@ -83,7 +83,7 @@ def test_context_from_registry_and_refusals(run_dir, tmp_path):
     assert context.tag == "cnnkit-flowers:1" and "CNNKIT_MODEL_NAME=flowers" in (context.path / "Dockerfile").read_text()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(CnnkitError, match="not a cnnkit build context"):
+    with pytest.raises(CnnkitError, match="is not a cnnkit build context"):
         write_build_context(run_dir, tmp_path / "busy")
 
 

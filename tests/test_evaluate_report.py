@@ -243,6 +243,12 @@ def test_cli_evaluate_with_tta_prints_both(run):
         proc = runner.invoke(app, ["evaluate", str(result.run_dir), str(base / "data" / "test"), "--name", escape])
         assert proc.exit_code == 2 and "--name is the report's folder name" in proc.output, proc.output
     assert not (result.run_dir.parent / "escape").exists() and not (base / "abs").exists()
+    mine = base / "mine"  # from Python, out= names any folder: a user's is never replaced
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(ConfigError, match="is not a cnnkit evaluation report"):
+        cnnkit.evaluate(result.run_dir, base / "data" / "test", out=mine)
+    assert (mine / "notes.txt").read_text() == "precious"
     # one class's images: a trained model's recall on them, not "a classifier needs 2 classes"
     first = sorted(p for p in (base / "data" / "test").iterdir() if p.is_dir())[0]
     shutil.copytree(first, base / "one" / first.name)

@@ -84,3 +84,16 @@ def test_export_errors_and_cli(run_dir, tmp_path):
     assert (tmp_path / "sm" / "1" / "saved_model.pb").is_file()
     result = CliRunner().invoke(app, ["export", str(tmp_path / "none"), "--format", "onnx"])
     assert result.exit_code == 2 and "No run directory" in result.output
+    # an --out that holds something else is never replaced: a user's folder, or a file
+    mine = tmp_path / "models"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    (tmp_path / "file.txt").write_text("keep")
+    for out in (mine, tmp_path / "file.txt"):
+        result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "onnx", "--out", str(out)])
+        assert result.exit_code == 2 and "Choose another --out" in result.output, result.output
+    assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub").is_dir()
+    assert (tmp_path / "file.txt").read_text() == "keep"
+    # an earlier export there is replaced (its cnnkit.json says what it is)
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "savedmodel", "--out", str(tmp_path / "sm")])
+    assert result.exit_code == 0 and (tmp_path / "sm" / "1" / "saved_model.pb").is_file(), result.output

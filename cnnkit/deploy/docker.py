@@ -26,7 +26,7 @@ from pathlib import Path
 from cnnkit.engines import engine_for, write_onnx_export
 from cnnkit.errors import CnnkitError
 from cnnkit.registry import resolve_source
-from cnnkit.rundir import RUN_JSON, atomic_directory, is_onnx_export
+from cnnkit.rundir import RUN_JSON, atomic_directory, check_replaceable, is_onnx_export
 
 # The image installs cnnkit's own requirements plus these extras (no JAX/torch, no test tools), with
 # environment markers evaluated for the image: Linux, CPython 3.11.
@@ -166,11 +166,10 @@ def write_build_context(source: str | Path, out: str | Path, tag: str | None = N
     engine = engine_for(source, engine)
     resolved = resolve_source(source, registry_url=registry_url)
     out = Path(out)
-    if out.exists() and not (out / "Dockerfile").exists() and any(out.iterdir()):
-        raise CnnkitError(f"'{out}' exists and is not a cnnkit build context (no Dockerfile); choose another --out.")
+    check_replaceable(out, ("Dockerfile",), "cnnkit build context")
     slim = engine == "onnxruntime"
     tag = tag or f"cnnkit-{resolved.name.lower()}:{resolved.version}{'-slim' if slim else ''}"
-    with atomic_directory(out) as work:
+    with atomic_directory(out, ("Dockerfile",), "cnnkit build context") as work:
         if not slim:
             (work / "model").mkdir()
             shutil.copy2(resolved.path, work / "model" / "model.keras")

@@ -28,7 +28,7 @@ import keras
 from cnnkit._backends import call_in_tensorflow
 from cnnkit.errors import ConfigError
 from cnnkit.models.saving import ModelMeta, load_model
-from cnnkit.rundir import META_MEMBER, atomic_directory, model_path, read_export_meta  # noqa: F401 (re-exported)
+from cnnkit.rundir import META_MEMBER, atomic_directory, check_replaceable, model_path, read_export_meta  # noqa: F401 (re-exported)
 
 FORMATS = ("savedmodel", "onnx", "tflite")
 
@@ -60,10 +60,11 @@ def export(run: str | Path, format: str, out: str | Path | None = None) -> Expor
         raise ConfigError(f"Unknown export format '{format}'. Formats: {', '.join(FORMATS)}. Received: format={format!r}")
     path = model_path(run)
     out_dir = Path(out) if out is not None else path.parent / "export" / format
+    check_replaceable(out_dir, (META_MEMBER,), "cnnkit export")  # before any work, on any backend
     if keras.backend.backend() != "tensorflow":
         return _export_in_tensorflow(path, format, out_dir)
     model, meta = load_model(path)
-    with atomic_directory(out_dir) as work:
+    with atomic_directory(out_dir, (META_MEMBER,), "cnnkit export") as work:
         files = {"savedmodel": _savedmodel, "onnx": _onnx, "tflite": _tflite}[format](model, work)
         (work / META_MEMBER).write_text(json.dumps(dataclasses.asdict(meta), indent=2), encoding="utf-8")
     return ExportResult(format, out_dir, [out_dir / f.relative_to(work) for f in files])

@@ -166,7 +166,7 @@ def _out_of_fold(run: Path, labelled: LabelledPredictions, names: list[str], fol
 
 
 def _write(queue: ReviewQueue, thumbs: list[np.ndarray], out_dir: Path, run: Path) -> Path:
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, ("queue.csv",), "cnnkit review queue") as tmp:
         write_rows(tmp / "queue.csv", _COLUMNS, [item.row(n + 1) for n, item in enumerate(queue.items)])
         cards = []
         for n, (item, thumb) in enumerate(zip(queue.items, thumbs)):

@@ -35,7 +35,7 @@ from cnnkit.evaluation.labelled import (
 )
 from cnnkit.metrics import apply_temperature, reliability_bins
 from cnnkit.predict import Predictor
-from cnnkit.rundir import atomic_directory, output_folder, write_json, write_rows
+from cnnkit.rundir import atomic_directory, check_replaceable, output_folder, write_json, write_rows
 
 
 @dataclass
@@ -135,6 +135,8 @@ def evaluate(
     if name is not None and (name.strip() in ("", ".", "..") or "/" in name or "\\" in name):
         raise ConfigError("--name is the report's folder name under RUN/eval/: a plain name such as 'holdout', "
                           f"without '/' or '..' (from Python, out= writes a report elsewhere). Received: name={name!r}")
+    if out is not None:  # before any work: a user's folder there is never replaced
+        check_replaceable(out, ("metrics.json",), "cnnkit evaluation report")
     predictor = Predictor(run, batch_size=batch_size)
     temperature = predictor.temperature
     if data_dir is None:
@@ -254,7 +256,7 @@ def _write_report(report: EvalReport, out_dir: Path, labelled: LabelledPredictio
     from cnnkit.plots import plot_confusion_matrix, plot_mistakes, plot_per_class, plot_reliability
     from cnnkit.evaluation.html import write_html_report
 
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, ("metrics.json",), "cnnkit evaluation report") as tmp:
         names, labels, paths = report.class_names, labelled.labels, labelled.paths
         predicted = probs.argmax(axis=1)
         confidence = probs.max(axis=1)
