@@ -387,8 +387,6 @@ def test_cli_docker_and_serve_engine_options(digits, tmp_path):
 
 def test_the_slim_entry_names_what_cannot_be_served(digits, tmp_path):
     """`python -m cnnkit.serve` (the slim image's CMD): a model that cannot be served is one line and exit 2."""
-    import socket
-
     run, _ = digits
     broken = tmp_path / "broken"
     export = onnx_export(run, tmp_path / "onnx-cache")
@@ -396,25 +394,22 @@ def test_the_slim_entry_names_what_cannot_be_served(digits, tmp_path):
     for member in export.iterdir():
         (broken / member.name).write_bytes(member.read_bytes())
     (broken / ONNX_MODEL).write_bytes((export / ONNX_MODEL).read_bytes()[:300])  # a truncated copy
-    # As in the slim image: no Keras or TensorFlow to import. A port already taken: were the model
-    # served after all, uvicorn would fail at once instead of serving until the timeout.
+    # As in the slim image: no Keras or TensorFlow to import. Port 0 (a free one, bound before the
+    # model loads): were the model served after all, the run would time out instead of exiting 2.
     code = ("import runpy, sys\n"
             "sys.modules.update(keras=None, tensorflow=None)\n"
             "sys.argv = ['cnnkit.serve', *sys.argv[1:]]\n"
             "runpy.run_module('cnnkit.serve', run_name='__main__')")
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = str(taken.getsockname()[1])
-        env = {**os.environ, "PYTHONPATH": str(REPO), "CNNKIT_ENGINE": "onnxruntime",
-               "CNNKIT_HOME": str(tmp_path / "home")}
-        for source, says in ((broken, f"error: ONNX Runtime cannot load '{broken / ONNX_MODEL}'"),
-                             (run, "error: '")):  # a run folder: Keras would be needed to export it
-            proc = subprocess.run([sys.executable, "-c", code, str(source), "--port", port], capture_output=True,
-                                  text=True, env=env, cwd=REPO, timeout=120)
-            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-            assert proc.stderr.startswith(says) and proc.stderr.count("\n") == 1, proc.stderr
-        assert "this install has no Keras" in proc.stderr and "cnnkit export RUN -f onnx" in proc.stderr
+    port = "0"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CNNKIT_ENGINE": "onnxruntime",
+           "CNNKIT_HOME": str(tmp_path / "home")}
+    for source, says in ((broken, f"error: ONNX Runtime cannot load '{broken / ONNX_MODEL}'"),
+                         (run, "error: '")):  # a run folder: Keras would be needed to export it
+        proc = subprocess.run([sys.executable, "-c", code, str(source), "--port", port], capture_output=True,
+                              text=True, env=env, cwd=REPO, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(says) and proc.stderr.count("\n") == 1, proc.stderr
+    assert "this install has no Keras" in proc.stderr and "cnnkit export RUN -f onnx" in proc.stderr
     # `cnnkit serve` on the damaged export: the same one line, exit 2, before any server starts
     from cnnkit.cli import app
 
