@@ -256,3 +256,21 @@ def test_test_images_copied_into_train_are_flagged(split_folder, tmp_path):
     fresh = cnnkit.evaluate(tmp_path / "run", unseen, name="unseen")
     assert fresh.num_images == 21 and fresh.leaked == []
     assert json.loads((fresh.out_dir / "metrics.json").read_text())["in_training_data"] == 0
+
+
+def test_the_fast_recipes_model_file_loads_and_evaluates_in_plain_keras(tmp_path):
+    """fast trains with cnnkit's label-smoothed loss; model.keras is compiled with Keras's own objects,
+    so the tutorials' keras.models.load_model("model.keras") works without cnnkit, evaluate() included."""
+    import subprocess
+    import sys
+
+    data = write_class_folder(tmp_path / "data", per_class=8, size=16)
+    result = cnnkit.train(data, tmp_path / "run", model="fast", width="small", epochs=1, batch_size=8, image_size=16)
+    assert result.model.loss is not None and type(result.model.loss).__name__ == "SmoothedSparseCrossentropy"
+    load = ("import sys, keras, numpy as np; m = keras.models.load_model(sys.argv[1]); "
+            "assert not any(n.startswith('cnnkit') for n in sys.modules), 'cnnkit imported'; "
+            "x = np.zeros((2, 16, 16, 3), 'uint8'); print(m.predict(x, verbose=0).shape, "
+            "len(m.evaluate(x, np.array([0, 1]), verbose=0)))")
+    loaded = subprocess.run([sys.executable, "-c", load, str(tmp_path / "run" / "model.keras")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert loaded.returncode == 0 and "(2, 3) 2" in loaded.stdout, loaded.stderr[-2000:]

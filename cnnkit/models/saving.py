@@ -54,11 +54,27 @@ def all_layers(layer: keras.layers.Layer):
         yield from all_layers(child)
 
 
+def portable(model: keras.Model) -> keras.Model:
+    """``model`` as a file that plain Keras loads: compiled, if at all, with Keras's own Adam, sparse
+    categorical cross-entropy and accuracy (same weights).
+
+    Training compiles with cnnkit's label-smoothed loss and, for discriminative fine-tuning, its
+    layer-wise optimizers; ``keras.models.load_model("model.keras")`` without cnnkit imported could
+    not find those classes and failed. The optimizer's state is training's, kept in ``last.keras``.
+    """
+    if not getattr(model, "compiled", False):
+        return model
+    clone = model.__class__.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    clone.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return clone
+
+
 def save_model(model: keras.Model, path: str | Path, meta: ModelMeta) -> Path:
-    """Save ``model`` with ``meta`` inside the archive, atomically (temp file + rename)."""
+    """Save ``model`` (``portable``) with ``meta`` inside the archive, atomically (temp file + rename)."""
     path = Path(path)
     with atomic_path(path, suffix=".keras") as tmp:
-        model.save(tmp)
+        portable(model).save(tmp)
         with zipfile.ZipFile(tmp, "a") as archive:
             archive.writestr(META_MEMBER, json.dumps(asdict(meta), indent=2))
     return path
