@@ -195,6 +195,12 @@ def main_options(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     _state["debug"] = debug
+    from cnnkit._backends import backend_problem
+
+    problem = backend_problem()
+    if problem:  # before any command imports Keras, which would fail with its own error
+        _error(problem)
+        raise typer.Exit(2)
     # What a --time-budget counts from: the process's start for the cnnkit script (main), else this
     # invocation's (a CliRunner in a long-lived process).
     _state["started"] = _state.pop("process_started", None) or time.monotonic()

@@ -175,3 +175,25 @@ def test_an_unexpected_failure_is_one_line_with_exit_3_and_a_traceback_only_with
 def test_cli_errors_name_the_fix_for_a_config_mistake(data, tmp_path):
     result = CliRunner().invoke(app, ["train", str(data), "--schedule", "linear", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "schedule must be one of" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("value, says", [
+    ("pytorch", "KERAS_BACKEND='pytorch' is not a Keras backend: use tensorflow (the default), jax or torch "
+                "(lower case). Did you mean KERAS_BACKEND=torch?"),
+    ("TensorFlow", "Did you mean KERAS_BACKEND=tensorflow?"),
+    ("openvino", "KERAS_BACKEND=openvino but openvino is not installed here"),
+])
+def test_a_wrong_keras_backend_is_the_users_setting_not_a_bug(monkeypatch, value, says):
+    """Keras fails on these at import (ValueError, ModuleNotFoundError): exit 2 with the fix, even for info."""
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+
+    if value == "openvino" and importlib.util.find_spec("openvino") is not None:
+        pytest.skip("openvino is installed here")
+    monkeypatch.setenv("KERAS_BACKEND", value)
+    result = CliRunner().invoke(app, ["info"])
+    assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
+    assert "internal error" not in result.output

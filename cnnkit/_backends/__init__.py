@@ -28,6 +28,32 @@ from cnnkit.errors import ModelError
 if TYPE_CHECKING:
     import numpy as np
 
+# The backends Keras 3 can run, and the module each needs (``KERAS_BACKEND``); cnnkit supports the first three.
+KERAS_BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "numpy": "numpy", "openvino": "openvino"}
+
+
+def backend_problem() -> str | None:
+    """What is wrong with ``KERAS_BACKEND``, in words (None: unset, or a backend that is installed).
+
+    Keras reports a misspelt backend (``pytorch``, ``TensorFlow``) as a ValueError at import, and one
+    not installed as a ModuleNotFoundError: checked first, they are a user's setting, named with the fix.
+    """
+    name = os.environ.get("KERAS_BACKEND")
+    if not name:
+        return None
+    if name not in KERAS_BACKENDS:
+        near = {"pytorch": "torch", "tf": "tensorflow", "tensorflow2": "tensorflow"}.get(name.lower(), name.lower())
+        hint = f" Did you mean KERAS_BACKEND={near}?" if near in KERAS_BACKENDS else ""
+        return (f"KERAS_BACKEND={name!r} is not a Keras backend: use tensorflow (the default), jax or torch "
+                f"(lower case).{hint}")
+    import importlib.util
+
+    if importlib.util.find_spec(KERAS_BACKENDS[name]) is None:
+        extra = f" (pip install 'cnnkit[{name}]')" if name in ("jax", "torch") else ""
+        return (f"KERAS_BACKEND={name} but {KERAS_BACKENDS[name]} is not installed here: install it{extra}, or "
+                "unset KERAS_BACKEND for TensorFlow.")
+    return None
+
 _MODULES = {"tensorflow": "cnnkit._backends.tensorflow", "jax": "cnnkit._backends.jax",
             "torch": "cnnkit._backends.torch"}
 
