@@ -91,6 +91,17 @@ def test_metrics_equal_scikit_learns_on_a_fixed_prediction_set():
     assert report.macro_avg["f1-score"] == pytest.approx(skm.f1_score(labels, predicted, average="macro"))
     assert report.weighted_avg["f1-score"] == pytest.approx(skm.f1_score(labels, predicted, average="weighted"))
     assert report.ece == pytest.approx(expected_calibration_error(probs, labels))
+    # a folder without one of the model's classes ("owl", never predicted either): averages over the rest,
+    # as scikit-learn's do without labels=, so macro recall and balanced accuracy agree
+    probs[:, 3] = 0
+    kept = labels != 3
+    report = compute_metrics(labels[kept], probs[kept], names, top_k=2)
+    predicted = probs[kept].argmax(axis=1)
+    sk = skm.classification_report(labels[kept], predicted, output_dict=True, zero_division=0)["macro avg"]
+    for key in ("precision", "recall", "f1-score"):
+        assert report.macro_avg[key] == pytest.approx(sk[key])
+    assert report.macro_avg["recall"] == pytest.approx(report.balanced_accuracy)
+    assert report.per_class["owl"]["support"] == 0
 
 
 def test_ece_and_reliability_bins_on_a_hand_computed_case():

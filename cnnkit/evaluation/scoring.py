@@ -185,6 +185,17 @@ def _tta_mode(tta: bool | str | None) -> str | None:
 
 
 
+def _macro_average(per_class: dict[str, dict[str, float]], confusion: np.ndarray,
+                   class_names: list[str]) -> dict[str, float]:
+    """Precision, recall and F1 averaged over the classes in the folder or among the predictions
+    (scikit-learn's macro average without ``labels``): a class the model knows but the folder lacks,
+    and never predicted, has no recall to count as 0, as balanced accuracy leaves it out too."""
+    present = [name for i, name in enumerate(class_names) if confusion[i].sum() or confusion[:, i].sum()]
+    average = {key: float(np.mean([per_class[name][key] for name in present])) if present else 0.0
+               for key in ("precision", "recall", "f1-score")}
+    return {**average, "support": float(confusion.sum())}
+
+
 def _balanced_accuracy(confusion: np.ndarray) -> float:
     """The mean recall over the classes present (scikit-learn's ``balanced_accuracy_score``, from the
     confusion matrix): a folder of some classes (or one) scores only those, without its warnings."""
@@ -222,7 +233,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str
         confusion_matrix=confusion,
         class_names=class_names,
         num_images=len(labels),
-        macro_avg={k2: float(v) for k2, v in report["macro avg"].items()},
+        macro_avg=_macro_average(per_class, confusion, class_names),
         weighted_avg={k2: float(v) for k2, v in report["weighted avg"].items()},
         ece=reliability_bins(probs, labels)["ece"],
     )
