@@ -37,6 +37,11 @@ def run_demo(out: str | Path = "cnnkit-demo", epochs: int = 15, model: str = "si
     from cnnkit.predict import Predictor
     from cnnkit.training import train
 
+    from cnnkit.config import load_config
+    from cnnkit.models import get_spec
+
+    get_spec(model)  # bad options fail before anything is written
+    load_config(None, {"train.epochs": epochs, "model.name": model})
     out = Path(out)
     data = extract_demo_data(out / "data")
     say(f"[bold]cnnkit demo[/]: handwritten digits in {esc(data)}")

@@ -101,3 +101,10 @@ def test_demo_runs_on_shipped_data(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["test_accuracy"] > 0.8  # 10 digit classes: chance is 0.1
     assert len(summary["predictions"]) == 10
+
+
+def test_demo_refuses_bad_options_before_writing_anything(tmp_path):
+    for options, says in ((["--epochs", "0"], "epochs must be >= 1"), (["--model", "nope"], "Unknown model 'nope'")):
+        result = invoke("demo", "--out", tmp_path / "demo", *options)
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not (tmp_path / "demo").exists()
