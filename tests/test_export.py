@@ -95,5 +95,5 @@ def test_export_errors_and_cli(run_dir, tmp_path):
     assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub").is_dir()
     assert (tmp_path / "file.txt").read_text() == "keep"
     # an earlier export there is replaced (its cnnkit.json says what it is)
-    result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "savedmodel", "--out", str(tmp_path / "sm")])
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "SavedModel", "--out", str(tmp_path / "sm")])
     assert result.exit_code == 0 and (tmp_path / "sm" / "1" / "saved_model.pb").is_file(), result.output

@@ -56,6 +56,7 @@ def export(run: str | Path, format: str, out: str | Path | None = None) -> Expor
     Example:
         >>> folder = cnnkit.export("runs/first", "savedmodel").out_dir   # serve it with TensorFlow Serving
     """
+    format = format.strip().lower() if isinstance(format, str) else format  # ONNX, TFLite, SavedModel: the same
     if format not in FORMATS:
         raise ConfigError(f"Unknown export format '{format}'. Formats: {', '.join(FORMATS)}. Received: format={format!r}")
     path = model_path(run)

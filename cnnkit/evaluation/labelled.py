@@ -64,7 +64,8 @@ def run_split_files(run: Path, split: str, class_names: list[str]) -> list[Image
     index = {n: i for i, n in enumerate(class_names)}
     files = [ImageFile(r.path, index[r.class_name], split) for r in rows if r.split == split and r.class_name in index]
     if not files:
-        raise DataError(f"Run '{run}' has no {split} split (split.csv). {usage}")
+        raise DataError(f"Run '{run}' set no images aside as its {split} split (its split.csv lists none: the data had "
+                        f"no {split}/ folder{' and --test-split was 0' if split == 'test' else ''}). {usage}")
     return files
 
 
