@@ -1117,6 +1117,7 @@ def compare(
     output: Annotated[OutputFormat, typer.Option("--format", help="table or json on stdout.")] = OutputFormat.table,
 ) -> None:
     """Runs side by side: model, data hash, epochs, accuracy, top-k, per-class F1 deltas vs the first."""
+    _import_keras_quietly()  # cnnkit.evaluation imports Keras: without TensorFlow's start-up lines
     from cnnkit.evaluation import compare as run_compare
 
     result = run_compare(list(runs), eval_name)

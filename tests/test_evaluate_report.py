@@ -296,6 +296,7 @@ def test_calibrate_stores_temperature_in_run_and_model(weak, tmp_path):
     assert read_meta(copy / "model.keras").extra == {"temperature": cal.temperature, "min_confidence": 0.999}
     record = json.loads((copy / "run.json").read_text())
     assert record["calibration"]["temperature"] == cal.temperature
+    assert record["calibration"]["plot"] == cal.plot == str(copy / "calibration.png") and (copy / "calibration.png").is_file()
     predictor = Predictor(copy)
     np.testing.assert_allclose(predictor.predict_arrays(np.full((1, 16, 16, 3), 200, np.uint8)),
                                apply_temperature(raw, cal.temperature), atol=1e-6)

@@ -109,6 +109,7 @@ def calibrate(
     result = _fit(labelled.probs, labelled.labels, min_confidence, target_precision)
     curves = {"uncalibrated": result.reliability["before"],
               f"temperature {result.temperature:.2f}": result.reliability["after"]}
+    result.plot = str(run / "calibration.png")  # before run.json records the result
     with editing_run(run) as staged:  # model.keras, run.json and the plot change together or not at all
         plot_reliability(curves, staged / "calibration.png")
         update_meta(model_path(staged), temperature=result.temperature, min_confidence=result.min_confidence)
@@ -116,7 +117,6 @@ def calibrate(
             record = read_json(staged / RUN_JSON)
             record["calibration"] = result.to_dict()
             write_json(staged / RUN_JSON, record)
-    result.plot = str(run / "calibration.png")
     return result
 
 
