@@ -569,6 +569,9 @@ def predict(
     if out is None and output is PredictFormat.parquet:
         raise ConfigError("Parquet is written to a file: add --out predictions.parquet. Received: format='parquet', "
                           "out=None")
+    if out is not None and Path(out).is_dir():  # before any prediction: --out names the file to write
+        raise ConfigError(f"--out '{out}' is a folder; it takes the file to write, e.g. --out "
+                          f"{Path(out) / ('predictions.' + fmt)}. Received: out='{out}'")
     if ray is not None:  # the Ray workers load the model in this process's environment
         _import_keras_quietly()
     else:

@@ -197,3 +197,16 @@ def test_a_wrong_keras_backend_is_the_users_setting_not_a_bug(monkeypatch, value
     result = CliRunner().invoke(app, ["info"])
     assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
     assert "internal error" not in result.output
+
+
+def test_predict_out_that_is_a_folder_is_named_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+
+    (tmp_path / "outdir").mkdir()
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), str(tmp_path / "x.jpg"), "--out",
+                                      str(tmp_path / "outdir")])
+    assert result.exit_code == 2, result.output
+    assert f"--out '{tmp_path / 'outdir'}' is a folder; it takes the file to write, e.g. --out " \
+           f"{tmp_path / 'outdir' / 'predictions.csv'}" in " ".join(result.output.split()).replace("\n", "")
