@@ -20,6 +20,7 @@ from cnnkit.training.range_test import _suggest
 from cnnkit.models import build_model
 from cnnkit.models.augment import AUGMENT_PRESETS, augment_config
 from cnnkit.models.saving import load_model
+from cnnkit.predict import Predictor
 from cnnkit._backends.devices import cpu_flags, cpu_has_bfloat16, cpu_model
 from cnnkit.training.precision import choose_precision, precision_policy
 from cnnkit.training.optim import (
@@ -366,9 +367,15 @@ def test_plain_keras_model_without_scaling_or_softmax_is_flagged(tmp_path):
     x = keras.layers.Flatten()(inputs)
     bad = keras.Model(inputs, keras.layers.Dense(3)(x))
     bad.save(tmp_path / "bad.keras")
-    _, meta = load_model(tmp_path / "bad.keras")
+    loaded, meta = load_model(tmp_path / "bad.keras")
     messages = " ".join(meta.extra["warnings"])
-    assert "no Rescaling" in messages and "not softmax" in messages
+    assert "no Rescaling" in messages and "not softmax" in messages and "applies a softmax" in messages
+    # its outputs are logits: cnnkit reads probabilities, never a confidence over 100%
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype("float32")
+    probs = Predictor(tmp_path / "bad.keras").predict_arrays(pixels.astype(np.uint8))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs, keras.ops.convert_to_numpy(keras.ops.softmax(bad(pixels))), rtol=1e-4,
+                               atol=1e-6)
     scaled = keras.layers.Rescaling(1 / 255)(inputs)
     good = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(scaled)))
     good.save(tmp_path / "good.keras")

@@ -106,7 +106,18 @@ def load_model(source: str | Path) -> tuple[keras.Model, ModelMeta]:
         meta.extra["warnings"] = check_plain_model(model, path)
         for message in meta.extra["warnings"]:
             warn(message)
+        model = _with_softmax(model)
     return model, meta
+
+
+def _with_softmax(model: keras.Model) -> keras.Model:
+    """A plain model ending in a linear layer outputs logits (the tutorials' ``from_logits=True``
+    pattern): a softmax after it gives the class probabilities cnnkit reads (confidences of 22,536%
+    otherwise). Other endings are left as they are."""
+    last = model.layers[-1]
+    if getattr(getattr(last, "activation", None), "__name__", None) != "linear" or not model.inputs:
+        return model
+    return keras.Model(model.inputs, keras.layers.Softmax(name="cnnkit_softmax")(model.outputs[0]), name=model.name)
 
 
 # Layers that bring raw 0-255 pixels into a network's range; a plain model without one near its
@@ -135,9 +146,11 @@ def check_plain_model(model: keras.Model, path: str | Path) -> list[str]:
     activation = getattr(last, "activation", None)
     name = getattr(activation, "__name__", str(activation))
     if isinstance(last, (keras.layers.Dense, keras.layers.Activation)) and name != "softmax":
+        treated = ("cnnkit reads them as logits and applies a softmax" if name == "linear"
+                   else "so confidences will be wrong")
         found.append(
             f"'{path}' ends in '{last.name}' with activation '{name}', not softmax: its outputs are not class "
-            "probabilities, so confidences will be wrong. Add keras.layers.Softmax() at the end and save it again.")
+            f"probabilities ({treated}). Add keras.layers.Softmax() at the end and save it again.")
     return found
 
 
