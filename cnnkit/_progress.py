@@ -82,3 +82,21 @@ def warn(message: str) -> None:
     """Print a warning line; warnings are also returned in results and stored in run.json."""
     if _enabled:
         console().print(f"[bold yellow]warning:[/] {esc(message)}", highlight=False)
+
+
+def _not_retracing(record) -> bool:
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
+def quiet_retracing() -> None:
+    """Drop TensorFlow's "triggered tf.function retracing" warnings (idempotent).
+
+    Keras traces one predict function per batch shape (a last partial batch, the flip views, each
+    Grad-CAM head), and TensorFlow's logger warns after 5: advice to TensorFlow code authors that a
+    user of cnnkit, from the CLI or from Python, cannot act on.
+    """
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    if _not_retracing not in logger.filters:
+        logger.addFilter(_not_retracing)

@@ -95,16 +95,12 @@ def _import_keras_quietly(seeds_tensorflow: bool = False) -> None:
     every backend to seed it too, so on JAX and PyTorch it is imported here, quietly, instead.
     """
     import importlib.util
-    import logging
 
     if "keras" not in sys.modules:
         if importlib.util.find_spec("keras") is None:  # a slim install (ONNX Runtime only): nothing to import
             return
         _quiet_import("keras")
-        # Keras traces one predict function per batch shape (a last partial batch, the flip views), and
-        # TensorFlow's logger warns after 5: advice to TensorFlow code authors that a user cannot act on.
-        logging.getLogger("tensorflow").addFilter(
-            lambda record: "triggered tf.function retracing" not in record.getMessage())
+        _progress.quiet_retracing()
     if seeds_tensorflow and "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is not None:
         try:
             _quiet_import("tensorflow")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cnnkit._backends.devices import usable_cpus
-from cnnkit._progress import progress_task
+from cnnkit._progress import progress_task, quiet_retracing
 from cnnkit.data.decode import DecodeError
 from cnnkit.data.scan import IMAGE_EXTENSIONS, expand_inputs
 from cnnkit.engines import Engine, KerasEngine, load_for, open_engine
@@ -41,6 +41,8 @@ from cnnkit.rundir import ModelMeta, atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
+
+quiet_retracing()  # Python users of Predictor and Grad-CAM too, not only the CLI
 
 # The label of a prediction less confident than the calibrated abstain threshold.
 UNKNOWN_LABEL = "unknown"

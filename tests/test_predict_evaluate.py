@@ -176,3 +176,16 @@ def test_default_batch_size_follows_the_image_size(run, tmp_path):
     assert [p.path for p in auto] == [str(f) for f in files] == [p.path for p in small]
     assert [p.label for p in auto] == [p.label for p in small]
     assert max(abs(a.confidence - b.confidence) for a, b in zip(auto, small)) < 1e-5
+
+
+def test_python_users_do_not_see_tensorflows_retracing_advice():
+    """Predictor and Grad-CAM trace one function per batch shape; TensorFlow's warning about it is not theirs."""
+    import logging
+
+    import cnnkit.predict  # noqa: F401 - importing it is what installs the filter
+
+    record = logging.LogRecord("tensorflow", logging.WARNING, __file__, 0,
+                               "5 out of the last 5 calls to <function f> triggered tf.function retracing.", None, None)
+    assert not logging.getLogger("tensorflow").filter(record)
+    other = logging.LogRecord("tensorflow", logging.WARNING, __file__, 0, "something else", None, None)
+    assert logging.getLogger("tensorflow").filter(other)
