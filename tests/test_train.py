@@ -267,10 +267,15 @@ def test_the_fast_recipes_model_file_loads_and_evaluates_in_plain_keras(tmp_path
     data = write_class_folder(tmp_path / "data", per_class=8, size=16)
     result = cnnkit.train(data, tmp_path / "run", model="fast", width="small", epochs=1, batch_size=8, image_size=16)
     assert result.model.loss is not None and type(result.model.loss).__name__ == "SmoothedSparseCrossentropy"
+    # and with progressive resizing, whose saved model is an uncompiled full-size copy
+    cnnkit.train(data, tmp_path / "prog", model="fast", width="small", epochs=2, batch_size=8, image_size=16,
+                 progressive=0.75)
     load = ("import sys, keras, numpy as np; m = keras.models.load_model(sys.argv[1]); "
             "assert not any(n.startswith('cnnkit') for n in sys.modules), 'cnnkit imported'; "
             "x = np.zeros((2, 16, 16, 3), 'uint8'); print(m.predict(x, verbose=0).shape, "
             "len(m.evaluate(x, np.array([0, 1]), verbose=0)))")
-    loaded = subprocess.run([sys.executable, "-c", load, str(tmp_path / "run" / "model.keras")], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert loaded.returncode == 0 and "(2, 3) 2" in loaded.stdout, loaded.stderr[-2000:]
+    for run in ("run", "prog"):
+        loaded = subprocess.run([sys.executable, "-c", load, str(tmp_path / run / "model.keras")],
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        assert loaded.returncode == 0 and "(2, 3) 2" in loaded.stdout, (run, loaded.stderr[-2000:])

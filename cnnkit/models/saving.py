@@ -62,12 +62,14 @@ def portable(model: keras.Model) -> keras.Model:
     layer-wise optimizers; ``keras.models.load_model("model.keras")`` without cnnkit imported could
     not find those classes and failed. The optimizer's state is training's, kept in ``last.keras``.
     """
-    if not getattr(model, "compiled", False):
-        return model
-    clone = model.__class__.from_config(model.get_config())
-    clone.set_weights(model.get_weights())
-    clone.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return clone
+    if getattr(model, "compiled", False):  # training's compile: a copy gets Keras's own
+        clone = model.__class__.from_config(model.get_config())
+        clone.set_weights(model.get_weights())
+        model = clone
+    # an uncompiled model (the float32 or full-size copy of a mixed-precision or progressive run) too:
+    # compiled, a plain Keras user's evaluate() works on it
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
 
 
 def save_model(model: keras.Model, path: str | Path, meta: ModelMeta) -> Path:
