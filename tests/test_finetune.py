@@ -120,6 +120,8 @@ def test_more_epochs_after_a_finished_decaying_schedule_get_a_schedule_of_their_
     assert max(rates[2:]) == pytest.approx(0.01, rel=0.35) and rates[-1] == pytest.approx(0.0, abs=1e-9)
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["phases"][-1]["learning_rate"] == pytest.approx(0.01)
+    again = cnnkit.train(resume=tmp_path / "run", epochs=2)  # the peak comes from the checkpoint, every time
+    assert max(again.history["learning_rate"][5:]) == pytest.approx(0.01, rel=0.35)
 
 
 def test_resume_an_interrupted_run_finishes_its_epochs(tmp_path):

@@ -60,6 +60,9 @@ class Phase:
     number: int
     epochs: int
     learning_rate: float | None  # None: keep the compiled optimizer (a resumed phase)
+    # A new schedule on the weights as they are: more epochs after a resumed run's finished phase (no
+    # restore of the best checkpoint, no unfreezing: phase 2's setup was done when it first ran).
+    continued: bool = False
 
 
 def plan_phases(cfg: RunConfig, learning_rate: float) -> list[Phase]:
@@ -145,7 +148,7 @@ class Fitter:
         """Fit one phase; "completed" or "interrupted" (Ctrl-C)."""
         train_cfg = self.cfg.train
         info: dict[str, Any] = {"phase": phase.number, "first_epoch": self.recorder.epochs + 1}
-        if phase.number == 2 and phase.learning_rate is not None:
+        if phase.number == 2 and phase.learning_rate is not None and not phase.continued:
             self._restore(self.best_path)  # fine-tune from the best head, not the last epoch's
             unfrozen = unfreeze_top(self.model, train_cfg.fine_tune_layers)
             info["fine_tune_layers"] = train_cfg.fine_tune_layers

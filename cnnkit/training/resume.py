@@ -96,7 +96,7 @@ def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
                              "it cannot be resumed. Start a new run instead.")
         history = read_history(source / HISTORY_CSV)
     unfinished = record.get("status") in ("interrupted", "running")
-    plan, phase = _remaining_phases(cfg, history, unfinished, given.get("epochs"), record.get("phases") or [])
+    plan, phase, restart = _remaining_phases(cfg, history, unfinished, given.get("epochs"))
     if not plan:
         raise ConfigError(f"Run '{run_dir}' completed its {len(history.get('loss', []))} epochs; pass --epochs N to "
                           "train N more. Received: epochs=None")
@@ -104,6 +104,8 @@ def prepare_resume(run_dir: Path, options: dict[str, Any]) -> ResumePoint:
         model = keras.saving.load_model(source / "last.keras", compile=True)
     except Exception as exc:  # Keras raises many types for unloadable files
         raise ModelError(f"Cannot load '{source / 'last.keras'}' to resume: {exc}") from exc
+    if restart:
+        plan = new_schedule(cfg, model, plan)
     where = "" if source == run_dir else f" from its unfinished run '{source.name}'"
     say(f"resuming '{run_dir}'{where} at epoch {len(history.get('loss', [])) + 1} (phase {phase}, optimizer step "
         f"{int(keras.ops.convert_to_numpy(model.optimizer.iterations))})")
@@ -140,28 +142,38 @@ def _checkpoint_folder(run_dir: Path) -> Path:
 
 
 def _remaining_phases(cfg: RunConfig, history: dict[str, list[float]], interrupted: bool,
-                      more: int | None, phases: list[dict[str, Any]]) -> tuple[list[Phase], int]:
-    """The phases left: the rest of the current phase (or ``more`` epochs of it), then fine-tuning if planned.
-
-    ``more`` epochs after a completed cosine or onecycle phase get a schedule of their own, from the
-    phase's peak rate (``phases``: run.json's record of each fit): the run's schedule ended at rate 0,
-    so continuing it would train at 0 (and momentum alone would move the weights).
-    """
+                      more: int | None) -> tuple[list[Phase], int, bool]:
+    """The phases left: the rest of the current phase (or ``more`` epochs of it), then fine-tuning if
+    planned; and whether the ``more`` epochs need a schedule of their own (``new_schedule``)."""
     phase = int(history["phase"][-1]) if history.get("phase") else 1
     done = sum(1 for p in history.get("phase", [1] * len(history.get("loss", []))) if int(p) == phase)
     planned = cfg.train.epochs if phase == 1 else cfg.train.fine_tune_epochs
-    rate = None
-    if more and not interrupted and cfg.train.schedule in DECAYING_SCHEDULES:
-        rates = [p["learning_rate"] for p in phases if p.get("phase") == phase and p.get("learning_rate")]
-        rate = float(rates[-1]) if rates else None
-        if rate is not None:
-            say(f"the run's {cfg.train.schedule} schedule ended at rate 0 with its last epoch, so the {more} more "
-                f"epoch{'s get' if more != 1 else ' gets'} a new {cfg.train.schedule} schedule, peak {rate:g}")
+    restart = bool(more) and not interrupted and cfg.train.schedule in DECAYING_SCHEDULES
     more = more or (planned - done if interrupted else 0)
-    plan = [Phase(phase, more, rate)] if more > 0 else []
+    plan = [Phase(phase, more, None)] if more > 0 else []
     if phase == 1 and interrupted and cfg.train.fine_tune_epochs:
         plan.append(Phase(2, cfg.train.fine_tune_epochs, cfg.train.phase2_learning_rate))
-    return plan, phase
+    return plan, phase, restart
+
+
+def new_schedule(cfg: RunConfig, model: keras.Model, plan: list[Phase]) -> list[Phase]:
+    """``plan``'s first phase with a schedule of its own, from the peak of the one it continues.
+
+    A completed cosine or onecycle phase ended at rate 0: continuing its schedule would train the
+    ``--epochs N`` more at 0 (momentum alone moving the weights, for the worse). The peak is read from
+    the checkpoint's own schedule (onecycle's warm-up target, cosine's start), so it holds however
+    often the run was resumed; the weights stay those of ``last.keras`` (``Phase.continued``).
+    """
+    first = plan[0]
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # a loss-scale wrapper's inner one
+    schedule = getattr(optimizer, "_learning_rate", None)
+    config = schedule.get_config() if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule) else {}
+    peak = config.get("warmup_target") or config.get("initial_learning_rate")
+    if not peak:
+        return plan
+    say(f"the run's {cfg.train.schedule} schedule ended at rate 0 with its last epoch, so the {first.epochs} more "
+        f"epoch{'s get' if first.epochs != 1 else ' gets'} a new {cfg.train.schedule} schedule, peak {float(peak):g}")
+    return [Phase(first.number, first.epochs, float(peak), continued=True), *plan[1:]]
 
 
 def copy_checkpoints(run_dir: Path, target: Path) -> None:
