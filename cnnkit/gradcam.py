@@ -109,9 +109,12 @@ def _layer_input(layer: keras.layers.Layer) -> keras.KerasTensor:
 def _class_scores(model: keras.Model) -> keras.KerasTensor:
     """The pre-softmax class scores of ``model``: a linear copy of its final softmax Dense layer, same weights.
 
-    Models that do not end in a softmax Dense layer (a plain Keras model, say) keep their own output.
+    A model ending in a Softmax layer (cnnkit puts one after a plain model's logits) gives that
+    layer's input. Models that end otherwise keep their own output.
     """
     last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return _layer_input(last)
     activation = getattr(getattr(last, "activation", None), "__name__", "")
     if not isinstance(last, keras.layers.Dense) or activation != "softmax":
         return model.outputs[0]

@@ -380,3 +380,21 @@ def test_plain_keras_model_without_scaling_or_softmax_is_flagged(tmp_path):
     good = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(scaled)))
     good.save(tmp_path / "good.keras")
     assert load_model(tmp_path / "good.keras")[1].extra["warnings"] == []
+
+
+def test_grad_cam_of_a_plain_logits_model_differentiates_its_logits(tmp_path):
+    """cnnkit puts a Softmax after a plain model's linear output; Grad-CAM still works on the logits."""
+    from cnnkit.gradcam import split_model
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(keras.layers.Rescaling(1 / 255)(inputs))
+    logits = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(x))
+    keras.Model(inputs, logits).save(tmp_path / "logits.keras")
+    loaded, _ = load_model(tmp_path / "logits.keras")
+    assert loaded.layers[-1].name == "cnnkit_softmax"
+    body, head, name = split_model(loaded)
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3)).astype("float32")
+    scores = keras.ops.convert_to_numpy(head(body(pixels)))
+    raw = keras.ops.convert_to_numpy(keras.Model(loaded.inputs, loaded.get_layer("logits").output)(pixels))
+    assert name == "conv"
+    np.testing.assert_allclose(scores, raw, rtol=1e-4, atol=1e-5)

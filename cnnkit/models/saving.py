@@ -117,7 +117,8 @@ def _with_softmax(model: keras.Model) -> keras.Model:
     pattern): a softmax after it gives the class probabilities cnnkit reads (confidences of 22,536%
     otherwise). Other endings are left as they are."""
     last = model.layers[-1]
-    if getattr(getattr(last, "activation", None), "__name__", None) != "linear" or not model.inputs:
+    if (getattr(getattr(last, "activation", None), "__name__", None) != "linear" or not model.inputs
+            or len(model.outputs) != 1 or getattr(last, "units", None) == 1):  # one logit: a sigmoid's, not ours
         return model
     return keras.Model(model.inputs, keras.layers.Softmax(name="cnnkit_softmax")(model.outputs[0]), name=model.name)
 
