@@ -562,7 +562,7 @@ def test_cli_serve_reports_a_missing_model(tmp_path):
 
 
 @pytest.mark.parametrize("command", [["serve", "--host", "127.0.0.1"], ["ui", "--no-browser"]])
-def test_a_bad_or_busy_address_is_one_line_before_the_model_loads(tmp_path, command):
+def test_a_bad_or_busy_address_is_one_line_before_the_model_loads(tmp_path, command, capsys):
     """A port out of range, a host that is no address, or a port in use: exit 2 naming the option, the
     model never read (the source does not even exist), where uvicorn reported them late, with exit 3."""
     import socket
@@ -583,7 +583,11 @@ def test_a_bad_or_busy_address_is_one_line_before_the_model_loads(tmp_path, comm
         result = CliRunner().invoke(app, [verb, missing, *options, "--port", port])
         assert result.exit_code == 2 and f"Cannot listen on 127.0.0.1:{port}" in result.output, result.output
         assert "pick another --port" in result.output and "Traceback" not in result.output
-        assert main([missing, "--port", port]) == 2  # the slim image's entry point
+        capsys.readouterr()
+        assert main([missing, "--port", port]) == 2  # the slim image's entry point: the port, not the model
+        assert f"Cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     if verb == "serve":
         result = CliRunner().invoke(app, [verb, missing, "--host", "256.1.1.1", "--port", "0"])
         assert result.exit_code == 2 and "Cannot listen on host '256.1.1.1'" in result.output, result.output
+        result = CliRunner().invoke(app, [verb, missing, "--host", "192.0.2.1", "--port", "0"])  # TEST-NET: not ours
+        assert result.exit_code == 2 and "is not an address of this machine" in result.output, result.output

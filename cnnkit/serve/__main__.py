@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted.", file=sys.stderr)
         return 130
+    print(f"serving {app.state.source.path} at {listen.url(args.host, sock)}v1/models/{app.state.source.name}",
+          file=sys.stderr, flush=True)  # uvicorn prints no address for a socket it is given
     listen.run(app, sock)
     return 0
 

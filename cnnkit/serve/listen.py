@@ -8,6 +8,7 @@ model had loaded, and exit status 3); the address printed is the one bound (``--
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -30,19 +31,26 @@ def bind(host: str, port: int) -> socket.socket:
         raise ConfigError(f"--port must be between 0 and {MAX_PORT} (0: a free one; TF Serving's REST port is "
                           f"8501). Received: port={port}")
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError(f"Cannot listen on host {host!r} ({reason}): --host takes an address or name of this "
                           f"machine, such as 127.0.0.1 (this machine only) or 0.0.0.0 (every interface). "
                           f"Received: host={host}") from None
+    # IPv4 first unless the host is written as IPv6: "localhost" resolves to ::1 first on many systems,
+    # and clients that try 127.0.0.1 would find nothing there ("" and 0.0.0.0: every IPv4 interface).
+    found.sort(key=lambda info: info[0] != socket.AF_INET or ":" in host)
+    family, kind, proto, _, address = found[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"Cannot listen on host {host!r} ({exc.strerror}): it is not an address of this machine; "
+                              "--host takes one, such as 127.0.0.1 (this machine only) or 0.0.0.0 (every interface). "
+                              f"Received: host={host}") from None
         raise ConfigError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}): stop what uses it, or pick "
                           f"another --port (0: a free one). Received: host={host}, port={port}") from None
     return sock
