@@ -31,9 +31,19 @@ from cnnkit.errors import ConfigError, DataError
 from cnnkit.evaluation.labelled import LabelledPredictions, folder_files, predict_labelled
 from cnnkit.plots import png_base64
 from cnnkit.predict import Predictor
-from cnnkit.rundir import RUN_JSON, atomic_directory, output_folder, read_split_csv, write_rows, write_text
+from cnnkit.rundir import (
+    RUN_JSON,
+    atomic_directory,
+    check_replaceable,
+    output_folder,
+    read_split_csv,
+    write_rows,
+    write_text,
+)
 
 _COLUMNS = ["rank", "path", "given", "predicted", "p_given", "p_predicted", "margin", "split"]
+
+_REPLACES, _WHAT = ("queue.csv",), "cnnkit review queue"  # what an --out may already hold
 
 
 @dataclass
@@ -104,6 +114,8 @@ def review(
     if folds is not None and folds < 2:
         raise ConfigError(f"--folds must be >= 2 (each model leaves one fold out). Received: folds={folds}")
     run, data_dir = Path(run), Path(data_dir)
+    out_dir = Path(out) if out else output_folder(run, "review", name or data_dir.resolve().name)
+    check_replaceable(out_dir, _REPLACES, _WHAT)  # before the scoring (and any --folds retraining)
     predictor = Predictor(run, batch_size=batch_size)
     names = predictor.class_names
     files, folder_skipped = folder_files(data_dir, names, split=None)
@@ -124,7 +136,6 @@ def review(
     items = [ReviewItem(str(labelled.paths[i]), names[labels[i]], names[predicted[i]], float(p_given[i]),
                         float(p_pred[i]), float(p_pred[i] - p_given[i]), split_of[i]) for i in order[:top]]
     queue = ReviewQueue(items, len(labels), len(candidates), folder_skipped + labelled.skipped)
-    out_dir = Path(out) if out else output_folder(run, "review", name or data_dir.resolve().name)
     thumbs = [np.asarray(labelled.images[labelled.rows[i]]) for i in order[:top]]
     queue.out_dir = _write(queue, thumbs, out_dir, run)
     say(f"{queue.disagreements} of {queue.num_images} images disagree with their folder; top {len(items)} "
@@ -166,7 +177,7 @@ def _out_of_fold(run: Path, labelled: LabelledPredictions, names: list[str], fol
 
 
 def _write(queue: ReviewQueue, thumbs: list[np.ndarray], out_dir: Path, run: Path) -> Path:
-    with atomic_directory(out_dir, ("queue.csv",), "cnnkit review queue") as tmp:
+    with atomic_directory(out_dir, _REPLACES, _WHAT) as tmp:
         write_rows(tmp / "queue.csv", _COLUMNS, [item.row(n + 1) for n, item in enumerate(queue.items)])
         cards = []
         for n, (item, thumb) in enumerate(zip(queue.items, thumbs)):
