@@ -886,7 +886,7 @@ def registry_delete(
     registry_url: _RegistryUrl = None,
 ) -> None:
     """Remove a version from the registry (never the production one); its copy goes with the last version using it."""
-    from cnnkit.registry.artifacts import artifact_sha256
+    from cnnkit.registry.artifacts import artifact_exists
 
     name, number = _name_at_version(ref)
     with _open_registry(registry_url) as registry:
@@ -896,8 +896,9 @@ def registry_delete(
         kept = f"its model file is the run's own, kept: {version.artifact_path}"
     elif in_use:
         kept = f"its copy is kept for the other versions using it: {version.artifact_path}"
-    elif artifact_sha256(version.artifact_path) is not None:
-        kept = f"its copy is kept for another registry sharing the store: {version.artifact_path}"
+    elif artifact_exists(version.artifact_path):
+        kept = ("its copy is kept for another registry sharing the store (or one from before cnnkit listed a "
+                f"copy's registries): {version.artifact_path}")
     else:
         kept = ""
     typer.echo(f"deleted {version.ref} from the registry; " + (kept or f"removed its copy {version.artifact_path}"))

@@ -494,10 +494,11 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
     try:
         return cls(**values)
     except TypeError as exc:  # a value of the wrong type met a comparison in the section's checks
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        wrong = [f"{key}={value!r} (a {type(value).__name__}; it takes a number, e.g. {key} = {defaults[key]!r})"
-                 for key, value in values.items() if isinstance(defaults.get(key), (int, float))
-                 and not isinstance(defaults.get(key), bool) and isinstance(value, str) and value != "auto"]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        numbers = {key for key, f in fields.items() if isinstance(f.default, (int, float))
+                   and not isinstance(f.default, bool) and "str" not in str(f.type) and "Literal" not in str(f.type)}
+        wrong = [f"{key}={value!r} (a {type(value).__name__}; it takes a number, e.g. {key} = {fields[key].default!r})"
+                 for key, value in values.items() if key in numbers and isinstance(value, str)]
         if wrong:
             raise ConfigError(f"[{name}] {'; '.join(wrong)}: write numbers without quotes in a config file. "
                               f"Received: {', '.join(w.split(' (')[0] for w in wrong)}") from exc

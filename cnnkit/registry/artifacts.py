@@ -51,8 +51,27 @@ def default_artifact_root(registry_url: str) -> str:
 
 
 def registry_key(registry_url: str) -> str:
-    """A registry's name in a copy's ``users/`` folder: a hash of its database URL (no password shown)."""
-    return hashlib.sha256(registry_url.encode()).hexdigest()[:16]
+    """A registry's name in a copy's ``users/`` folder: a hash of its database, as its URL names it.
+
+    The URL is normalised so that one database gets one name however it is written: a SQLite file by
+    its absolute path (without ``?timeout=``), a server's URL without its driver, user and password
+    (the query stays: ``options=-csearch_path=...`` names another registry in the same database).
+    Two registries sharing a store must have different URLs: two machines' SQLite files at the same
+    path, say, would share a name (their default stores are beside the files, never shared).
+    """
+    try:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(registry_url)
+        if url.get_backend_name() == "sqlite":
+            database = url.database or ""
+            key = f"sqlite:{os.path.abspath(database) if database and database != ':memory:' else database}"
+        else:
+            query = "&".join(f"{k}={v}" for k, v in sorted(url.query.items()))
+            key = f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}/{url.database or ''}?{query}"
+    except Exception:  # not a SQLAlchemy URL: the text itself
+        key = registry_url
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def is_url(location: str) -> bool:
@@ -89,6 +108,14 @@ def _copy_and_hash(read, target: Path) -> str:
             digest.update(block)
             dst.write(block)
     return digest.hexdigest()
+
+
+def artifact_exists(location: str) -> bool:
+    """Whether the file at ``location`` (path or URL) is there, without reading it."""
+    if is_url(location):
+        fs, path = _filesystem(location)
+        return bool(fs.exists(path))
+    return _local(location).is_file()
 
 
 def artifact_sha256(location: str) -> str | None:
