@@ -101,7 +101,10 @@ def test_an_unreachable_registry_database(tmp_path):
 def test_a_locked_registry_database(tmp_path):
     db = tmp_path / "registry.db"
     url = f"sqlite:///{db}?timeout=0.5"
-    assert _run("registry", "list", "--registry-url", url).returncode == 0  # creates and migrates it
+    from cnnkit.registry import Registry
+
+    Registry(url).close()  # creates and migrates it (reading commands never create one)
+    assert _run("registry", "list", "--registry-url", url).returncode == 0
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another program holds the write lock
     try:
