@@ -32,6 +32,15 @@ if TYPE_CHECKING:
 KERAS_BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "numpy": "numpy", "openvino": "openvino"}
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules holds None for it (imports of it blocked)
+        return False
+
+
 def backend_problem() -> str | None:
     """What is wrong with ``KERAS_BACKEND``, in words (None: unset, or a backend that is installed).
 
@@ -39,16 +48,14 @@ def backend_problem() -> str | None:
     not installed as a ModuleNotFoundError: checked first, they are a user's setting, named with the fix.
     """
     name = os.environ.get("KERAS_BACKEND")
-    if not name:
+    if not name or not _importable("keras"):  # no Keras here (an ONNX Runtime install): no backend is imported
         return None
     if name not in KERAS_BACKENDS:
         near = {"pytorch": "torch", "tf": "tensorflow", "tensorflow2": "tensorflow"}.get(name.lower(), name.lower())
         hint = f" Did you mean KERAS_BACKEND={near}?" if near in KERAS_BACKENDS else ""
         return (f"KERAS_BACKEND={name!r} is not a Keras backend: use tensorflow (the default), jax or torch "
                 f"(lower case).{hint}")
-    import importlib.util
-
-    if importlib.util.find_spec(KERAS_BACKENDS[name]) is None:
+    if not _importable(KERAS_BACKENDS[name]):
         extra = f" (pip install 'cnnkit[{name}]')" if name in ("jax", "torch") else ""
         return (f"KERAS_BACKEND={name} but {KERAS_BACKENDS[name]} is not installed here: install it{extra}, or "
                 "unset KERAS_BACKEND for TensorFlow.")
