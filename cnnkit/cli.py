@@ -29,7 +29,7 @@ from typer.core import TyperCommand
 
 from cnnkit import _progress
 from cnnkit._version import __version__
-from cnnkit.errors import CnnkitError, ConfigError, RegistryError, describe_os_error
+from cnnkit.errors import CnnkitError, ConfigError, RegistryError, RegistryNotFoundError, describe_os_error
 
 app = typer.Typer(
     help="cnnkit: a folder of images in; a trained, evaluated CNN classifier out.",
@@ -829,8 +829,6 @@ def registry_list(
     registry_url: _RegistryUrl = None,
 ) -> None:
     """List registered versions."""
-    from cnnkit.errors import RegistryNotFoundError
-
     try:
         with _open_registry(registry_url) as registry:
             versions = registry.list(name)

@@ -112,13 +112,19 @@ def load_model(source: str | Path) -> tuple[keras.Model, ModelMeta]:
     return model, meta
 
 
+def _ends_in_logits(model: keras.Model) -> bool:
+    """One multi-class output from a linear last layer: logits, which ``_with_softmax`` turns into
+    probabilities (a single linear unit is a sigmoid's logit, not ours to change)."""
+    last = model.layers[-1]
+    return (getattr(getattr(last, "activation", None), "__name__", None) == "linear" and bool(model.inputs)
+            and len(model.outputs) == 1 and getattr(last, "units", None) != 1)
+
+
 def _with_softmax(model: keras.Model) -> keras.Model:
     """A plain model ending in a linear layer outputs logits (the tutorials' ``from_logits=True``
     pattern): a softmax after it gives the class probabilities cnnkit reads (confidences of 22,536%
     otherwise). Other endings are left as they are."""
-    last = model.layers[-1]
-    if (getattr(getattr(last, "activation", None), "__name__", None) != "linear" or not model.inputs
-            or len(model.outputs) != 1 or getattr(last, "units", None) == 1):  # one logit: a sigmoid's, not ours
+    if not _ends_in_logits(model):
         return model
     return keras.Model(model.inputs, keras.layers.Softmax(name="cnnkit_softmax")(model.outputs[0]), name=model.name)
 
@@ -149,7 +155,7 @@ def check_plain_model(model: keras.Model, path: str | Path) -> list[str]:
     activation = getattr(last, "activation", None)
     name = getattr(activation, "__name__", str(activation))
     if isinstance(last, (keras.layers.Dense, keras.layers.Activation)) and name != "softmax":
-        treated = ("cnnkit reads them as logits and applies a softmax" if name == "linear"
+        treated = ("cnnkit reads them as logits and applies a softmax" if _ends_in_logits(model)
                    else "so confidences will be wrong")
         found.append(
             f"'{path}' ends in '{last.name}' with activation '{name}', not softmax: its outputs are not class "
